@@ -1,0 +1,522 @@
+"""
+A Llama-compatible Transformer (Llama 2/3/3.1/3.2, SmolLM, any `LlamaForCausalLM` folder), its KV cache,
+and reading/writing Hugging Face checkpoint folders. No distributed code lives here: train_dpo.py applies
+FSDP2 from the outside.
+
+    python model.py --model checkpoints/smollm2-135m-instruct          # print the config and a parameter count
+    python -c "from model import Transformer; m = Transformer.from_pretrained('DIR'); print(m.args)"
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: the flash-attn package (GPU, 16-bit only)
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+# Files of an HF folder that belong to the tokenizer and generation settings; copied along on save.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    hidden_dim: int = 1536
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or the `llama3` parameters
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    hf_config: dict = field(default_factory=dict, repr=False)  # the config.json we came from, kept for saving
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
+        """Build from an HF `LlamaForCausalLM` config dict; refuse what this code cannot run faithfully."""
+        def refuse(key, why):
+            raise ValueError(f"{where}: cannot run this model: `{key}` = {cfg.get(key)!r} ({why})")
+
+        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type", "llama") != "llama" or archs != ["LlamaForCausalLM"]:
+            key = "model_type" if cfg.get("model_type", "llama") != "llama" else "architectures"
+            refuse(key, "only the Llama architecture (LlamaForCausalLM) is implemented")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key, False):
+                refuse(key, "biases in attention/MLP projections are not implemented")
+        if cfg.get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", "only SwiGLU with silu is implemented")
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+                refuse(key, "a positive integer is required")
+        # rope: older configs have `rope_theta` + `rope_scaling`, newer ones a single `rope_parameters`
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            refuse(rope_key, f"rope type {rope_type!r} is not implemented (only default and llama3)")
+        scaling = None
+        if rope_type == "llama3":
+            need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in need if k not in rope]
+            if missing:
+                refuse(rope_key, f"llama3 rope scaling needs {missing}")
+            scaling = {k: rope[k] for k in need}
+        n_heads = cfg["num_attention_heads"]
+        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+        if n_heads % n_kv_heads:
+            refuse("num_key_value_heads", f"must divide num_attention_heads = {n_heads}")
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+        if head_dim % 2:
+            refuse("head_dim", "rotary embeddings need an even head dimension")
+        return cls(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+            head_dim=head_dim, hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), hf_config=dict(cfg))
+
+    def to_hf_config(self, dtype: torch.dtype) -> dict:
+        """The config.json to write: the original one (ids, extra keys) with our fields on top."""
+        cfg = dict(self.hf_config)
+        for stale in ("rope_parameters", "rope_scaling", "dtype", "torch_dtype", "transformers_version"):
+            cfg.pop(stale, None)
+        cfg.update({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling, rope_type="llama3") if self.rope_scaling else None,
+            "vocab_size": self.vocab_size, "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+            "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        })
+        return cfg
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding (D/2,), with `llama3` scaling when configured."""
+    D = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    if args.rope_scaling is None:
+        return inv_freq.float()
+    s = args.rope_scaling
+    factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (low frequencies) are slowed down by `factor`, short ones kept,
+    # and the band in between interpolates smoothly between the two
+    smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return scaled.float()
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for `rows` sequences of up to `max_len` tokens each.
+
+    Every row holds its own sequence from position 0; rows may be at different positions (prompts of
+    different lengths, rows that finished early). Positions are tracked by the caller (sample.py), which
+    also knows them on the host, so attention can be sliced to the longest live row without a sync.
+    Anything written beyond a row's current position is harmless: it is masked out until overwritten.
+    """
+
+    def __init__(self, n_layers, rows, n_kv_heads, max_len, head_dim, device=None, dtype=torch.float32):
+        shape = (n_layers, rows, n_kv_heads, max_len, head_dim)  # (L, B, Hkv, S, D)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows, self.max_len = rows, max_len
+
+    @classmethod
+    def for_model(cls, model, rows, max_len):
+        a, w = model.args, model.tok_embeddings.weight
+        return cls(a.n_layers, rows, a.n_kv_heads, max_len, a.head_dim, w.device, w.dtype)
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int):
+        """Copy the first `length` positions of rows `src` into rows `dst` (prefix sharing)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def nbytes(self):
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+# -----------------------------------------------------------------------------
+# The Transformer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back before the weight, as HF Llama does (matters for bf16 parity)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate-half rotary embedding of HF checkpoints: pairs are (i, i + D/2). x (B, T, H, D), cos/sin (B, T, 1, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention(q, k, v, mask=None, backend="auto"):
+    """Causal attention. q (B, T, H, D); k, v (B, S, Hkv, D) with S >= T, the last T keys aligned with q.
+
+    `mask` (B, 1, T, S) bool, True = may attend, replaces the causal rule (used with the KV cache, where
+    rows sit at different positions). backend: "auto" uses flash-attn when it is installed and the
+    tensors are 16-bit on a GPU, otherwise SDPA; "flash" or "sdpa" forces one.
+    """
+    flash_ok = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if backend == "flash" and not flash_ok:
+        raise RuntimeError("attention backend 'flash' needs the flash-attn package and 16-bit CUDA tensors")
+    if backend == "flash" or (backend == "auto" and flash_ok and mask is None):
+        if mask is not None:
+            raise RuntimeError("the flash backend supports causal attention without an explicit mask only")
+        return flash_attn_func(q, k, v, causal=True)  # GQA handled inside; (B, T, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    gqa = q.size(1) != k.size(1)
+    if mask is None:
+        # S > T without a mask would mean "continue after a prefix"; that case always passes a mask
+        assert q.size(2) == k.size(2), (q.shape, k.shape)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)  # (B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, rows=None, positions=None, kv_len=None, mask=None,
+                backend="auto"):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            # write this step's keys/values at each row's own positions: cache[l, rows[b], :, positions[b, t]]
+            kc, vc = cache.k[layer], cache.v[layer]  # (B_cache, Hkv, S, D)
+            kc[rows[:, None], :, positions] = k
+            vc[rows[:, None], :, positions] = v
+            if mask is not None:
+                # attend over the cache up to the longest live row; the mask hides each row's future/garbage
+                if rows.numel() == kc.size(0):  # all rows in order: a view, no copy
+                    k, v = kc[:, :, :kv_len], vc[:, :, :kv_len]
+                else:
+                    k, v = kc[rows, :, :kv_len], vc[rows, :, :kv_len]
+                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, D)
+        y = attention(q, k, v, mask=mask, backend=backend)
+        return self.wo(y.reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, **kw):
+        x = x + self.attention(self.attention_norm(x), cos, sin, **kw)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.attn_backend = "auto"  # "auto" | "flash" | "sdpa": a switch for tests and ablations
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def init_weights(self, std=0.02, seed=None):
+        """Random initialisation for tests and benchmarks (real runs load a checkpoint)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
+        return self
+
+    def rope(self, positions, dtype):
+        """cos/sin (B, T, 1, D) for integer positions (B, T); computed in fp32 as HF does."""
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, tokens, targets=None, cache=None, rows=None, start=None, kv_len=None, logits_chunk=1024):
+        """tokens (B, T) -> logits (B, T, V); or, with `targets` (B, T), their log-probs (B, T).
+
+        With a `cache`: the tokens are written to cache rows `rows` (B,) (default: all rows, in order)
+        at positions start[b] + t. `start=None` means a fresh prefill from position 0 (plain causal
+        attention over the new tokens); a `start` tensor continues each row after its cached prefix and
+        needs `kv_len`, a host-side bound on max(start) + T, so attention reads only live cache positions.
+        Log-probs are computed `logits_chunk` tokens at a time (recomputed in backward), so the fp32
+        logits of a whole batch never exist at once; ids < 0 in `targets` give log-prob 0.
+        """
+        B, T = tokens.shape
+        device = tokens.device
+        steps = torch.arange(T, device=device)
+        positions = steps.expand(B, T) if start is None else start[:, None] + steps  # (B, T)
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope(positions, h.dtype)
+        mask = None
+        if cache is not None:
+            rows = torch.arange(B, device=device) if rows is None else rows
+            if start is not None:
+                # key position j is visible to the query at position p iff j <= p
+                mask = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
+                mask = mask[:, None]  # (B, 1, T, S)
+        kw = dict(cache=cache, rows=rows, positions=positions, kv_len=kv_len, mask=mask, backend=self.attn_backend)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, layer=i, **kw)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h).float()
+        return self._target_logps(h, targets, logits_chunk)
+
+    def _target_logps(self, h, targets, chunk):
+        B, T, D = h.shape
+        h, targets = h.reshape(B * T, D), targets.reshape(B * T)
+        out = []
+        for i in range(0, B * T, chunk):
+            args = (h[i:i + chunk], self.output.weight, targets[i:i + chunk])
+            if torch.is_grad_enabled() and h.requires_grad:
+                # recompute the chunk's logits in backward instead of keeping (chunk, V) fp32 per chunk
+                out.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *args, use_reentrant=False))
+            else:
+                out.append(_chunk_logps(*args))
+        return torch.cat(out).view(B, T)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # -------------------------------------------------------------------------
+    # HF checkpoint folders
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
+        """Load an HF `LlamaForCausalLM` folder (one model.safetensors or an index with shards).
+
+        dtype None keeps the stored dtype; device None is the CPU.
+        """
+        from safetensors import safe_open
+
+        cfg = _read_json(path, "config.json")
+        args = ModelArgs.from_hf_config(cfg, where=os.path.join(path, "config.json"))
+        files = _weight_files(path)
+        with torch.device("meta"):  # no memory until the real tensors arrive
+            model = cls(args)
+        expected = {hf_name(k): p for k, p in model.state_dict(keep_vars=True).items()}
+        if args.tie_embeddings:
+            expected.pop("lm_head.weight")
+        ours = {hf_name(k): k for k in model.state_dict()}
+        state = {}
+        for f in files:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and args.tie_embeddings):
+                        continue  # derived or duplicate tensors some writers store
+                    if key not in expected:
+                        raise ValueError(f"{f}: unexpected tensor {key!r} for a Llama model")
+                    t = sf.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[key].shape):
+                        raise ValueError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                         f"config.json implies {tuple(expected[key].shape)}")
+                    state[ours[key]] = t.to(device=device, dtype=dtype or t.dtype)
+        missing = sorted(set(expected) - {hf_name(k) for k in state})
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if args.tie_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        model.load_state_dict(state, assign=True, strict=True)
+        if args.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
+            model.output.weight = model.tok_embeddings.weight
+        model.inv_freq = rope_inv_freq(args).to(device)
+        return model
+
+    def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
+        """Write an HF folder that `transformers` and vLLM load unchanged.
+
+        Weights as safetensors (sharded above `max_shard_bytes`, a tied embedding stored once), config.json,
+        and the tokenizer/generation files copied from `tokenizer_dir`. The folder is written under a
+        temporary name and renamed at the end, so a killed save never leaves a folder that looks complete.
+        """
+        from safetensors.torch import save_file
+
+        path = os.path.normpath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        state = {}
+        for k, t in self.state_dict().items():
+            if k == "output.weight" and self.args.tie_embeddings:
+                continue
+            state[hf_name(k)] = t.detach().to("cpu").contiguous()
+        # greedy sharding in the HF order of names
+        shards, cur, cur_bytes = [], {}, 0
+        for k in sorted(state):
+            nbytes = state[k].numel() * state[k].element_size()
+            if cur and cur_bytes + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, cur_bytes = {}, 0
+            cur[k], cur_bytes = state[k], cur_bytes + nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                        {"metadata": {"total_size": total}, "weight_map": weight_map})
+        dtype = self.tok_embeddings.weight.dtype
+        _write_json(os.path.join(tmp, "config.json"), self.args.to_hf_config(dtype))
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_dir, name)
+                if os.path.exists(src):
+                    shutil.copy2(src, os.path.join(tmp, name))
+        # swap in: the old folder (if any) is moved aside first, then the new one takes its name
+        old = f"{path}.old-{os.getpid()}"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _chunk_logps(h, weight, targets):
+    logits = F.linear(h, weight).float()  # (N, V) fp32: log_softmax in 16-bit loses too much
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+    return torch.where(targets >= 0, logps, 0.0)
+
+
+# Our parameter names -> HF Llama names. Layer index i is kept; only the leaf names change.
+_HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight", "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight", "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def hf_name(key: str) -> str:
+    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    if key.startswith("layers."):
+        _, i, rest = key.split(".", 2)
+        return f"model.layers.{i}.{_HF_NAMES[rest]}"
+    return _HF_NAMES[key]
+
+
+def _read_json(folder, name):
+    f = os.path.join(folder, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"{f}: missing (an HF checkpoint folder needs {name})")
+    try:
+        with open(f) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+
+
+def _weight_files(path):
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        index = _read_json(path, "model.safetensors.index.json")
+        files = sorted(set(index.get("weight_map", {}).values()))
+        for f in files:
+            if not os.path.exists(os.path.join(path, f)):
+                raise FileNotFoundError(f"{os.path.join(path, f)}: shard named in model.safetensors.index.json is missing")
+        return [os.path.join(path, f) for f in files]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _write_json(f, obj):
+    with open(f, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on the CPU (bf16 matmuls are far slower than fp32 on CPUs without AVX-512)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def parse_dtype(name: str, device) -> torch.dtype:
+    if name == "auto":
+        return default_dtype(device)
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise SystemExit(f"--dtype: unknown dtype {name!r} (choose auto, {', '.join(table)})")
+    return table[name]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Inspect an HF Llama checkpoint folder.")
+    parser.add_argument("--model", required=True, help="HF checkpoint folder")
+    cli = parser.parse_args()
+    t0 = time.time()
+    m = Transformer.from_pretrained(cli.model)
+    print(m.args)
+    print(f"{m.num_params() / 1e6:.1f}M parameters, loaded in {time.time() - t0:.1f}s")

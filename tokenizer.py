@@ -1,0 +1,144 @@
+"""
+The tokenizer of an HF checkpoint folder (`tokenizer.json`, read with the `tokenizers` library) and the chat
+formats of the two model families this project runs: Llama-3 (`<|start_header_id|>` ... `<|eot_id|>`) and
+ChatML (`<|im_start|>` ... `<|im_end|>`: SmolLM2, Qwen). The family is read off the folder's tokenizer
+files; `chat_format=` names it explicitly. An unknown family is an error, never a guess.
+
+    python tokenizer.py --model checkpoints/smollm2-135m-instruct --text "Hello there"
+"""
+import argparse
+import json
+import os
+
+from tokenizers import Tokenizer as HFTokenizer
+
+CHAT_FORMATS = ("llama3", "chatml")
+
+
+def format_llama3(messages, add_generation_prompt=True):
+    """Llama-3 chat text; the tokenizer turns the header/turn markers into their special ids."""
+    text = "<|begin_of_text|>"
+    for m in messages:
+        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+    if add_generation_prompt:
+        text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    return text
+
+
+def format_chatml(messages, add_generation_prompt=True):
+    """ChatML chat text: each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n"
+    return text
+
+
+# end-of-turn markers of each family: generation stops at any of them (and at the folder's eos tokens)
+STOP_STRINGS = {"llama3": ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"), "chatml": ("<|im_end|>", "<|endoftext|>")}
+FORMATTERS = {"llama3": format_llama3, "chatml": format_chatml}
+
+
+def detect_chat_format(path: str, vocab: dict) -> str | None:
+    """Tell the family from the folder: the chat template's markers, else the special tokens present."""
+    template = ""
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_file):
+        with open(cfg_file) as f:
+            template = json.load(f).get("chat_template") or ""
+    jinja = os.path.join(path, "chat_template.jinja")
+    if not template and os.path.exists(jinja):
+        with open(jinja) as f:
+            template = f.read()
+    if isinstance(template, list):  # some folders keep several named templates
+        template = " ".join(t.get("template", "") for t in template)
+    for marker, family in (("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml")):
+        if marker in template:
+            return family
+    if not template:
+        if "<|start_header_id|>" in vocab and "<|eot_id|>" in vocab:
+            return "llama3"
+        if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+            return "chatml"
+    return None
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, chat_format: str, eos_ids=(), path="<memory>"):
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"unknown chat format {chat_format!r} (choose from {', '.join(CHAT_FORMATS)})")
+        self.tok, self.chat_format, self.path = tok, chat_format, path
+        vocab = tok.get_vocab()
+        missing = [s for s in STOP_STRINGS[chat_format][:1] if s not in vocab]
+        if missing:
+            raise ValueError(f"{path}: chat format {chat_format!r} needs the special token {missing[0]!r}, "
+                             "which this tokenizer lacks")
+        stops = {vocab[s] for s in STOP_STRINGS[chat_format] if s in vocab} | set(eos_ids)
+        self.stop_ids = sorted(stops)
+        self.vocab_size = tok.get_vocab_size()
+        self.pad_id = self.stop_ids[0]
+
+    @classmethod
+    def from_pretrained(cls, path: str, chat_format: str | None = None) -> "Tokenizer":
+        f = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f}: missing (the tokenizer is read from tokenizer.json)")
+        tok = HFTokenizer.from_file(f)
+        if chat_format is None:
+            chat_format = detect_chat_format(path, tok.get_vocab())
+            if chat_format is None:
+                raise ValueError(f"{path}: cannot tell the chat format from the tokenizer files; "
+                                 f"name it (--chat-format {'|'.join(CHAT_FORMATS)})")
+        return cls(tok, chat_format, eos_ids=_eos_ids(path), path=path)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, special-token markers in the text included, no BOS/EOS added."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int:
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise KeyError(f"{self.path}: token {token!r} is not in the vocabulary")
+        return i
+
+    def format_chat(self, messages, add_generation_prompt=True) -> str:
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r}")
+        return FORMATTERS[self.chat_format](messages, add_generation_prompt)
+
+    def encode_chat(self, messages, add_generation_prompt=True) -> list[int]:
+        """A message list -> the ids the model sees, ending with the assistant header when asked."""
+        return self.encode(self.format_chat(messages, add_generation_prompt))
+
+    def encode_prompt(self, prompt: str, system: str | None = None) -> list[int]:
+        """One user turn (optional system turn) ready for generation."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.encode_chat(messages)
+
+
+def _eos_ids(path):
+    """eos ids named by generation_config.json / config.json (an int or a list)."""
+    ids = set()
+    for name in ("generation_config.json", "config.json"):
+        f = os.path.join(path, name)
+        if os.path.exists(f):
+            with open(f) as fh:
+                eos = json.load(fh).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    return ids
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Encode text or a chat prompt with a checkpoint's tokenizer.")
+    parser.add_argument("--model", required=True, help="HF checkpoint folder with tokenizer.json")
+    parser.add_argument("--text", default="Hello, world!", help="text to encode as one user turn")
+    parser.add_argument("--chat-format", default=None, choices=CHAT_FORMATS, help="override the detected family")
+    cli = parser.parse_args()
+    t = Tokenizer.from_pretrained(cli.model, cli.chat_format)
+    ids = t.encode_prompt(cli.text)
+    print(f"chat format: {t.chat_format} | stop ids: {t.stop_ids} | {len(ids)} tokens")
+    print(ids)
+    print(repr(t.decode(ids, skip_special_tokens=False)))
