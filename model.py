@@ -227,12 +227,13 @@ class Attention(nn.Module):
         if cache is not None:
             # write this step's keys/values at each row's own positions: cache[l, rows[b], :, positions[b, t]]
             kc, vc = cache.k[layer], cache.v[layer]  # (B_cache, Hkv, S, D)
-            kc[rows[:, None], :, positions] = k
-            vc[rows[:, None], :, positions] = v
+            idx = torch.arange(B, device=x.device) if rows is None else rows
+            kc[idx[:, None], :, positions] = k
+            vc[idx[:, None], :, positions] = v
             if mask is not None:
                 # attend over the cache up to the longest live row; the mask hides each row's future/garbage
-                if rows.numel() == kc.size(0):  # all rows in order: a view, no copy
-                    k, v = kc[:, :, :kv_len], vc[:, :, :kv_len]
+                if rows is None:  # the first B rows: a view, no copy
+                    k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
                 else:
                     k, v = kc[rows, :, :kv_len], vc[rows, :, :kv_len]
                 k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, D)
@@ -295,10 +296,14 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, tokens, targets=None, cache=None, rows=None, start=None, kv_len=None, logits_chunk=1024):
+    def forward(self, tokens, targets=None, cache=None, rows=None, start=None, kv_len=None, last=None,
+                logits_chunk=1024):
         """tokens (B, T) -> logits (B, T, V); or, with `targets` (B, T), their log-probs (B, T).
 
-        With a `cache`: the tokens are written to cache rows `rows` (B,) (default: all rows, in order)
+        `last` (B,) index of one position per row: logits (B, V) for that position only (a prefill needs
+        just the last prompt token's, and the other T-1 rows of the head would be most of its cost).
+
+        With a `cache`: the tokens are written to cache rows `rows` (B,) (default: the first B rows)
         at positions start[b] + t. `start=None` means a fresh prefill from position 0 (plain causal
         attention over the new tokens); a `start` tensor continues each row after its cached prefix and
         needs `kv_len`, a host-side bound on max(start) + T, so attention reads only live cache positions.
@@ -313,7 +318,6 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, h.dtype)
         mask = None
         if cache is not None:
-            rows = torch.arange(B, device=device) if rows is None else rows
             if start is not None:
                 # key position j is visible to the query at position p iff j <= p
                 mask = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
@@ -321,6 +325,8 @@ class Transformer(nn.Module):
         kw = dict(cache=cache, rows=rows, positions=positions, kv_len=kv_len, mask=mask, backend=self.attn_backend)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, layer=i, **kw)
+        if last is not None:
+            h = h[torch.arange(B, device=device), last]  # (B, D)
         h = self.norm(h)
         if targets is None:
             return self.output(h).float()

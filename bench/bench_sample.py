@@ -1,0 +1,134 @@
+"""
+Generation throughput of sample.py's engine vs Hugging Face `transformers` `generate`, side by side in one run,
+same model, prompts and settings, a fixed number of new tokens (end tokens ignored) so both do identical work.
+
+    python bench/bench_sample.py                         # embedded default model, CPU, both workloads
+    python bench/bench_sample.py --workload judge --threads 2
+    python bench/bench_sample.py --random-1b --device cuda --dtype bfloat16 --compile   # GPU
+
+Workloads: actor-shaped (16 short prompts x 4 samples x 128 new tokens) and judge-shaped (8 prompts of about
+400 tokens x 3 samples x 64 new tokens). Prints tokens/s of each and the ratio.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import ModelArgs, Transformer, parse_dtype  # noqa: E402
+from sample import Request, generate  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+SHORT = ["Write a haiku about the sea.", "What is the boiling point of water?", "Give me a tip for studying.",
+         "Name three primary colors.", "How do birds fly?", "Tell me a fun fact about cats.",
+         "What does a compiler do?", "Suggest a name for a bakery.", "Why do we sleep?", "Explain gravity briefly.",
+         "What is 7 times 8?", "Describe a rainy day.", "How do I boil an egg?", "What is photosynthesis?",
+         "Recommend a weekend hobby.", "Translate 'thank you' into Spanish."]
+PARAGRAPH = ("The committee met on Tuesday to review the proposal for the new library wing. Members raised questions "
+             "about the budget, the timeline, and the expected number of visitors. The architect presented three "
+             "designs, each with a different balance of reading space, study rooms and storage for the archive. ")
+
+
+def workloads(tok):
+    actor = [tok.encode_prompt(p) for p in SHORT], 4, 128
+    judge_prompts = []
+    for i in range(8):
+        text = f"Review {i}: " + PARAGRAPH * 6 + "Rate the response above on a scale of 0 to 5 and justify the score."
+        ids = tok.encode_prompt(text)
+        judge_prompts.append(ids[:400 - 8] + ids[-8:] if len(ids) > 400 else ids)
+    return {"actor": actor, "judge": (judge_prompts, 3, 64)}
+
+
+def run_ours(model, prompts, n, new_tokens, compile=False):
+    reqs = [Request(p, n=n, temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, stop_ids=(), seed=i)
+            for i, p in enumerate(prompts)]
+    sync()
+    t0 = time.perf_counter()
+    out = generate(model, reqs, max_rows=len(prompts) * n, compile=compile)
+    sync()
+    dt = time.perf_counter() - t0
+    ntok = sum(len(c.tokens) for r in out for c in r)
+    assert ntok == len(prompts) * n * new_tokens, ntok
+    return ntok / dt
+
+
+def run_hf(hf, prompts, n, new_tokens, pad_id):
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as decoder-only generation needs
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    dev = hf.device
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True, temperature=0.8,
+                          top_p=0.95, num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          pad_token_id=pad_id)
+    sync()
+    dt = time.perf_counter() - t0
+    ntok = (out.shape[1] - T) * out.shape[0]
+    assert ntok == len(prompts) * n * new_tokens, ntok
+    return ntok / dt
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main():
+    p = argparse.ArgumentParser(description="Generation tokens/s: this engine vs transformers.generate.")
+    p.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--random-1b", action="store_true", help="a random-initialised Llama-3.2-1B-shaped model instead")
+    p.add_argument("--workload", default="both", choices=("actor", "judge", "both"), help="which workload(s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both")
+    p.add_argument("--compile", action="store_true", help="compile our decode step (GPU)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs each (best is reported); one warm-up first")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    dtype = parse_dtype(args.dtype, args.device)
+    tmp = None
+    if args.random_1b:
+        tmp = tempfile.mkdtemp()
+        from data.prepare_default import ensure_default_model
+        tok_dir = ensure_default_model()
+        margs = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192,
+                          vocab_size=49152, rope_theta=500000.0, max_seq_len=4096, tie_embeddings=True)
+        Transformer(margs).init_weights(std=0.02, seed=0).save_pretrained(tmp, tokenizer_dir=tok_dir)
+        path = tmp
+    else:
+        if args.model is None:
+            from data.prepare_default import ensure_default_model
+            args.model = ensure_default_model()
+        path = args.model
+    tok = Tokenizer.from_pretrained(path)
+    ours = Transformer.from_pretrained(path, device=args.device, dtype=dtype).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    print(f"model {path} | {ours.num_params() / 1e6:.0f}M params | {args.device} {dtype} | threads {args.threads} | "
+          f"transformers {transformers.__version__} | torch {torch.__version__}")
+    names = ["actor", "judge"] if args.workload == "both" else [args.workload]
+    for name in names:
+        prompts, n, new = workloads(tok)[name]
+        run_ours(ours, prompts[:2], n, 8, args.compile)  # warm-up
+        run_hf(hf, prompts[:2], n, 8, tok.pad_id)
+        a = max(run_ours(ours, prompts, n, new, args.compile) for _ in range(args.repeats))
+        b = max(run_hf(hf, prompts, n, new, tok.pad_id) for _ in range(args.repeats))
+        plen = sum(map(len, prompts)) / len(prompts)
+        print(f"{name:5s} | {len(prompts)} prompts (mean {plen:.0f} tokens) x {n} samples x {new} new tokens | "
+              f"ours {a:8.1f} tok/s | transformers {b:8.1f} tok/s | ratio {a / b:.2f}x")
+    if tmp:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

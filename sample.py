@@ -1,0 +1,534 @@
+"""
+Batched KV-cache generation, and the stage that turns prompts into responses.
+
+The engine (`generate`) prefills each distinct prompt once and copies its cache to the prompt's n samples
+(prefix sharing), keeps many rows of different lengths in flight, and hands a finished row's slot to waiting
+work (continuous batching). Sampling draws its random numbers from (seed, sample, step) alone, so a request's
+output does not depend on what it is batched with, and a resumed run reproduces an uninterrupted one.
+
+    python sample.py --prompts data/prompts.jsonl --out runs/x/responses.jsonl --n 4 --max-new-tokens 256
+    python sample.py --model DIR --prompts p.jsonl --out r.jsonl --n 7 --temperature 0.8 --top-p 0.95 --seed 0
+    torchrun --nproc_per_node 8 sample.py --model DIR --prompts p.jsonl --out r.jsonl --n 7
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, Transformer, parse_dtype
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Request:
+    prompt: list[int]  # token ids, chat format already applied
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    stop_ids: tuple = ()
+    seed: int = 0
+    logprobs: bool = False  # also return each generated token's log-prob (temperature-1 distribution)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    finish_reason: str  # "stop" (a stop token, not included in tokens) or "length"
+    logprobs: list[float] | None = None
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping multiplies; masked shifts make them logical)."""
+    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+def uniform_from_keys(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One uniform in [0, 1) per row, a pure function of (row key, step): no generator state to share."""
+    bits = _mix64(keys + step * -7046029254386353131)  # 0x9e3779b97f4a7c15, the golden-ratio increment
+    return ((bits >> 11) & ((1 << 53) - 1)).double().div(2.0 ** 53).float()
+
+
+def sample_key(seed: int, sample: int) -> int:
+    """The random-stream key of sample `sample` of a request with seed `seed` (a host-side int64)."""
+    t = _mix64(torch.tensor([seed * 1_000_003 + sample], dtype=torch.int64))
+    return int(t.item())
+
+
+def sample_next_token(logits, temperature, top_p, top_k, uniform):
+    """logits (B, V) fp32; per-row temperature/top_p (B,), top_k (B,) long (0 = off), uniform (B,) -> tokens (B,).
+
+    Inverse-CDF sampling over the sorted, truncated distribution; temperature 0 rows take the argmax.
+    """
+    greedy = logits.argmax(-1)
+    V = logits.size(-1)
+    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    if bool(((top_p >= 1) & (top_k <= 0)).all()):
+        # no truncation: inverse-CDF sampling works in any order, so skip sorting altogether
+        cdf = probs.cumsum(-1)
+        tokens = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
+        return torch.where(temperature > 0, tokens, greedy)
+    # a full sort of the vocabulary costs more than a decode step on a CPU; the nucleus usually lies within
+    # the top few hundred tokens, so take those first and sort everything only when some row needs more
+    sorted_p, order = probs.topk(min(V, max(1024, int(top_k.max()))), dim=-1)
+    whole = (top_p >= 1) & (top_k <= 0)
+    short = (top_k <= 0) & (sorted_p.sum(-1) < top_p)
+    if bool((whole | short).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+    # top-p keeps the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]
+    rank = torch.arange(sorted_p.size(-1), device=logits.device)
+    keep &= (top_k[:, None] <= 0) | (rank[None] < top_k[:, None])
+    cdf = (sorted_p * keep).cumsum(-1)
+    pick = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=sorted_p.size(-1) - 1)
+    tokens = order.gather(-1, pick[:, None]).squeeze(-1)
+    return torch.where(temperature > 0, tokens, greedy)
+
+
+def decode_one_token(model, tokens, cache, start, kv_len):
+    """One decode step for the first B cache rows: tokens (B,) at positions start (B,) -> logits (B, V)."""
+    return model(tokens[:, None], cache=cache, start=start, kv_len=kv_len)[:, -1]
+
+
+# -----------------------------------------------------------------------------
+# The engine
+
+
+@torch.no_grad()
+def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tokens=8192, compile=False,
+             on_done=None, progress=None):
+    """Run all `requests`; returns one list of `n` Completions per request (also passed to `on_done(i, list)`
+    as each request finishes).
+
+    max_rows: rows decoded together; max_cache_tokens: bound on rows x cache length (the KV cache is
+    preallocated at that size); prefill_tokens: bound on the tokens of one prefill batch.
+    progress: a tqdm bar to update with finished samples.
+    """
+    if not requests:
+        return []
+    device = model.tok_embeddings.weight.device
+    max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    if max_len > model.args.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the model's context ({model.args.max_seq_len})")
+    total = sum(r.n for r in requests)
+    if max_cache_tokens < max_len:
+        raise ValueError(f"one sequence needs {max_len} cache tokens, more than --max-cache-tokens {max_cache_tokens}")
+    B = min(max_rows, total, max_cache_tokens // max_len)
+    cache = KVCache.for_model(model, rows=B, max_len=max_len)
+    step_fn = decode_one_token
+    if compile:  # static shapes: always all B rows and the whole cache length
+        step_fn = torch.compile(decode_one_token, dynamic=False)
+
+    # work units: (request, first sample, count), at most B samples each, so every unit fits the batch
+    pending = deque((i, s, min(B, r.n - s)) for i, r in enumerate(requests) for s in range(0, r.n, B))
+    results = [[None] * r.n for r in requests]
+    left = [r.n for r in requests]
+    n_stop = max([len(r.stop_ids) for r in requests] + [1])
+    # per-row state: tensors for the step, lists for the host-side bookkeeping
+    cur = torch.zeros(B, dtype=torch.long, device=device)  # last sampled token, fed at the next step
+    pos = torch.zeros(B, dtype=torch.long, device=device)  # where that token will be written
+    gen = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated so far (the sampling step)
+    keys = torch.zeros(B, dtype=torch.long, device=device)
+    temp, top_p = torch.zeros(B, device=device), torch.ones(B, device=device)
+    top_k = torch.zeros(B, dtype=torch.long, device=device)
+    stops = torch.full((B, n_stop), -1, dtype=torch.long, device=device)
+    owner = [None] * B  # (request, sample) of each busy slot
+    out_tokens, out_logps, host_pos = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B
+    free = list(range(B))
+    want_logps = any(r.logprobs for r in requests)
+
+    def finish_tokens(slots, logits):
+        """Sample the next token of `slots` from `logits`, record it, retire finished rows."""
+        slots_t = torch.tensor(slots, device=device)
+        u = uniform_from_keys(keys[slots_t], gen[slots_t])
+        nxt = sample_next_token(logits, temp[slots_t], top_p[slots_t], top_k[slots_t], u)
+        is_stop = (nxt[:, None] == stops[slots_t]).any(-1)
+        lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1).tolist() if want_logps else None
+        cur[slots_t], gen[slots_t] = nxt, gen[slots_t] + 1
+        for j, (slot, tok, stop) in enumerate(zip(slots, nxt.tolist(), is_stop.tolist())):  # one host sync
+            i, s = owner[slot]
+            r = requests[i]
+            if not stop:
+                out_tokens[slot].append(tok)
+                if r.logprobs:
+                    out_logps[slot].append(lp[j])
+            if stop or len(out_tokens[slot]) >= r.max_new_tokens:
+                results[i][s] = Completion(out_tokens[slot], "stop" if stop else "length",
+                                           out_logps[slot] if r.logprobs else None)
+                owner[slot], out_tokens[slot], out_logps[slot], host_pos[slot] = None, [], [], 0
+                pos[slot] = 0
+                free.append(slot)
+                left[i] -= 1
+                if progress is not None:
+                    progress.update(1)
+                if left[i] == 0 and on_done is not None:
+                    on_done(i, results[i])
+
+    def admit():
+        """Prefill as many waiting units as fit, each prompt once, then share its cache with its samples."""
+        units, budget = [], prefill_tokens
+        free.sort()  # lowest slots first, so live rows stay packed at the front
+        while pending and pending[0][2] <= len(free) and (not units or len(requests[pending[0][0]].prompt) <= budget):
+            i, s0, count = pending.popleft()
+            units.append((i, s0, [free.pop(0) for _ in range(count)]))
+            budget -= len(requests[i].prompt)
+        if not units:
+            return
+        T = max(len(requests[i].prompt) for i, _, _ in units)
+        tokens = torch.zeros(len(units), T, dtype=torch.long)
+        for u, (i, _, _) in enumerate(units):
+            tokens[u, :len(requests[i].prompt)] = torch.tensor(requests[i].prompt)
+        first = torch.tensor([slots[0] for _, _, slots in units], device=device)
+        last = torch.tensor([len(requests[i].prompt) - 1 for i, _, _ in units], device=device)
+        # right-padded prefill from position 0; logits of each prompt's last token only: (U, V)
+        logits = model(tokens.to(device), cache=cache, rows=first, last=last)
+        rows, row_logits = [], []
+        for u, (i, s0, slots) in enumerate(units):
+            r, L = requests[i], len(requests[i].prompt)
+            if len(slots) > 1:
+                cache.copy_rows(torch.tensor(slots[:1], device=device), torch.tensor(slots[1:], device=device), L)
+            for k, slot in enumerate(slots):
+                owner[slot], host_pos[slot] = (i, s0 + k), L
+                keys[slot] = sample_key(r.seed, s0 + k)
+                temp[slot], top_p[slot], top_k[slot], pos[slot], gen[slot] = r.temperature, r.top_p, r.top_k, L, 0
+                stops[slot] = -1
+                if r.stop_ids:
+                    stops[slot, :len(r.stop_ids)] = torch.tensor(list(r.stop_ids))
+                rows.append(slot)
+                row_logits.append(u)
+        finish_tokens(rows, logits[torch.tensor(row_logits, device=device)])
+
+    while pending or any(o is not None for o in owner):
+        if pending and free:
+            admit()
+        busy = [b for b in range(B) if owner[b] is not None]
+        if not busy:
+            continue
+        # decode the first W rows; free slots inside that range are computed and ignored
+        W = B if compile else busy[-1] + 1
+        kv_len = max_len if compile else max(host_pos[b] for b in busy) + 1
+        logits = step_fn(model, cur[:W], cache, pos[:W], kv_len)
+        pos[torch.tensor(busy, device=device)] += 1
+        for b in busy:
+            host_pos[b] += 1
+        finish_tokens(busy, logits[torch.tensor(busy, device=device)])
+        if not pending and not compile:
+            _compact(cache, owner, busy, [cur, pos, gen, keys, temp, top_p, top_k, stops], out_tokens, out_logps, host_pos, free)
+    return results
+
+
+def _compact(cache, owner, busy, tensors, out_tokens, out_logps, host_pos, free):
+    """At the tail (nothing waiting), move live rows into the lowest slots when they are sparse,
+    so the decode batch shrinks instead of computing finished rows."""
+    live = [b for b in busy if owner[b] is not None]
+    if not live or live[-1] + 1 <= 2 * len(live):
+        return
+    src = torch.tensor(live, device=cache.k.device)
+    dst = torch.arange(len(live), device=cache.k.device)
+    cache.k[:, dst] = cache.k[:, src]
+    cache.v[:, dst] = cache.v[:, src]
+    for t in tensors:
+        t[dst] = t[src]
+    rest = len(owner) - len(live)
+    owner[:] = [owner[b] for b in live] + [None] * rest
+    host_pos[:] = [host_pos[b] for b in live] + [0] * rest
+    out_tokens[:] = [out_tokens[b] for b in live] + [[] for _ in range(rest)]
+    out_logps[:] = [out_logps[b] for b in live] + [[] for _ in range(rest)]
+    free[:] = list(range(len(live), len(owner)))
+
+
+@torch.no_grad()
+def next_token_logprobs(model, prefix, continuations, candidates, max_rows=64):
+    """Log-probs of the `candidates` token ids right after prefix + each continuation -> (len(conts), len(cands)).
+
+    The shared prefix is prefilled once; the continuations are run together as one ragged extension.
+    Used for the `expected` score modes (the distribution of the digit after `Score: `).
+    """
+    device = model.tok_embeddings.weight.device
+    out = []
+    for c0 in range(0, len(continuations), max_rows):
+        conts = continuations[c0:c0 + max_rows]
+        n, L, T = len(conts), len(prefix), max(len(c) for c in conts)
+        if L + T > model.args.max_seq_len:
+            raise ValueError(f"prefix + continuation = {L + T} tokens exceeds the model's context ({model.args.max_seq_len})")
+        cache = KVCache.for_model(model, rows=n, max_len=L + T)
+        model(torch.tensor([prefix], device=device), cache=cache, rows=torch.tensor([0], device=device))
+        if n > 1:
+            cache.copy_rows(torch.tensor([0], device=device), torch.arange(1, n, device=device), L)
+        ext = torch.zeros(n, T, dtype=torch.long)
+        for j, c in enumerate(conts):
+            ext[j, :len(c)] = torch.tensor(c)
+        start = torch.full((n,), L, dtype=torch.long, device=device)
+        logits = model(ext.to(device), cache=cache, start=start, kv_len=L + T)
+        last = torch.tensor([len(c) - 1 for c in conts], device=device)
+        logps = torch.log_softmax(logits[torch.arange(n, device=device), last], -1)
+        out.append(logps[:, torch.tensor(candidates, device=device)].cpu())
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# JSON Lines stages: reading with clear errors, resumable sharded writing, distributed set-up
+# (shared by judge.py, meta_judge.py, evaluate.py and iterate.py)
+
+
+def read_jsonl(path, required=("id",), what="record"):
+    """Read a JSONL file; malformed lines, missing fields, duplicate ids and empty files are errors naming
+    the file and line."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such file")
+    records, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise SystemExit(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            for key in required:
+                if key not in rec:
+                    raise SystemExit(f"{path}:{n}: missing field {key!r} in {what}")
+            if "id" in rec:
+                rid = str(rec["id"])
+                if rid in seen:
+                    raise SystemExit(f"{path}:{n}: duplicate id {rid!r} (first on line {seen[rid]})")
+                seen[rid] = n
+            records.append(rec)
+    if not records:
+        raise SystemExit(f"{path}: empty file (no {what}s)")
+    return records
+
+
+def shard_path(out, rank):
+    root, ext = os.path.splitext(out)
+    return f"{root}.rank{rank}{ext}"
+
+
+def _repair_tail(path):
+    """Cut a partial last line left by a killed writer (the record in flight); return the good records."""
+    with open(path, "rb") as f:
+        data = f.read()
+    good_end = data.rfind(b"\n") + 1
+    records = []
+    for n, line in enumerate(data[:good_end].splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise SystemExit(f"{path}:{n}: malformed JSON in a partly written output; fix or delete it") from None
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return records
+
+
+def done_records(out):
+    """Records already written by an earlier (possibly killed, possibly other-world-size) run of a stage."""
+    recs = []
+    if os.path.exists(out):
+        recs += _repair_tail(out)
+    folder, base = os.path.split(os.path.abspath(out))
+    root, ext = os.path.splitext(base)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith(root + ".rank") and name.endswith(ext):
+            recs += _repair_tail(os.path.join(folder, name))
+    return recs
+
+
+class ShardWriter:
+    """Appends finished records to this rank's shard, flushed and fsynced one by one."""
+
+    def __init__(self, out, rank):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        self.path = shard_path(out, rank)
+        self.f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, rec):
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+
+def merge_shards(out, order):
+    """Rank 0: gather the output and every shard into `out`, one record per id, in the order of `order`
+    (the ids of the input file), written atomically; the shards are then removed."""
+    by_id = {}
+    for rec in done_records(out):
+        by_id.setdefault(str(rec["id"]), rec)
+    rank = {rid: k for k, rid in enumerate(order)}
+    recs = sorted(by_id.values(), key=lambda r: rank.get(str(r["id"]), len(rank)))
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in recs:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    folder, base = os.path.split(os.path.abspath(out))
+    root, ext = os.path.splitext(base)
+    for name in os.listdir(folder):
+        if name.startswith(root + ".rank") and name.endswith(ext):
+            os.remove(os.path.join(folder, name))
+    return recs
+
+
+def init_distributed():
+    """(rank, world, device) under torchrun or plain python; sets up the process group when world > 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def print0(*a, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
+
+
+def load_model(path, device, dtype="auto", chat_format=None):
+    """Model and tokenizer of an HF folder; `None` means the embedded default (converted on first use)."""
+    if path is None:
+        from data.prepare_default import ensure_default_model
+        path = ensure_default_model()
+    model = Transformer.from_pretrained(path, device=device, dtype=parse_dtype(dtype, device)).eval()
+    return model, Tokenizer.from_pretrained(path, chat_format), path
+
+
+def stable_seed(seed, rid) -> int:
+    """A per-record seed from the run's seed and the record id (same on every rank and every re-run)."""
+    h = 0
+    for ch in f"{seed}:{rid}":
+        h = (h * 131 + ord(ch)) % (1 << 61)
+    return h
+
+
+def add_engine_args(parser):
+    g = parser.add_argument_group("engine")
+    g.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
+    g.add_argument("--max-cache-tokens", type=int, default=1 << 20, help="bound on rows x cache length (KV memory)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; static shapes)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--chat-format", default=None, choices=("llama3", "chatml"), help="override the detected chat format")
+
+
+# -----------------------------------------------------------------------------
+# The prompts -> responses stage
+
+
+def run_stage(args, model, tok, model_path, rank, world):
+    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt")
+    order = [str(p["id"]) for p in prompts]
+    done = {str(r["id"]) for r in done_records(args.out)}
+    todo = [p for k, p in enumerate(prompts) if str(p["id"]) not in done and k % world == rank]
+    limit = model.args.max_seq_len - args.max_new_tokens
+    requests = []
+    for line, p in enumerate(prompts, 1):
+        if not isinstance(p["prompt"], str) or not p["prompt"].strip():
+            raise SystemExit(f"{args.prompts}:{line}: `prompt` must be a non-empty string")
+    for p in todo:
+        ids = tok.encode_prompt(p["prompt"], p.get("system"))
+        if len(ids) > limit:
+            raise SystemExit(f"{args.prompts}:{order.index(str(p['id'])) + 1}: prompt is {len(ids)} tokens; with "
+                             f"--max-new-tokens {args.max_new_tokens} the model's context ({model.args.max_seq_len}) allows {limit}")
+        requests.append(Request(ids, n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
+                                seed=stable_seed(args.seed, p["id"])))
+    print0(f"{len(prompts)} prompts, {len(done)} already done, {len(todo)} on rank {rank}")
+    writer = ShardWriter(args.out, rank)
+    counts = {"samples": 0, "tokens": 0, "duplicates": 0, "length_stops": 0}
+
+    def on_done(i, comps):
+        p = todo[i]
+        texts, reasons, ntoks = [], [], []
+        for c in comps:
+            text = tok.decode(c.tokens)
+            counts["tokens"] += len(c.tokens)
+            counts["length_stops"] += c.finish_reason == "length"
+            if args.dedup and text in texts:
+                counts["duplicates"] += 1
+                continue
+            texts.append(text)
+            reasons.append(c.finish_reason)
+            ntoks.append(len(c.tokens))
+        counts["samples"] += len(comps)
+        rec = {"id": p["id"], "prompt": p["prompt"], **({"system": p["system"]} if p.get("system") else {}),
+               "responses": texts, "finish_reasons": reasons, "num_tokens": ntoks, "model": model_path,
+               "seed": args.seed, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+               "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
+        writer.write(rec)
+        bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.time() - t0, 1e-9):.0f}")
+
+    from tqdm import tqdm
+    t0 = time.time()
+    bar = tqdm(total=len(requests) * args.n, desc=f"sample[{rank}]", unit="sample", disable=rank != 0 or not requests)
+    generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens, compile=args.compile,
+             on_done=on_done, progress=bar)
+    bar.close()
+    writer.close()
+    dt = time.time() - t0
+    barrier(world)
+    if rank == 0:
+        merge_shards(args.out, order)
+    counts["seconds"] = round(dt, 2)
+    counts["tokens_per_s"] = round(counts["tokens"] / max(dt, 1e-9), 1)
+    print0(f"sample | prompts {len(requests)} (rank 0) | samples {counts['samples']} | tokens {counts['tokens']} | "
+           f"duplicates dropped {counts['duplicates']} | stopped by length {counts['length_stops']} | "
+           f"{counts['tokens_per_s']:.1f} tok/s | {dt:.1f}s")
+    return counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate K responses per prompt (the actor stage).")
+    # io
+    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--prompts", required=True, help="JSONL with `id`, `prompt` (optional `system`)")
+    parser.add_argument("--out", required=True, help="output JSONL of responses (resumed if it exists)")
+    # sampling
+    parser.add_argument("--n", type=int, default=4, help="responses per prompt (K)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="generation length limit")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each prompt's stream derives from it and its id")
+    parser.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate responses")
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    for flag, v, ok in (("--n", args.n, args.n >= 1), ("--temperature", args.temperature, args.temperature >= 0),
+                        ("--top-p", args.top_p, 0 < args.top_p <= 1), ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1)):
+        if not ok:
+            raise SystemExit(f"{flag}: invalid value {v}")
+    rank, world, device = init_distributed()
+    model, tok, path = load_model(args.model, device, args.dtype, args.chat_format)
+    return run_stage(args, model, tok, path, rank, world)
+
+
+if __name__ == "__main__":
+    main()
