@@ -39,6 +39,7 @@ class Request:
     stop_ids: tuple = ()
     seed: int = 0
     logprobs: bool = False  # also return each generated token's log-prob (temperature-1 distribution)
+    shared_prefix: int = 0  # leading prompt tokens that other requests share: prefilled once per admission
 
 
 @dataclass
@@ -65,7 +66,7 @@ def uniform_from_keys(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def sample_key(seed: int, sample: int) -> int:
     """The random-stream key of sample `sample` of a request with seed `seed` (a host-side int64)."""
-    t = _mix64(torch.tensor([seed * 1_000_003 + sample], dtype=torch.int64))
+    t = _mix64(torch.tensor([(seed * 1_000_003 + sample) % (1 << 63)], dtype=torch.int64))
     return int(t.item())
 
 
@@ -188,14 +189,34 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
             budget -= len(requests[i].prompt)
         if not units:
             return
-        T = max(len(requests[i].prompt) for i, _, _ in units)
-        tokens = torch.zeros(len(units), T, dtype=torch.long)
+        # 1. prompts that share a prefix with others: prefill each distinct prefix once, copy it to the rest
+        groups = {}
         for u, (i, _, _) in enumerate(units):
-            tokens[u, :len(requests[i].prompt)] = torch.tensor(requests[i].prompt)
+            L0 = requests[i].shared_prefix
+            if 0 < L0 < len(requests[i].prompt):
+                groups.setdefault(tuple(requests[i].prompt[:L0]), []).append(u)
+        start = [0] * len(units)
+        if groups:
+            heads = [units[us[0]][2][0] for us in groups.values()]
+            model(_pad(list(groups), device), cache=cache, rows=torch.tensor(heads, device=device),
+                  last=torch.zeros(len(heads), dtype=torch.long, device=device))
+            for head, (prefix, us) in zip(heads, groups.items()):
+                others = [units[u][2][0] for u in us[1:]]
+                if others:
+                    cache.copy_rows(torch.tensor([head], device=device), torch.tensor(others, device=device), len(prefix))
+                for u in us:
+                    start[u] = len(prefix)
+        # 2. the rest of each prompt (all of it where nothing is shared), ragged and right-padded;
+        #    logits of each prompt's last token only: (U, V)
         first = torch.tensor([slots[0] for _, _, slots in units], device=device)
-        last = torch.tensor([len(requests[i].prompt) - 1 for i, _, _ in units], device=device)
-        # right-padded prefill from position 0; logits of each prompt's last token only: (U, V)
-        logits = model(tokens.to(device), cache=cache, rows=first, last=last)
+        rest = [requests[i].prompt[start[u]:] for u, (i, _, _) in enumerate(units)]
+        last = torch.tensor([len(r) - 1 for r in rest], device=device)
+        if groups:
+            kv_len = max(len(requests[i].prompt) for i, _, _ in units)
+            logits = model(_pad(rest, device), cache=cache, rows=first, start=torch.tensor(start, device=device),
+                           kv_len=kv_len, last=last)
+        else:  # plain prefill from position 0: causal attention over the new tokens only
+            logits = model(_pad(rest, device), cache=cache, rows=first, last=last)
         rows, row_logits = [], []
         for u, (i, s0, slots) in enumerate(units):
             r, L = requests[i], len(requests[i].prompt)
@@ -229,6 +250,14 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
         if not pending and not compile:
             _compact(cache, owner, busy, [cur, pos, gen, keys, temp, top_p, top_k, stops], out_tokens, out_logps, host_pos, free)
     return results
+
+
+def _pad(seqs, device):
+    """Right-pad token lists into a (B, T) tensor (pad id 0: padded positions are never attended to)."""
+    out = torch.zeros(len(seqs), max(len(q) for q in seqs), dtype=torch.long)
+    for b, q in enumerate(seqs):
+        out[b, :len(q)] = torch.tensor(q)
+    return out.to(device)
 
 
 def _compact(cache, owner, busy, tensors, out_tokens, out_logps, host_pos, free):
@@ -376,17 +405,22 @@ def merge_shards(out, order):
         by_id.setdefault(str(rec["id"]), rec)
     rank = {rid: k for k, rid in enumerate(order)}
     recs = sorted(by_id.values(), key=lambda r: rank.get(str(r["id"]), len(rank)))
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in recs:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_jsonl(out, recs)
     folder, base = os.path.split(os.path.abspath(out))
     root, ext = os.path.splitext(base)
     for name in os.listdir(folder):
         if name.startswith(root + ".rank") and name.endswith(ext):
             os.remove(os.path.join(folder, name))
     return recs
+
+
+def write_jsonl(path, records):
+    """Write a whole file atomically (merged outputs and derived files such as pairs)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def init_distributed():

@@ -37,3 +37,35 @@ def default_model_dir():
     from data.prepare_default import ensure_default_model
 
     return ensure_default_model(quiet=True)
+
+
+def make_tokenizer_files(folder):
+    """A byte-level tokenizer (256 byte tokens, no merges) with the ChatML special tokens 256-258."""
+    import json
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
+                            for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": "{{ '<|im_start|>' }}", "eos_token": "<|im_end|>"}, f)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": 258}, f)
+
+
+def make_tiny_checkpoint(folder, seed=0, **kw):
+    """An HF folder with a tiny random Llama over the byte-level ChatML tokenizer (vocab 259)."""
+    os.makedirs(folder, exist_ok=True)
+    make_tokenizer_files(folder)
+    args = tiny_args(vocab_size=259, max_seq_len=4096, **kw)
+    Transformer(args).init_weights(std=0.2, seed=seed).save_pretrained(folder, tokenizer_dir=folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")

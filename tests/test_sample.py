@@ -147,3 +147,19 @@ def test_truncated_candidates_equal_full_sort():
             cdf = kept.cumsum(0) / kept.sum()
             want.append(idx[int((cdf < u[r].double()).sum())].item())
         assert got.tolist() == want
+
+
+def test_shared_prefix_gives_same_outputs():
+    """Prompts sharing a prefix (meta-judge battles) prefill it once; outputs equal separate prefills,
+    greedy against the no-cache reference and sampled against the unshared engine run."""
+    model = tiny_model(seed=17)
+    prefix = prompts(7, [13])[0]
+    tails = prompts(8, [2, 6, 1, 9])
+    mk = lambda shared, t, i, temp: Request(prefix + t, n=2, temperature=temp, max_new_tokens=8, seed=i,
+                                            shared_prefix=len(prefix) if shared else 0)
+    for temp in (0.0, 1.0):
+        shared = generate(model, [mk(True, t, i, temp) for i, t in enumerate(tails)], max_rows=6)
+        plain = generate(model, [mk(False, t, i, temp) for i, t in enumerate(tails)], max_rows=6)
+        assert [[c.tokens for c in r] for r in shared] == [[c.tokens for c in r] for r in plain]
+    for t, r in zip(tails, shared_greedy := generate(model, [mk(True, t, i, 0.0) for i, t in enumerate(tails)])):
+        assert r[0].tokens == greedy_reference(model, prefix + t, 8)[0]

@@ -1,0 +1,323 @@
+"""
+LLM-as-a-Judge: the model scores its own responses with the additive 5-point rubric, and each prompt's
+responses become an actor preference pair with length control (DESIGN.md section 3, steps 3-4).
+
+    python judge.py --responses runs/x/iter1/responses.jsonl --out runs/x/iter1/judgments.jsonl --n 3
+    python judge.py --model DIR --responses r.jsonl --out j.jsonl --n 11 --pairs actor_pairs.jsonl --rho 0.32
+    python judge.py --score-mode expected ...      # probability-weighted score after "Score: " (small models)
+    torchrun --nproc_per_node 8 judge.py --model DIR --responses r.jsonl --out j.jsonl --n 11
+
+Score modes: `parse` (the paper) takes the last `Score: <points>` of each judgment, drops unparseable ones
+and counts them; `expected` cuts each judgment before its final `Score:` (if any), appends `Score: ` and
+scores sum_d d * p(d) / sum_d p(d) over the tokens 0..5, so every judgment gets a score.
+"""
+import argparse
+import math
+import os
+import re
+import time
+
+from sample import (Request, ShardWriter, add_engine_args, barrier, done_records, generate, init_distributed,
+                    load_model, merge_shards, next_token_logprobs, print0, read_jsonl, stable_seed, write_jsonl)
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "templates")
+
+# -----------------------------------------------------------------------------
+# Templates
+
+
+def load_template(path, required):
+    """Read a prompt template; every `{name}` in `required` must appear in it."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: template not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    missing = [name for name in required if "{" + name + "}" not in text]
+    if missing:
+        raise SystemExit(f"{path}: template lacks the placeholder(s) {', '.join('{' + m + '}' for m in missing)}")
+    return text
+
+
+def render(template, **fields):
+    """Fill `{name}` placeholders by plain replacement (user text may hold braces, so no str.format)."""
+    for name, value in fields.items():
+        template = template.replace("{" + name + "}", value)
+    return template.strip()
+
+
+def judge_prompt(template, rubric, prompt, response):
+    return render(template, rubric=rubric.strip(), prompt=prompt.strip(), response=response.strip())
+
+
+# -----------------------------------------------------------------------------
+# Parsing and scoring
+
+# `Score:` with optional markdown around it: "Score: 4", "**Score:** 4", "score: 4.5", "Final score: 4/5"
+SCORE_MARK = re.compile(r"score\s*\**\s*[:：]\s*\**\s*", re.IGNORECASE)
+SCORE_VALUE = re.compile(r"(\d+(?:\.\d+)?)(?:\s*\**\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?")
+AMBIGUOUS_TAIL = re.compile(r"\s*(?:or|to|and|-|–|—|,|\.\d)\s*\d|[A-Za-z0-9]")
+
+
+def parse_score(text):
+    """The last `Score: <points>` of a judgment's generated text as a float in [0, 5], or None.
+
+    None for: no score, a score outside [0, 5], another scale ("4/10"), or a form that names two
+    numbers ("3 or 4", "3-4", "3,5"). Never given the prompt: callers pass generated text only.
+    """
+    marks = list(SCORE_MARK.finditer(text))
+    if not marks:
+        return None
+    # two different scores on the final score's line ("Score: 3 ... Score: 4") cannot be resolved
+    line_start = text.rfind("\n", 0, marks[-1].start()) + 1
+    on_line = {SCORE_VALUE.match(text, m.end()).group(1) for m in marks if m.start() >= line_start
+               and SCORE_VALUE.match(text, m.end())}
+    if len({float(v) for v in on_line}) > 1:
+        return None
+    rest = text[marks[-1].end():].split("\n", 1)[0]
+    m = SCORE_VALUE.match(rest)
+    if not m:
+        return None
+    value, scale = float(m.group(1)), m.group(2)
+    if scale is not None and float(scale) != 5:
+        return None
+    if AMBIGUOUS_TAIL.match(rest[m.end():]):
+        return None
+    return value if 0 <= value <= 5 else None
+
+
+def cut_at_last(text, mark):
+    """The text before the last match of `mark` (the whole text when there is none), right-stripped."""
+    found = list(mark.finditer(text))
+    return (text[:found[-1].start()] if found else text).rstrip(" \t*#\n")
+
+
+def probe_candidates(tok, probe, options):
+    """Token ids of `options` right after `probe`, each a single token, e.g. probe "Score:", options 0..5.
+
+    Tries `probe + " "` followed by the bare option first (tokenizers that split a space off digits), then
+    `probe` followed by " option". Returns (probe text to append, candidate ids)."""
+    for head, sep in ((probe + " ", ""), (probe, " ")):
+        base = tok.encode(head)
+        ids = []
+        for opt in options:
+            full = tok.encode(head + sep + opt)
+            if full[:len(base)] != base or len(full) != len(base) + 1:
+                break
+            ids.append(full[-1])
+        else:
+            return head, ids
+    raise SystemExit(f"{tok.path}: the tokenizer cannot express {options} as single tokens after {probe!r}; "
+                     "use the parse score mode")
+
+
+def expected_value(logps, values):
+    """sum_d v_d p_d / sum_d p_d from log-probs over the candidates, and the mass they hold."""
+    m = max(logps)
+    w = [math.exp(lp - m) for lp in logps]
+    z = sum(w)
+    return sum(v * x for v, x in zip(values, w)) / z, math.exp(m) * z
+
+
+def mean_or_none(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+# -----------------------------------------------------------------------------
+# Actor pairs with length control
+
+
+def select_actor_pair(responses, scores, rho, max_chosen_chars=None):
+    """Length-controlled pair (DESIGN.md section 3 step 4) -> ((chosen, rejected) indices, None) or (None, reason).
+
+    chosen = the shortest response scoring >= (1-rho) S_max + rho S_min; rejected = the longest scoring
+    <= (1-rho) S_min + rho S_max. rho = 0 is best vs worst. Lengths in characters; ties broken by score,
+    then by index.
+    """
+    scored = [(i, s) for i, s in enumerate(scores) if s is not None]
+    if len(scored) < 2:
+        return None, "too few scored responses"
+    s_max, s_min = max(s for _, s in scored), min(s for _, s in scored)
+    if s_max == s_min:
+        return None, "tie"
+    eps = 1e-9  # thresholds are computed in floating point; S_max itself must pass its own threshold
+    hi, lo = (1 - rho) * s_max + rho * s_min, (1 - rho) * s_min + rho * s_max
+    chosen = min((i for i, s in scored if s >= hi - eps), key=lambda i: (len(responses[i]), -scores[i], i))
+    rejected = max((i for i, s in scored if s <= lo + eps), key=lambda i: (len(responses[i]), -scores[i], -i))
+    if chosen == rejected:
+        return None, "chosen is rejected"
+    if max_chosen_chars is not None and len(responses[chosen]) > max_chosen_chars:
+        return None, "chosen over length cap"
+    return (chosen, rejected), None
+
+
+def make_actor_pairs(records, rho, max_chosen_chars=None):
+    """One pair per record where the rule gives one; returns (pairs, skip counts)."""
+    pairs, skips = [], {}
+    for rec in records:
+        pair, why = select_actor_pair(rec["responses"], rec["score"], rho, max_chosen_chars)
+        if pair is None:
+            skips[why] = skips.get(why, 0) + 1
+            continue
+        c, r = pair
+        pairs.append({"id": rec["id"], "prompt": rec["prompt"], **({"system": rec["system"]} if rec.get("system") else {}),
+                      "chosen": rec["responses"][c], "rejected": rec["responses"][r],
+                      "score_chosen": rec["score"][c], "score_rejected": rec["score"][r], "kind": "actor"})
+    return pairs, skips
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+
+def run_judge(args, model, tok, rank, world):
+    """Judge every response of every record; returns the stage counts."""
+    records = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record")
+    order = [str(r["id"]) for r in records]
+    for n, r in enumerate(records, 1):
+        if not isinstance(r["responses"], list) or not all(isinstance(x, str) for x in r["responses"]):
+            raise SystemExit(f"{args.responses}:{n}: `responses` must be a list of strings")
+    template = load_template(args.template, ("rubric", "prompt", "response"))
+    with open(args.rubric, encoding="utf-8") as f:
+        rubric = f.read()
+    done = {str(r["id"]) for r in done_records(args.out)}
+    todo = [r for k, r in enumerate(records) if str(r["id"]) not in done and k % world == rank]
+    if args.score_mode == "expected":
+        probe, digit_ids = probe_candidates(tok, "Score:", [str(d) for d in range(6)])
+
+    requests, owner = [], []  # one request per response: (record index, response index)
+    for ri, rec in enumerate(todo):
+        prompts = [tok.encode_prompt(judge_prompt(template, rubric, rec["prompt"], resp)) for resp in rec["responses"]]
+        shared = common_prefix(prompts)  # the rubric and question: prefilled once for the K responses
+        for k, ids in enumerate(prompts):
+            if len(ids) + args.max_new_tokens > model.args.max_seq_len:
+                raise SystemExit(f"{args.responses}: record {rec['id']!r} response {k}: judge prompt of {len(ids)} "
+                                 f"tokens + --max-new-tokens exceeds the context ({model.args.max_seq_len})")
+            requests.append(Request(ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
+                                    seed=stable_seed(args.seed, f"{rec['id']}/{k}"), shared_prefix=shared))
+            owner.append((ri, k))
+    print0(f"{len(records)} records, {len(done)} already judged, {len(todo)} on rank {rank}, "
+           f"{len(requests) * args.n} judgments to write")
+    partial = {}  # record index -> {response index: judgment info}
+    writer = ShardWriter(args.out, rank)
+    counts = {"records": 0, "judgments": 0, "parse_failures": 0, "tokens": 0}
+
+    def on_done(q, comps):
+        ri, k = owner[q]
+        texts = [tok.decode(c.tokens) for c in comps]
+        counts["tokens"] += sum(len(c.tokens) for c in comps)
+        parsed = [parse_score(t) for t in texts]
+        info = {"judgments": texts, "parsed": parsed}
+        if args.score_mode == "expected":
+            conts = [tok.encode(cut_at_last(t, SCORE_MARK) + "\n" + probe) for t in texts]
+            lps = next_token_logprobs(model, requests[q].prompt, conts, digit_ids, max_rows=args.max_rows)
+            ev = [expected_value(row.tolist(), range(6)) for row in lps]
+            info["scores"] = [round(v, 4) for v, _ in ev]
+            info["digit_mass"] = [round(mass, 4) for _, mass in ev]
+        else:
+            info["scores"] = parsed
+        partial.setdefault(ri, {})[k] = info
+        rec = todo[ri]
+        if len(partial[ri]) == len(rec["responses"]):
+            by_k = partial.pop(ri)
+            done_info = [by_k[k] for k in range(len(rec["responses"]))]
+            out = dict(rec)
+            out["judgments"] = [d["judgments"] for d in done_info]
+            out["scores"] = [d["scores"] for d in done_info]
+            out["score"] = [mean_or_none(d["scores"]) for d in done_info]
+            out["score_mode"] = args.score_mode
+            out["parsed_scores"] = [d["parsed"] for d in done_info]
+            if args.score_mode == "expected":
+                out["digit_mass"] = [d["digit_mass"] for d in done_info]
+            out["judge"] = {"model": args.model_path, "n": args.n, "temperature": args.temperature,
+                            "top_p": args.top_p, "template": os.path.relpath(args.template, os.path.dirname(TEMPLATES)),
+                            "seed": args.seed}
+            writer.write(out)
+            counts["records"] += 1
+            counts["judgments"] += sum(len(d["judgments"]) for d in done_info)
+            counts["parse_failures"] += sum(p is None for d in done_info for p in d["parsed"])
+
+    from tqdm import tqdm
+    t0 = time.time()
+    bar = tqdm(total=len(requests) * args.n, desc=f"judge[{rank}]", unit="judgment", disable=rank != 0 or not requests)
+    generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens, compile=args.compile,
+             on_done=on_done, progress=bar)
+    bar.close()
+    writer.close()
+    barrier(world)
+    dt = time.time() - t0
+    counts["seconds"] = round(dt, 2)
+    if rank != 0:
+        return counts
+    merged = merge_shards(args.out, order)
+    summary = summarize_judgments(merged)
+    summary.update(seconds=counts["seconds"], tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
+    if args.pairs:
+        pairs, skips = make_actor_pairs(merged, args.rho, args.max_chosen_chars)
+        write_jsonl(args.pairs, pairs)
+        summary.update(actor_pairs=len(pairs), actor_pair_skips=skips, rho=args.rho,
+                       mean_chosen_chars=round(_mean([len(p["chosen"]) for p in pairs]), 1),
+                       mean_rejected_chars=round(_mean([len(p["rejected"]) for p in pairs]), 1))
+    print0("judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
+    return summary
+
+
+def summarize_judgments(records):
+    judgments = sum(len(j) for r in records for j in r["judgments"])
+    failures = sum(p is None for r in records for ps in r["parsed_scores"] for p in ps)
+    scores = [s for r in records for s in r["score"] if s is not None]
+    return {"records": len(records), "judgments": judgments, "parse_failures": failures,
+            "parse_failure_rate": round(failures / max(judgments, 1), 4),
+            "unscored_responses": sum(s is None for r in records for s in r["score"]),
+            "mean_score": round(_mean(scores), 4), "score_mode": records[0]["score_mode"] if records else None}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def common_prefix(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
+def add_judge_args(parser):
+    g = parser.add_argument_group("judge")
+    g.add_argument("--template", default=os.path.join(TEMPLATES, "judge.txt"), help="judge prompt template ({rubric}, {prompt}, {response})")
+    g.add_argument("--rubric", default=os.path.join(TEMPLATES, "rubric.txt"), help="rubric text inserted as {rubric}")
+    return g
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Score responses with the model as its own judge; make actor pairs.")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--responses", required=True, help="responses.jsonl from sample.py")
+    parser.add_argument("--out", required=True, help="judgments.jsonl to write (resumed if present)")
+    parser.add_argument("--pairs", default=None, help="also write actor preference pairs here")
+    g = add_judge_args(parser)
+    g.add_argument("--n", type=int, default=3, help="judgments per response (N; paper 11 for Meta-Rewarding)")
+    g.add_argument("--score-mode", default="parse", choices=("parse", "expected"), help="how a judgment becomes a score")
+    g.add_argument("--temperature", type=float, default=0.8, help="judge sampling temperature")
+    g.add_argument("--top-p", type=float, default=0.95, help="judge nucleus mass")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="judgment length limit")
+    g.add_argument("--seed", type=int, default=0, help="run seed")
+    p = parser.add_argument_group("actor pairs")
+    p.add_argument("--rho", type=float, default=0.0, help="length control in [0, 1] (0 = best vs worst)")
+    p.add_argument("--max-chosen-chars", type=int, default=None, help="drop pairs whose chosen response is longer")
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    if not 0 <= args.rho <= 1:
+        raise SystemExit(f"--rho: {args.rho} is outside [0, 1]")
+    if args.n < 1:
+        raise SystemExit(f"--n: {args.n} must be at least 1")
+    rank, world, device = init_distributed()
+    model, tok, args.model_path = load_model(args.model, device, args.dtype, args.chat_format)
+    return run_judge(args, model, tok, rank, world)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""
+Meta-judge: the model compares its own judgments pairwise; position-debiased battles give each judgment a
+Bradley-Terry (Elo) rating, and the best vs worst judgment of a response becomes a judge preference pair
+(DESIGN.md section 3, step 5).
+
+    python meta_judge.py --judgments runs/x/iter1/judgments.jsonl --out runs/x/iter1/meta_judgments.jsonl \
+        --pairs runs/x/iter1/judge_pairs.jsonl
+    python meta_judge.py --model DIR --judgments j.jsonl --out m.jsonl --pairs jp.jsonl --max-chosen-chars 1000
+    torchrun --nproc_per_node 8 meta_judge.py --model DIR --judgments j.jsonl --out m.jsonl --pairs jp.jsonl
+
+The battles are written as they finish (resumable); the position weights are taken over the whole stage,
+so the Elo ratings and the pairs are computed once every battle is in.
+"""
+import argparse
+import itertools
+import math
+import os
+import re
+import time
+
+import numpy as np
+
+from judge import (SCORE_MARK, TEMPLATES, add_judge_args, cut_at_last, judge_prompt, load_template,
+                   probe_candidates, render, common_prefix)
+from sample import (Request, ShardWriter, add_engine_args, barrier, done_records, generate, init_distributed,
+                    load_model, merge_shards, next_token_logprobs, print0, read_jsonl, stable_seed, write_jsonl)
+
+# -----------------------------------------------------------------------------
+# Verdicts, position bias, Bradley-Terry
+
+WINNER = re.compile(r"winner\s*\**\s*[:：]\s*\**\s*(?:the\s+)?(?:judge?ment|evaluation)?\s*\**\s*\(?([AB])\)?(?![A-Za-z0-9])",
+                    re.IGNORECASE)
+WINNER_MARK = re.compile(r"winner\s*\**\s*[:：]", re.IGNORECASE)
+CONFLICT = re.compile(r"^\W*(?:and|or|&|/|,)\s*(?:judge?ment\s+|evaluation\s+)?\(?[AB]\b", re.IGNORECASE)
+
+
+def parse_winner(text):
+    """"A" or "B" from the last `Winner: Judgement A|B` of a verdict (Judgment/Judgement, markdown and a bare
+    letter tolerated), or None when there is none or its line names both (an echo of the instructions)."""
+    marks = list(WINNER_MARK.finditer(text))
+    if not marks:
+        return None
+    m = WINNER.match(text, marks[-1].start())
+    if not m:
+        return None
+    line = text[text.rfind("\n", 0, m.start()) + 1:].split("\n", 1)[0]
+    if len({w.group(1).upper() for w in WINNER.finditer(line)}) > 1 or CONFLICT.match(text[m.end():].split("\n", 1)[0]):
+        return None
+    return m.group(1).upper()
+
+
+def position_weights(battles):
+    """(omega1, omega2) from the stage's decisive battles: w1 wins by the judgment shown first, w2 second.
+
+    A first-position win weighs w2/(w1+w2) and a second-position win w1/(w1+w2), so the favoured position
+    counts less. Without any decisive battle both weigh 0.5."""
+    w1 = sum(b["winner"] == "A" for b in battles)
+    w2 = sum(b["winner"] == "B" for b in battles)
+    if w1 + w2 == 0:
+        return 0.5, 0.5
+    return w2 / (w1 + w2), w1 / (w1 + w2)
+
+
+def battle_matrix(battles, ids, omega1, omega2):
+    """B[m][n] = omega1 [m beat n shown first] + omega2 [m beat n shown second], summed over battles."""
+    index = {j: k for k, j in enumerate(ids)}
+    B = np.zeros((len(ids), len(ids)))
+    for b in battles:
+        if b["winner"] is None:
+            continue  # unparseable verdicts are ties: no weight either way
+        first, second = b["first"], b["second"]
+        if b["winner"] == "A":
+            B[index[first], index[second]] += omega1
+        else:
+            B[index[second], index[first]] += omega2
+    return B
+
+
+def bradley_terry(B, prior=0.01, tol=1e-10, max_iter=200):
+    """Ratings e maximising sum_mn (B[m][n] + prior) log sigmoid(e_m - e_n) over m != n, mean fixed at 0.
+
+    The tiny symmetric `prior` (a fraction of a battle won each way by every pair) keeps the maximum finite
+    when a judgment never wins or never loses, and the problem strictly concave. Newton's method on the
+    centred ratings, with step halving as a safeguard.
+    """
+    K = len(B)
+    if K < 2:
+        return np.zeros(K)
+    W = np.asarray(B, dtype=np.float64) + prior * (1 - np.eye(K))
+    np.fill_diagonal(W, 0.0)
+    N = W + W.T  # games between m and n
+
+    def loglik(e):
+        d = e[:, None] - e[None, :]
+        return float((W * -np.logaddexp(0.0, -d)).sum())
+
+    e = np.zeros(K)
+    ll = loglik(e)
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(e[:, None] - e[None, :])))  # p[m, n] = P(m beats n)
+        grad = (W * (1 - p)).sum(1) - (W.T * p).sum(1)
+        H = N * p * (1 - p)  # negative Hessian: Laplacian of the game graph weighted by p(1-p)
+        H = np.diag(H.sum(1)) - H
+        step = np.linalg.solve(H + np.ones((K, K)) / K, grad)  # the ones term pins the free mean
+        t = 1.0
+        while t > 1e-8:
+            new = e + t * step
+            new -= new.mean()
+            new_ll = loglik(new)
+            if new_ll >= ll - 1e-12:
+                break
+            t /= 2
+        converged = np.abs(new - e).max() < tol
+        e, ll = new, new_ll
+        if converged:
+            break
+    return e
+
+
+def to_elo(e):
+    """Bradley-Terry ratings in natural units -> the familiar Elo scale (1000 + 400 e / ln 10)."""
+    return [round(1000 + 400 * x / math.log(10), 3) for x in e]
+
+
+def pick_response(scores):
+    """Index of the response whose valid judgment scores vary most (at least 2 valid; lowest index on
+    ties), or None."""
+    best, best_var = None, -1.0
+    for k, ss in enumerate(scores):
+        valid = [s for s in ss if s is not None]
+        if len(valid) < 2:
+            continue
+        var = float(np.var(valid))
+        if var > best_var + 1e-12:
+            best, best_var = k, var
+    return best
+
+
+def make_judge_pair(rec, max_chosen_chars=None):
+    """The judge pair of one meta-judged record -> (pair fields, None) or (None, skip reason)."""
+    ids, elo = rec["judgment_indices"], rec["elo"]
+    hi = max(range(len(ids)), key=lambda k: (elo[k], -k))
+    lo = min(range(len(ids)), key=lambda k: (elo[k], k))
+    if elo[hi] - elo[lo] < 1e-6:
+        return None, "elo tie"
+    chosen, rejected = rec["judgments"][ids[hi]], rec["judgments"][ids[lo]]
+    if chosen.strip() == rejected.strip():
+        return None, "identical judgments"
+    if max_chosen_chars is not None and len(chosen) > max_chosen_chars:
+        return None, "chosen judgment over length cap"
+    return {"chosen": chosen, "rejected": rejected, "chosen_index": ids[hi], "rejected_index": ids[lo]}, None
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+
+def run_meta_judge(args, model, tok, rank, world):
+    records = read_jsonl(args.judgments, required=("id", "prompt", "responses", "judgments", "scores"),
+                         what="judgments record")
+    order = [str(r["id"]) for r in records]
+    template = load_template(args.meta_template, ("rubric", "prompt", "response", "judgment_a", "judgment_b"))
+    load_template(args.template, ("rubric", "prompt", "response"))  # fail now, not after the battles
+    with open(args.rubric, encoding="utf-8") as f:
+        rubric = f.read().strip()
+    done = {str(r["id"]) for r in done_records(args.out)}
+    if args.verdict_mode == "expected":
+        probe, ab_ids = probe_candidates(tok, "Winner: Judgement", ["A", "B"])
+
+    # battles to run: per record, every ordered pair of the chosen response's valid judgments
+    requests, owner, plans, skipped = [], [], {}, {}
+    for k, rec in enumerate(records):
+        if str(rec["id"]) in done or k % world != rank:
+            continue
+        resp = pick_response(rec["scores"])
+        if resp is None:
+            skipped["no response with 2+ valid judgments"] = skipped.get("no response with 2+ valid judgments", 0) + 1
+            plans[k] = None
+            continue
+        valid = [j for j, s in enumerate(rec["scores"][resp]) if s is not None]
+        judgments = rec["judgments"][resp]
+        orders = [(m, n) for m, n in itertools.permutations(valid, 2)]
+        prompts = [tok.encode_prompt(render(template, rubric=rubric, prompt=rec["prompt"].strip(),
+                                            response=rec["responses"][resp].strip(),
+                                            judgment_a=judgments[m].strip(), judgment_b=judgments[n].strip()))
+                   for m, n in orders]
+        shared = common_prefix(prompts)  # rubric, question and answer: prefilled once per record
+        plans[k] = {"response_index": resp, "judgment_indices": valid, "orders": orders, "verdicts": {}}
+        for (m, n), ids in zip(orders, prompts):
+            if len(ids) + args.max_new_tokens > model.args.max_seq_len:
+                raise SystemExit(f"{args.judgments}: record {rec['id']!r}: meta-judge prompt of {len(ids)} tokens + "
+                                 f"--max-new-tokens exceeds the context ({model.args.max_seq_len})")
+            requests.append(Request(ids, n=1, temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
+                                    seed=stable_seed(args.seed, f"{rec['id']}/{m}/{n}"), shared_prefix=shared))
+            owner.append((k, m, n))
+    print0(f"{len(records)} records, {len(done)} already meta-judged, {len(requests)} battles on rank {rank}")
+    writer = ShardWriter(args.out, rank)
+
+    def write_record(k):
+        rec, plan = records[k], plans[k]
+        battles = [plan["verdicts"][o] for o in plan["orders"]]
+        writer.write({"id": rec["id"], "prompt": rec["prompt"], "response_index": plan["response_index"],
+                      "judgment_indices": plan["judgment_indices"], "battles": battles})
+
+    for k, plan in plans.items():  # records with a response but no pair of judgments to compare
+        if plan is not None and not plan["orders"]:
+            write_record(k)
+    counts = {"tokens": 0}
+
+    def on_done(q, comps):
+        k, m, n = owner[q]
+        text = tok.decode(comps[0].tokens)
+        counts["tokens"] += len(comps[0].tokens)
+        battle = {"first": m, "second": n, "verdict": text, "parsed": parse_winner(text)}
+        if args.verdict_mode == "expected":
+            cont = tok.encode(cut_at_last(text, WINNER_MARK) + "\n" + probe)
+            lp = next_token_logprobs(model, requests[q].prompt, [cont], ab_ids)[0].tolist()
+            battle["logp_ab"] = [round(x, 4) for x in lp]
+            battle["winner"] = "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None
+        else:
+            battle["winner"] = battle["parsed"]
+        plan = plans[k]
+        plan["verdicts"][(m, n)] = battle
+        if len(plan["verdicts"]) == len(plan["orders"]):
+            write_record(k)
+
+    from tqdm import tqdm
+    t0 = time.time()
+    bar = tqdm(total=len(requests), desc=f"meta-judge[{rank}]", unit="battle", disable=rank != 0 or not requests)
+    generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens, compile=args.compile,
+             on_done=on_done, progress=bar)
+    bar.close()
+    writer.close()
+    barrier(world)
+    dt = time.time() - t0
+    if rank != 0:
+        return {}
+    merged = merge_shards(args.out, order)
+    summary = finish_stage(args, merged, records)
+    summary.update(skips=skipped, seconds=round(dt, 2), tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
+    print0("meta-judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
+    return summary
+
+
+def finish_stage(args, merged, records):
+    """Stage-wide position weights, Elo per record, judge pairs; rewrites the stage output with the Elo."""
+    battles = [b for rec in merged for b in rec["battles"]]
+    omega1, omega2 = position_weights(battles)
+    by_id = {str(r["id"]): r for r in records}
+    template = load_template(args.template, ("rubric", "prompt", "response"))
+    with open(args.rubric, encoding="utf-8") as f:
+        rubric = f.read()
+    pairs, skips = [], {}
+    for rec in merged:
+        ids = rec["judgment_indices"]
+        e = bradley_terry(battle_matrix(rec["battles"], ids, omega1, omega2)) if ids else np.zeros(0)
+        rec["bt"] = [round(float(x), 6) for x in e]
+        rec["elo"] = to_elo(e)
+        rec["omega"] = [round(omega1, 6), round(omega2, 6)]
+        src = by_id[str(rec["id"])]
+        if len(ids) < 2:
+            skips["fewer than 2 judgments"] = skips.get("fewer than 2 judgments", 0) + 1
+            continue
+        rec["judgments"] = src["judgments"][rec["response_index"]]
+        pair, why = make_judge_pair(rec, args.max_chosen_chars)
+        del rec["judgments"]
+        if pair is None:
+            skips[why] = skips.get(why, 0) + 1
+            continue
+        prompt = judge_prompt(template, rubric, src["prompt"], src["responses"][rec["response_index"]])
+        pairs.append({"id": rec["id"], "prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"],
+                      "response_index": rec["response_index"], "chosen_index": pair["chosen_index"],
+                      "rejected_index": pair["rejected_index"], "kind": "judge"})
+    write_jsonl(args.out, merged)
+    if args.pairs:
+        write_jsonl(args.pairs, pairs)
+    decisive = sum(b["winner"] is not None for b in battles)
+    return {"records": len(merged), "battles": len(battles),
+            "unparseable_rate": round(sum(b["parsed"] is None for b in battles) / max(len(battles), 1), 4),
+            "first_position_win_rate": round(sum(b["winner"] == "A" for b in battles) / max(decisive, 1), 4),
+            "omega1": round(omega1, 4), "omega2": round(omega2, 4), "judge_pairs": len(pairs), "pair_skips": skips}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Meta-judge battles between judgments; Elo; judge pairs.")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--judgments", required=True, help="judgments.jsonl from judge.py")
+    parser.add_argument("--out", required=True, help="meta_judgments.jsonl to write (resumed if present)")
+    parser.add_argument("--pairs", default=None, help="also write judge preference pairs here")
+    g = add_judge_args(parser)
+    g.add_argument("--meta-template", default=os.path.join(TEMPLATES, "meta_judge.txt"),
+                   help="meta-judge template ({rubric}, {prompt}, {response}, {judgment_a}, {judgment_b})")
+    g.add_argument("--verdict-mode", default="parse", choices=("parse", "expected"),
+                   help="parse `Winner: Judgement X`, or compare p(A) and p(B) after `Winner: Judgement`")
+    g.add_argument("--temperature", type=float, default=0.8, help="meta-judge sampling temperature")
+    g.add_argument("--top-p", type=float, default=0.95, help="meta-judge nucleus mass")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="verdict length limit")
+    g.add_argument("--seed", type=int, default=0, help="run seed")
+    g.add_argument("--max-chosen-chars", type=int, default=None, help="skip judge pairs whose chosen judgment is longer (paper: about 1000)")
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    rank, world, device = init_distributed()
+    model, tok, args.model_path = load_model(args.model, device, args.dtype, args.chat_format)
+    return run_meta_judge(args, model, tok, rank, world)
+
+
+if __name__ == "__main__":
+    main()
