@@ -270,6 +270,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.attn_backend = "auto"  # "auto" | "flash" | "sdpa": a switch for tests and ablations
+        self.activation_checkpointing = False  # recompute each block in backward (train_dpo.py sets it)
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -324,7 +325,10 @@ class Transformer(nn.Module):
                 mask = mask[:, None]  # (B, 1, T, S)
         kw = dict(cache=cache, rows=rows, positions=positions, kv_len=kv_len, mask=mask, backend=self.attn_backend)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, layer=i, **kw)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, layer=i, use_reentrant=False, **kw)
+            else:
+                h = layer(h, cos, sin, layer=i, **kw)
         if last is not None:
             h = h[torch.arange(B, device=device), last]  # (B, D)
         h = self.norm(h)
@@ -357,35 +361,10 @@ class Transformer(nn.Module):
 
         dtype None keeps the stored dtype; device None is the CPU.
         """
-        from safetensors import safe_open
-
-        cfg = _read_json(path, "config.json")
-        args = ModelArgs.from_hf_config(cfg, where=os.path.join(path, "config.json"))
-        files = _weight_files(path)
+        args = read_hf_config(path)
         with torch.device("meta"):  # no memory until the real tensors arrive
             model = cls(args)
-        expected = {hf_name(k): p for k, p in model.state_dict(keep_vars=True).items()}
-        if args.tie_embeddings:
-            expected.pop("lm_head.weight")
-        ours = {hf_name(k): k for k in model.state_dict()}
-        state = {}
-        for f in files:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and args.tie_embeddings):
-                        continue  # derived or duplicate tensors some writers store
-                    if key not in expected:
-                        raise ValueError(f"{f}: unexpected tensor {key!r} for a Llama model")
-                    t = sf.get_tensor(key)
-                    if tuple(t.shape) != tuple(expected[key].shape):
-                        raise ValueError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                         f"config.json implies {tuple(expected[key].shape)}")
-                    state[ours[key]] = t.to(device=device, dtype=dtype or t.dtype)
-        missing = sorted(set(expected) - {hf_name(k) for k in state})
-        if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-        if args.tie_embeddings:
-            state["output.weight"] = state["tok_embeddings.weight"]
+        state = read_hf_state(path, model, device=device, dtype=dtype)
         model.load_state_dict(state, assign=True, strict=True)
         if args.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
             model.output.weight = model.tok_embeddings.weight
@@ -393,56 +372,95 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
-        """Write an HF folder that `transformers` and vLLM load unchanged.
+        """Write an HF folder that `transformers` and vLLM load unchanged (see `save_hf`)."""
+        save_hf(self.state_dict(), self.args, path, tokenizer_dir, max_shard_bytes)
 
-        Weights as safetensors (sharded above `max_shard_bytes`, a tied embedding stored once), config.json,
-        and the tokenizer/generation files copied from `tokenizer_dir`. The folder is written under a
-        temporary name and renamed at the end, so a killed save never leaves a folder that looks complete.
-        """
-        from safetensors.torch import save_file
 
-        path = os.path.normpath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        state = {}
-        for k, t in self.state_dict().items():
-            if k == "output.weight" and self.args.tie_embeddings:
-                continue
-            state[hf_name(k)] = t.detach().to("cpu").contiguous()
-        # greedy sharding in the HF order of names
-        shards, cur, cur_bytes = [], {}, 0
-        for k in sorted(state):
-            nbytes = state[k].numel() * state[k].element_size()
-            if cur and cur_bytes + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, cur_bytes = {}, 0
-            cur[k], cur_bytes = state[k], cur_bytes + nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                        {"metadata": {"total_size": total}, "weight_map": weight_map})
-        dtype = self.tok_embeddings.weight.dtype
-        _write_json(os.path.join(tmp, "config.json"), self.args.to_hf_config(dtype))
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, name)
-                if os.path.exists(src):
-                    shutil.copy2(src, os.path.join(tmp, name))
-        # swap in: the old folder (if any) is moved aside first, then the new one takes its name
-        old = f"{path}.old-{os.getpid()}"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+def read_hf_config(path) -> ModelArgs:
+    return ModelArgs.from_hf_config(_read_json(path, "config.json"), where=os.path.join(path, "config.json"))
+
+
+def read_hf_state(path, model, device=None, dtype=None) -> dict:
+    """The weights of an HF folder under our parameter names, checked against `model`'s (meta) shapes."""
+    from safetensors import safe_open
+
+    args = model.args
+    files = _weight_files(path)
+    expected = {hf_name(k): p for k, p in model.state_dict(keep_vars=True).items()}
+    if args.tie_embeddings:
+        expected.pop("lm_head.weight")
+    ours = {hf_name(k): k for k in model.state_dict()}
+    state = {}
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and args.tie_embeddings):
+                    continue  # derived or duplicate tensors some writers store
+                if key not in expected:
+                    raise ValueError(f"{f}: unexpected tensor {key!r} for a Llama model")
+                t = sf.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    raise ValueError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[key].shape)}")
+                state[ours[key]] = t.to(device=device, dtype=dtype or t.dtype)
+    missing = sorted(set(expected) - {hf_name(k) for k in state})
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return state
+
+
+def save_hf(state_dict, args: ModelArgs, path, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
+    """Write an HF folder from a full (unsharded) state dict under our names.
+
+    Weights as safetensors (sharded above `max_shard_bytes`, a tied embedding stored once), config.json,
+    and the tokenizer/generation files copied from `tokenizer_dir`. The folder is written under a
+    temporary name and renamed at the end, so a killed save never leaves a folder that looks complete.
+    """
+    from safetensors.torch import save_file
+
+    path = os.path.normpath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = {}
+    for k, t in state_dict.items():
+        if k == "output.weight" and args.tie_embeddings:
+            continue
+        state[hf_name(k)] = t.detach().to("cpu").contiguous()
+    # greedy sharding in the HF order of names
+    shards, cur, cur_bytes = [], {}, 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[k], cur_bytes = state[k], cur_bytes + nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(os.path.join(tmp, "config.json"), args.to_hf_config(state["model.embed_tokens.weight"].dtype))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.exists(src):
+                shutil.copy2(src, os.path.join(tmp, name))
+    # swap in: the old folder (if any) is moved aside first, then the new one takes its name
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _chunk_logps(h, weight, targets):

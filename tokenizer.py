@@ -74,6 +74,7 @@ class Tokenizer:
                              "which this tokenizer lacks")
         stops = {vocab[s] for s in STOP_STRINGS[chat_format] if s in vocab} | set(eos_ids)
         self.stop_ids = sorted(stops)
+        self.eot_id = vocab[STOP_STRINGS[chat_format][0]]  # ends an assistant turn in training data
         self.vocab_size = tok.get_vocab_size()
         self.pad_id = self.stop_ids[0]
 

@@ -1,0 +1,430 @@
+"""
+DPO training on preference pairs (`prompt`, `chosen`, `rejected` JSON lines) with FSDP2 under torchrun;
+writes the next model as an HF folder.
+
+    python train_dpo.py --pairs runs/x/iter1/actor_pairs.jsonl --out runs/x/iter1/model --epochs 1
+    python train_dpo.py --model DIR --pairs actor_pairs.jsonl judge_pairs.jsonl --out DIR2 --beta 0.1 --lr 5e-7
+    torchrun --nproc_per_node 8 train_dpo.py --model DIR --pairs p.jsonl --out DIR2 --batch-size 64
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 train_dpo.py ...   # several nodes
+
+Reference log-probs are computed once before training (by the starting model unless --ref names another)
+and cached in `<out>.train/`, so training holds one model; --ref-mode online keeps a frozen reference.
+State for --resume (model, optimizer, step) is saved there with torch.distributed.checkpoint.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import Transformer, read_hf_config, read_hf_state, rope_inv_freq, save_hf
+from sample import barrier, init_distributed, print0, read_jsonl
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def sequence_logps(model, tokens, loss_mask):
+    """Sum of log p(token | prefix) over the response tokens. tokens (B, T); loss_mask (B, T) is 1 on
+    response tokens (prompt and padding 0). Returns (logps (B,), response token counts (B,))."""
+    mask = loss_mask[:, 1:]
+    # position t predicts token t+1; masked targets (-1) give log-prob 0 inside the model
+    targets = tokens[:, 1:].masked_fill(mask == 0, -1)
+    logps = model(tokens[:, :-1], targets=targets)  # (B, T-1)
+    return logps.sum(-1), mask.sum(-1)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair loss and implicit rewards beta * (log pi - log ref) of chosen and rejected.
+
+    sigmoid: -log sigmoid(beta h) (DPO), with label smoothing eps: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    ipo:     (h - 1/(2 beta))^2 (pass length-normalised log-probs, as IPO defines h per token)
+    hinge:   max(0, 1 - beta h)
+    where h = (chosen - ref_chosen) - (rejected - ref_rejected).
+    """
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss {loss_type!r}")
+    return loss, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+
+
+def lr_at(step, total, warmup, lr, schedule, min_ratio=0.0):
+    """Linear warmup over `warmup` steps, then cosine or linear decay to min_ratio * lr at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return lr
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
+    return lr * (min_ratio + (1 - min_ratio) * decay)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_pairs(files, tok, max_len, truncate):
+    """Tokenized pairs from plain preference files; returns (examples, skip counts)."""
+    examples, counts = [], {"truncated": 0, "skipped_too_long": 0}
+    for fi, path in enumerate(files):
+        for line, rec in enumerate(read_jsonl(path, required=("prompt", "chosen", "rejected"), what="pair"), 1):
+            for key in ("prompt", "chosen", "rejected"):
+                if not isinstance(rec[key], str):
+                    raise SystemExit(f"{path}:{line}: `{key}` must be a string")
+            weight = rec.get("weight", 1.0)
+            if not isinstance(weight, (int, float)) or weight < 0:
+                raise SystemExit(f"{path}:{line}: `weight` must be a non-negative number")
+            prompt = tok.encode_prompt(rec["prompt"], rec.get("system"))
+            chosen, rejected = tok.encode(rec["chosen"]) + [tok.eot_id], tok.encode(rec["rejected"]) + [tok.eot_id]
+            longest = max(len(chosen), len(rejected))
+            if len(prompt) + longest > max_len:
+                if truncate == "skip" or longest > max_len // 2:
+                    counts["skipped_too_long"] += 1
+                    continue
+                prompt = prompt[len(prompt) + longest - max_len:]  # keep the end of the prompt
+                counts["truncated"] += 1
+            examples.append({"key": f"{fi}:{line}", "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                             "weight": float(weight)})
+    return examples, counts
+
+
+def make_batches(examples, batch_size, seed, epoch):
+    """Global batches of example indices: sorted by length so a batch wastes little on padding, batch order
+    shuffled per epoch. The same for every world size, so runs on 1 and N ranks see the same batches."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["prompt"]) + max(len(examples[i]["chosen"]),
+                                                        len(examples[i]["rejected"])), i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed * 1000 + epoch).shuffle(batches)
+    return batches
+
+
+def collate(examples, idx, device):
+    """Chosen rows then rejected rows, right-padded: tokens (2b, T), loss_mask (2b, T)."""
+    seqs = [(examples[i]["prompt"], examples[i]["chosen"]) for i in idx] + \
+           [(examples[i]["prompt"], examples[i]["rejected"]) for i in idx]
+    T = max(len(p) + len(r) for p, r in seqs)
+    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, (p, r) in enumerate(seqs):
+        tokens[b, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[b, len(p):len(p) + len(r)] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def rank_slices(idx, world, micro):
+    """Split a global batch over ranks (contiguous) and micro-batches; every rank gets the same number of
+    micro-batches (a rank short of pairs repeats one with weight 0, so the collectives stay matched)."""
+    per = [idx[len(idx) * r // world: len(idx) * (r + 1) // world] for r in range(world)]
+    steps = max(1, max(math.ceil(len(p) / micro) for p in per))
+    out = []
+    for p in per:
+        mbs = [(p[k * micro:(k + 1) * micro], 1.0) for k in range(steps) if p[k * micro:(k + 1) * micro]]
+        while len(mbs) < steps:
+            mbs.append((idx[:1], 0.0))
+        out.append(mbs)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Model set-up
+
+
+def build_model(path, device, world, mp_bf16, activation_checkpointing=False):
+    """The policy: fp32 master weights; under torchrun, FSDP2 per block then the root (torchtitan's order),
+    rank 0 reading the checkpoint and broadcasting it into the shards."""
+    args = read_hf_config(path)
+    if world == 1:
+        model = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        with torch.device("meta"):
+            model = Transformer(args)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp_bf16 else MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        model.to_empty(device=device)
+        full = read_hf_state(path, model, dtype=torch.float32) if int(os.environ.get("RANK", 0)) == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        model.inv_freq = rope_inv_freq(args).to(device)
+    model.activation_checkpointing = activation_checkpointing
+    return model
+
+
+def full_state(model, world):
+    if world == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@torch.no_grad()
+def compute_ref_logps(model, examples, micro, world, rank, device, autocast):
+    """Reference log-probs of every example's chosen and rejected response, on all ranks: (N, 2)."""
+    model.eval()
+    out = torch.zeros(len(examples), 2, device=device)
+    idx = list(range(len(examples)))
+    for mbs in zip(*rank_slices(idx, world, micro)):  # step all ranks together (FSDP collectives)
+        batch, w = mbs[rank]
+        tokens, mask = collate(examples, batch, device)
+        with autocast():
+            logps, _ = sequence_logps(model, tokens, mask)
+        if w > 0:
+            b = len(batch)
+            out[batch, 0], out[batch, 1] = logps[:b].float(), logps[b:].float()
+    if world > 1:
+        torch.distributed.all_reduce(out)  # each example was computed by exactly one rank
+        # FSDP2 keeps the root's parameters gathered after a forward without grad; training from that
+        # state silently diverges from a single process, so put every module back to its shards
+        from torch.distributed.fsdp import FSDPModule
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+    model.train()
+    return out.cpu()
+
+
+def ref_cache_key(files, ref_path, examples, args):
+    """Hash of the pairs, the reference weights (sizes and edges of each file) and the tokenization."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    for name in sorted(os.listdir(ref_path)):
+        if name.endswith(".safetensors") or name == "config.json":
+            p = os.path.join(ref_path, name)
+            size = os.path.getsize(p)
+            with open(p, "rb") as fh:
+                h.update(f"{name}:{size}".encode() + fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read())
+    h.update(json.dumps([args.max_len, args.truncate, len(examples), args.dtype]).encode())
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train(args):
+    rank, world, device = init_distributed()
+    torch.manual_seed(args.seed)
+    if args.model is None:
+        from data.prepare_default import ensure_default_model
+        args.model = ensure_default_model()
+    tok = Tokenizer.from_pretrained(args.model, args.chat_format)
+    examples, data_counts = load_pairs(args.pairs, tok, args.max_len, args.truncate)
+    if not examples:
+        raise SystemExit(f"--pairs: no usable pairs in {', '.join(args.pairs)} ({data_counts})")
+    if args.loss not in ("sigmoid", "ipo", "hinge"):
+        raise SystemExit(f"--loss: unknown loss {args.loss!r} (choose sigmoid, ipo, hinge)")
+    work = args.out.rstrip("/") + ".train"
+    os.makedirs(work, exist_ok=True)
+    bf16 = device.type == "cuda" and args.dtype in ("auto", "bfloat16")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and world == 1 else \
+        (lambda: torch.autocast("cpu", enabled=False))
+    model = build_model(args.model, device, world, bf16, args.activation_checkpointing)
+
+    # reference log-probs: cached by content, or an online frozen copy
+    ref_model, ref_path = None, args.ref or args.model
+    if args.ref_mode == "precomputed":
+        cache = os.path.join(work, f"ref_logps-{ref_cache_key(args.pairs, ref_path, examples, args)}.pt")
+        if os.path.exists(cache):
+            ref_logps = torch.load(cache)
+            print0(f"reference log-probs from {cache}")
+        else:
+            t0 = time.time()
+            src = model if ref_path == args.model else build_model(ref_path, device, world, bf16)
+            ref_logps = compute_ref_logps(src, examples, args.micro_batch_size, world, rank, device, autocast)
+            del src
+            if rank == 0:
+                torch.save(ref_logps, cache + ".tmp")
+                os.replace(cache + ".tmp", cache)
+            print0(f"reference log-probs of {len(examples)} pairs in {time.time() - t0:.1f}s -> {cache}")
+    else:
+        ref_model = build_model(ref_path, device, world, bf16).eval()
+        ref_model.requires_grad_(False)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * total)
+    step = 0
+    state_dir = os.path.join(work, "state")
+    if args.resume and os.path.exists(os.path.join(state_dir, "trainer.json")):
+        step = load_state(state_dir, model, opt, world)
+        print0(f"resumed at step {step} from {state_dir}")
+    print0(f"{len(examples)} pairs ({data_counts}) | {total} steps of {args.batch_size} pairs | world {world} | "
+           f"loss {args.loss} beta {args.beta} | ref {args.ref_mode}")
+    metrics_f = open(os.path.join(work, "metrics.jsonl"), "a") if rank == 0 else None
+    model.train()
+    t_last, tokens_seen = time.time(), 0
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        batches = make_batches(examples, args.batch_size, args.seed, epoch)
+        for b in range(step - epoch * steps_per_epoch, len(batches)):
+            if args.stop_after is not None and step >= args.stop_after:
+                break
+            idx = batches[b]
+            lr = lr_at(step, total, warmup, args.lr, args.schedule, args.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            sums = torch.zeros(8, device=device)  # loss, acc, margin, r_c, r_r, lp_c, lp_r, tokens
+            for batch, w in rank_slices(idx, world, args.micro_batch_size)[rank]:
+                tokens, mask = collate(examples, batch, device)
+                n = len(batch)
+                with autocast():
+                    logps, lengths = sequence_logps(model, tokens, mask)
+                    if ref_model is not None:
+                        with torch.no_grad():
+                            ref, _ = sequence_logps(ref_model, tokens, mask)
+                        ref_c, ref_r = ref[:n].float(), ref[n:].float()
+                    else:
+                        ref_c, ref_r = ref_logps[batch, 0].to(device), ref_logps[batch, 1].to(device)
+                logps = logps.float()
+                pc, pr = logps[:n], logps[n:]
+                if args.loss == "ipo":  # IPO compares per-token log-prob ratios
+                    lc, lr_ = lengths[:n].clamp(min=1), lengths[n:].clamp(min=1)
+                    losses, rc, rr = dpo_loss(pc / lc, pr / lr_, ref_c / lc, ref_r / lr_, args.beta, "ipo")
+                else:
+                    losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, args.beta, args.loss, args.label_smoothing)
+                if args.nll_coef:  # DPO+NLL: length-normalised NLL of the chosen response
+                    losses = losses + args.nll_coef * (-pc / lengths[:n].clamp(min=1))
+                weights = torch.tensor([examples[i]["weight"] for i in batch], device=device) * w
+                # the optimizer step uses the mean over the global batch; FSDP averages over ranks
+                (losses * weights).sum().mul(world / len(idx)).backward()
+                with torch.no_grad():
+                    sums += w * torch.stack([losses.sum(), (rc > rr).float().sum(), (rc - rr).sum(), rc.sum(), rr.sum(),
+                                             pc.sum(), pr.sum(), mask.sum().float()])
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            loss = (sums[0] / len(idx)).item()
+            if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
+                raise SystemExit(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm.item()}; "
+                                 "lower --lr or check the pairs")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += int(sums[7].item())
+            m = {"step": step, "epoch": epoch, "loss": loss, "reward_acc": (sums[1] / len(idx)).item(),
+                 "margin": (sums[2] / len(idx)).item(), "chosen_reward": (sums[3] / len(idx)).item(),
+                 "rejected_reward": (sums[4] / len(idx)).item(), "chosen_logps": (sums[5] / len(idx)).item(),
+                 "rejected_logps": (sums[6] / len(idx)).item(), "grad_norm": grad_norm.item(), "lr": lr}
+            if step % args.log_every == 0 or step == total:
+                dt = time.time() - t_last
+                m["tokens_per_s"] = round(tokens_seen / max(dt, 1e-9), 1)
+                t_last, tokens_seen = time.time(), 0
+                print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+            if metrics_f:
+                metrics_f.write(json.dumps(m) + "\n")
+                metrics_f.flush()
+            if args.save_every and step % args.save_every == 0:
+                save_state(state_dir, model, opt, step, world, rank)
+        if args.stop_after is not None and step >= args.stop_after:
+            save_state(state_dir, model, opt, step, world, rank)
+            print0(f"stopped after step {step}; state in {state_dir} (continue with --resume)")
+            return {"steps": step, "stopped": True}
+    state = full_state(model, world)
+    if rank == 0:
+        save_hf(state, model.args, args.out, tokenizer_dir=args.model)
+        metrics_f.close()
+    barrier(world)
+    print0(f"train_dpo | steps {step} | pairs {len(examples)} | saved {args.out}")
+    return {"steps": step, "pairs": len(examples), **data_counts}
+
+
+def save_state(state_dir, model, opt, step, world, rank):
+    """Resumable state with torch.distributed.checkpoint (sharded under FSDP); trainer.json written last."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(state_dir, f"step{step}"))
+    barrier(world)
+    if rank == 0:
+        tmp = os.path.join(state_dir, "trainer.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"step": step, "rng": torch.get_rng_state().tolist()}, f)
+        os.replace(tmp, os.path.join(state_dir, "trainer.json"))
+    barrier(world)
+
+
+def load_state(state_dir, model, opt, world):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    with open(os.path.join(state_dir, "trainer.json")) as f:
+        meta = json.load(f)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=os.path.join(state_dir, f"step{meta['step']}"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    return meta["step"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="DPO (and IPO/hinge/cDPO/DPO+NLL) on preference pairs.")
+    # io
+    parser.add_argument("--model", default=None, help="starting HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--pairs", nargs="+", required=True, help="JSONL files of prompt/chosen/rejected pairs")
+    parser.add_argument("--out", required=True, help="HF folder to write the trained model to")
+    parser.add_argument("--chat-format", default=None, choices=("llama3", "chatml"), help="override the detected chat format")
+    # loss
+    parser.add_argument("--loss", default="sigmoid", help="sigmoid (DPO), ipo or hinge")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label noise")
+    parser.add_argument("--nll-coef", type=float, default=0.0, help="weight of the length-normalised NLL of chosen (DPO+NLL)")
+    parser.add_argument("--ref", default=None, help="reference HF folder (default: the starting model)")
+    parser.add_argument("--ref-mode", default="precomputed", choices=("precomputed", "online"), help="reference log-probs once up front, or a frozen model in memory")
+    # optimisation
+    parser.add_argument("--lr", type=float, default=5e-7, help="peak learning rate")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (global)")
+    parser.add_argument("--micro-batch-size", type=int, default=2, help="pairs per forward on each rank (gradient accumulation fills the rest)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="warmup steps (default: --warmup-ratio of the total)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.1, help="warmup as a fraction of the steps")
+    parser.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"), help="decay after warmup")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="final learning rate as a fraction of the peak")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    parser.add_argument("--max-len", type=int, default=2048, help="longest prompt + response in tokens")
+    parser.add_argument("--truncate", default="prompt", choices=("prompt", "skip"), help="over-long pairs: cut the prompt's start, or skip")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 compute with fp32 master weights on GPU, fp32 on CPU; float32 forces fp32")
+    parser.add_argument("--seed", type=int, default=0, help="data order seed")
+    # checkpoints and logs
+    parser.add_argument("--save-every", type=int, default=0, help="save resumable state every N steps (0 = only when stopping)")
+    parser.add_argument("--resume", action="store_true", help="continue from the state in <out>.train/state")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop (and save state) after this many steps")
+    parser.add_argument("--log-every", type=int, default=1, help="print a line every N steps")
+    args = parser.parse_args(argv)
+    for flag, v in (("--batch-size", args.batch_size), ("--micro-batch-size", args.micro_batch_size), ("--max-len", args.max_len)):
+        if v < 1:
+            raise SystemExit(f"{flag}: must be at least 1, got {v}")
+    if args.beta <= 0:
+        raise SystemExit(f"--beta: must be positive, got {args.beta}")
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()
