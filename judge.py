@@ -182,6 +182,8 @@ def run_judge(args, model, tok, rank, world):
         rubric = f.read()
     done = {str(r["id"]) for r in done_records(args.out)}
     todo = [r for k, r in enumerate(records) if str(r["id"]) not in done and k % world == rank]
+    if args.judge_fn:
+        return run_programmatic_judge(args, records, todo, order, rank, world)
     if args.score_mode == "expected":
         probe, digit_ids = probe_candidates(tok, "Score:", [str(d) for d in range(6)])
 
@@ -263,6 +265,41 @@ def run_judge(args, model, tok, rank, world):
     return summary
 
 
+def load_function(spec):
+    """`module:function` -> the function (the module is imported from the Python path)."""
+    import importlib
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"--judge-fn: cannot load {spec!r} ({e})") from None
+
+
+def run_programmatic_judge(args, records, todo, order, rank, world):
+    """Score each response with a Python function f(prompt, response) -> float in [0, 5] instead of the
+    model: for ablations and for tests of the loop's learning signal."""
+    fn = load_function(args.judge_fn)
+    writer = ShardWriter(args.out, rank)
+    for rec in todo:
+        scores = [float(fn(rec["prompt"], resp)) for resp in rec["responses"]]
+        out = dict(rec, judgments=[[f"Programmatic judge {args.judge_fn}.\nScore: {s}"] for s in scores],
+                   scores=[[s] for s in scores], score=scores, score_mode="programmatic",
+                   parsed_scores=[[s] for s in scores], judge={"function": args.judge_fn})
+        writer.write(out)
+    writer.close()
+    barrier(world)
+    if rank != 0:
+        return {}
+    merged = merge_shards(args.out, order)
+    summary = summarize_judgments(merged)
+    if args.pairs:
+        pairs, skips = make_actor_pairs(merged, args.rho, args.max_chosen_chars)
+        write_jsonl(args.pairs, pairs)
+        summary.update(actor_pairs=len(pairs), actor_pair_skips=skips, rho=args.rho)
+    print0("judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
+    return summary
+
+
 def summarize_judgments(records):
     judgments = sum(len(j) for r in records for j in r["judgments"])
     failures = sum(p is None for r in records for ps in r["parsed_scores"] for p in ps)
@@ -301,6 +338,7 @@ def main(argv=None):
     g = add_judge_args(parser)
     g.add_argument("--n", type=int, default=3, help="judgments per response (N; paper 11 for Meta-Rewarding)")
     g.add_argument("--score-mode", default="parse", choices=("parse", "expected"), help="how a judgment becomes a score")
+    g.add_argument("--judge-fn", default=None, metavar="MODULE:FUNC", help="score with a Python function f(prompt, response) instead of the model (ablations)")
     g.add_argument("--temperature", type=float, default=0.8, help="judge sampling temperature")
     g.add_argument("--top-p", type=float, default=0.95, help="judge nucleus mass")
     g.add_argument("--max-new-tokens", type=int, default=256, help="judgment length limit")
@@ -315,6 +353,8 @@ def main(argv=None):
     if args.n < 1:
         raise SystemExit(f"--n: {args.n} must be at least 1")
     rank, world, device = init_distributed()
+    if args.judge_fn:  # no model needed
+        return run_judge(args, None, None, rank, world)
     model, tok, args.model_path = load_model(args.model, device, args.dtype, args.chat_format)
     return run_judge(args, model, tok, rank, world)
 

@@ -28,15 +28,16 @@ from sample import (Request, ShardWriter, add_engine_args, barrier, done_records
 # -----------------------------------------------------------------------------
 # Verdicts, position bias, Bradley-Terry
 
-WINNER = re.compile(r"winner\s*\**\s*[:：]\s*\**\s*(?:the\s+)?(?:judge?ment|evaluation)?\s*\**\s*\(?([AB])\)?(?![A-Za-z0-9])",
+WINNER = re.compile(r"winner\s*\**\s*[:：]\s*\**\s*(?:the\s+)?(?:judge?ment|evaluation|response|answer)?\s*\**\s*\(?([AB])\)?(?![A-Za-z0-9])",
                     re.IGNORECASE)
 WINNER_MARK = re.compile(r"winner\s*\**\s*[:：]", re.IGNORECASE)
-CONFLICT = re.compile(r"^\W*(?:and|or|&|/|,)\s*(?:judge?ment\s+|evaluation\s+)?\(?[AB]\b", re.IGNORECASE)
+CONFLICT = re.compile(r"^\W*(?:and|or|&|/|,)\s*(?:(?:judge?ment|evaluation|response|answer)\s+)?\(?[AB]\b", re.IGNORECASE)
 
 
 def parse_winner(text):
-    """"A" or "B" from the last `Winner: Judgement A|B` of a verdict (Judgment/Judgement, markdown and a bare
-    letter tolerated), or None when there is none or its line names both (an echo of the instructions)."""
+    """"A" or "B" from the last `Winner: Judgement A|B` of a verdict (Judgment/Judgement, and Response/Answer
+    for evaluate.py; markdown and a bare letter tolerated), or None when there is none or its line names both
+    (an echo of the instructions)."""
     marks = list(WINNER_MARK.finditer(text))
     if not marks:
         return None

@@ -1,0 +1,209 @@
+"""
+Head-to-head evaluation of two checkpoints on held-out prompts: both answer every prompt, a judge model
+compares the answers in both orders (a disagreement between the orders is a tie), and the win rate comes
+with a bootstrap 95% interval and a length-controlled win rate.
+
+    python evaluate.py --a runs/demo/iter2/model --b runs/demo/iter1/model --limit 20
+    python evaluate.py --a DIR_A --b DIR_B --judge DIR_J --prompts data/eval_prompts.jsonl --verdict-mode parse
+    python evaluate.py --a DIR_A --b DIR_B --export-alpaca-eval runs/eval/model_outputs.json
+
+Length-controlled win rate: a logistic model of the outcome on tanh(length difference / its std), read at
+zero difference (the idea of AlpacaEval 2's length control, fitted on this comparison only).
+Outputs (answers, comparisons, results.json) go to --out-dir; each step resumes where it stopped.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+import sample
+from judge import TEMPLATES, load_template, probe_candidates, render, cut_at_last
+from meta_judge import WINNER_MARK, parse_winner
+from sample import (Request, ShardWriter, barrier, done_records, generate, load_model, merge_shards, next_token_logprobs,
+                    print0, read_jsonl)
+
+DEFAULT_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_prompts.jsonl")
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+
+def outcome(first_a, first_b):
+    """+1 if A won in both orders, -1 if B did, 0 otherwise. first_a: the winner letter when A was shown
+    first (so "A" means A); first_b: the letter when B was shown first (so "A" means B)."""
+    a_first = {"A": 1, "B": -1}.get(first_a, 0)
+    b_first = {"A": -1, "B": 1}.get(first_b, 0)
+    return a_first if a_first == b_first else 0
+
+
+def win_rate(outcomes):
+    """Wins count 1, ties 0.5."""
+    o = np.asarray(outcomes, dtype=float)
+    return float(((o > 0) + 0.5 * (o == 0)).mean())
+
+
+def bootstrap_ci(outcomes, n_boot=2000, seed=0):
+    """95% percentile interval of the win rate, resampling prompts."""
+    rng = np.random.default_rng(seed)
+    o = np.asarray(outcomes, dtype=float)
+    scores = (o > 0) + 0.5 * (o == 0)
+    means = scores[rng.integers(0, len(o), size=(n_boot, len(o)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def length_controlled_win_rate(outcomes, len_a, len_b, l2=1e-3, iters=50):
+    """sigmoid(t0) of the logistic fit y ~ sigmoid(t0 + t1 tanh(d / std(d))), d = len_a - len_b, y in {0, 0.5, 1}."""
+    y = (np.asarray(outcomes, dtype=float) + 1) / 2
+    d = np.asarray(len_a, dtype=float) - np.asarray(len_b, dtype=float)
+    std = d.std()
+    X = np.stack([np.ones_like(d), np.tanh(d / std) if std > 0 else np.zeros_like(d)], 1)
+    t = np.zeros(2)
+    for _ in range(iters):  # Newton on the (fractional-label) cross-entropy with a tiny ridge
+        p = 1 / (1 + np.exp(-X @ t))
+        grad = X.T @ (p - y) + l2 * t
+        H = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(H, grad)
+        t -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-t[0])))
+
+
+# -----------------------------------------------------------------------------
+# The evaluation
+
+
+def answers(model_dir, prompts_file, out, args):
+    sample.main(["--model", model_dir, "--prompts", prompts_file, "--out", out, "--n", "1", "--temperature",
+                 str(args.temperature), "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
+                 "--seed", str(args.seed), "--max-rows", str(args.max_rows), "--dtype", args.dtype])
+    return {str(r["id"]): r["responses"][0] if r["responses"] else "" for r in read_jsonl(out)}
+
+
+def compare(args, prompts, ans_a, ans_b, out):
+    """Judge every prompt's two answers in both orders; appends one record per prompt to `out`."""
+    import torch
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    done = {str(r["id"]) for r in done_records(out)}
+    todo = [p for p in prompts if str(p["id"]) not in done]
+    if not todo:
+        merge_shards(out, [str(p["id"]) for p in prompts])
+        return
+    model, tok, _ = load_model(args.judge, device, args.dtype)
+    template = load_template(args.template, ("prompt", "response_a", "response_b"))
+    if args.verdict_mode == "expected":
+        probe, ab_ids = probe_candidates(tok, "Winner: Response", ["A", "B"])
+    requests, owner = [], []
+    for k, p in enumerate(todo):
+        a, b = ans_a[str(p["id"])], ans_b[str(p["id"])]
+        for order, (x, y) in (("a_first", (a, b)), ("b_first", (b, a))):
+            ids = tok.encode_prompt(render(template, prompt=p["prompt"].strip(), response_a=x.strip(), response_b=y.strip()))
+            requests.append(Request(ids, n=1, temperature=0.0, max_new_tokens=args.judge_max_new_tokens,
+                                    stop_ids=tuple(tok.stop_ids)))
+            owner.append((k, order))
+    writer, partial = ShardWriter(out, 0), {}
+
+    def on_done(q, comps):
+        k, order = owner[q]
+        text = tok.decode(comps[0].tokens)
+        v = {"verdict": text, "parsed": parse_winner(text)}
+        if args.verdict_mode == "expected":
+            lp = next_token_logprobs(model, requests[q].prompt, [tok.encode(cut_at_last(text, WINNER_MARK) + "\n" + probe)], ab_ids)[0]
+            v["logp_ab"] = [round(x, 4) for x in lp.tolist()]
+            v["winner"] = "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None
+        else:
+            v["winner"] = v["parsed"]
+        partial.setdefault(k, {})[order] = v
+        if len(partial[k]) == 2:
+            p, got = todo[k], partial.pop(k)
+            writer.write({"id": p["id"], "prompt": p["prompt"], "a_first": got["a_first"], "b_first": got["b_first"],
+                          "outcome": outcome(got["a_first"]["winner"], got["b_first"]["winner"])})
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(requests), desc="compare", unit="verdict")
+    generate(model, requests, max_rows=args.max_rows, on_done=on_done, progress=bar)
+    bar.close()
+    writer.close()
+    merge_shards(out, [str(p["id"]) for p in prompts])
+
+
+def evaluate(args):
+    t0 = time.time()
+    os.makedirs(args.out_dir, exist_ok=True)
+    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt")[:args.limit or None]
+    pfile = os.path.join(args.out_dir, "prompts.jsonl")
+    with open(pfile, "w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps({"id": p["id"], "prompt": p["prompt"]}, ensure_ascii=False) + "\n")
+    if args.judge is None:
+        from data.prepare_default import ensure_default_model
+        args.judge = ensure_default_model()
+    ans_a = answers(args.a, pfile, os.path.join(args.out_dir, "answers_a.jsonl"), args)
+    ans_b = answers(args.b, pfile, os.path.join(args.out_dir, "answers_b.jsonl"), args)
+    cfile = os.path.join(args.out_dir, "comparisons.jsonl")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if rank == 0:  # the comparisons are few next to the answers: one rank judges them
+        compare(args, prompts, ans_a, ans_b, cfile)
+    barrier(world)
+    recs = read_jsonl(cfile)
+    outcomes = [r["outcome"] for r in recs]
+    la = [len(ans_a[str(r["id"])]) for r in recs]
+    lb = [len(ans_b[str(r["id"])]) for r in recs]
+    lo, hi = bootstrap_ci(outcomes, args.bootstrap, args.seed)
+    verdicts = [r[o] for r in recs for o in ("a_first", "b_first")]
+    res = {"a": args.a, "b": args.b, "judge": args.judge, "prompts": len(recs),
+           "wins": sum(o > 0 for o in outcomes), "ties": sum(o == 0 for o in outcomes),
+           "losses": sum(o < 0 for o in outcomes), "win_rate": round(win_rate(outcomes), 4),
+           "win_rate_ci95": [round(lo, 4), round(hi, 4)],
+           "lc_win_rate": round(length_controlled_win_rate(outcomes, la, lb), 4),
+           "mean_chars_a": round(float(np.mean(la)), 1), "mean_chars_b": round(float(np.mean(lb)), 1),
+           "unparseable_verdicts": sum(v["parsed"] is None for v in verdicts), "verdict_mode": args.verdict_mode,
+           "seconds": round(time.time() - t0, 1)}
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+            json.dump(res, f, indent=2)
+    if args.export_alpaca_eval and rank == 0:
+        export = [{"instruction": p["prompt"], "output": ans_a[str(p["id"])], "generator": args.generator_name or args.a}
+                  for p in prompts]
+        with open(args.export_alpaca_eval, "w", encoding="utf-8") as f:
+            json.dump(export, f, indent=2, ensure_ascii=False)
+    print0(f"evaluate | A wins {res['wins']} ties {res['ties']} losses {res['losses']} | win rate {res['win_rate']:.3f} "
+          f"[{lo:.3f}, {hi:.3f}] | LC win rate {res['lc_win_rate']:.3f} | chars A {res['mean_chars_a']} B {res['mean_chars_b']} | "
+          f"unparseable {res['unparseable_verdicts']}/{len(verdicts)} | {res['seconds']}s")
+    return res
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Pairwise win rate of checkpoint A against checkpoint B.")
+    parser.add_argument("--a", required=True, help="HF folder of the model under test")
+    parser.add_argument("--b", required=True, help="HF folder of the baseline")
+    parser.add_argument("--judge", default=None, help="HF folder of the judge (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--prompts", default=DEFAULT_EVAL, help="held-out prompts (JSONL with id, prompt)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
+    parser.add_argument("--out-dir", default=None, help="where answers, comparisons and results.json go (default: runs/eval/<a>_vs_<b>)")
+    g = parser.add_argument_group("generation")
+    g.add_argument("--temperature", type=float, default=0.7, help="answer sampling temperature")
+    g.add_argument("--top-p", type=float, default=0.9, help="answer nucleus mass")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
+    g.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    g.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    j = parser.add_argument_group("judging")
+    j.add_argument("--template", default=os.path.join(TEMPLATES, "compare.txt"), help="comparison template ({prompt}, {response_a}, {response_b})")
+    j.add_argument("--verdict-mode", default="parse", choices=("parse", "expected"), help="parse `Winner: Response X`, or compare p(A), p(B)")
+    j.add_argument("--judge-max-new-tokens", type=int, default=256, help="verdict length limit (greedy)")
+    j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
+    j.add_argument("--export-alpaca-eval", default=None, metavar="FILE", help="write A's answers as AlpacaEval model outputs (instruction, output, generator)")
+    j.add_argument("--generator-name", default=None, help="`generator` field of the export (default: the --a path)")
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        name = lambda p: os.path.basename(os.path.normpath(p)) or "model"
+        args.out_dir = os.path.join("runs", "eval", f"{name(args.a)}_vs_{name(args.b)}")
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
