@@ -33,7 +33,7 @@ PRESETS = {
     "demo": dict(iterations=2, prompts_per_iter="6", n_responses=4, n_judgments=3, temperature=0.8, top_p=0.95,
                  max_new_tokens=96, judge_max_new_tokens=64, meta_max_new_tokens=48, score_mode="expected",
                  verdict_mode="expected", rho="0", judge_pairs_iters="1,2", max_chosen_judgment_chars=None,
-                 beta=0.1, lr=1e-6, epochs=1, batch_size=4, micro_batch_size=2, max_len=1024,
+                 beta=0.1, lr=1e-5, epochs=2, batch_size=4, micro_batch_size=2, max_len=1024,
                  eval_prompts_n=12, eval_max_new_tokens=96, max_rows=32),
     "paper": dict(iterations=4, prompts_per_iter="0", n_responses=7, n_judgments=11, temperature=0.8, top_p=0.95,
                   max_new_tokens=1024, judge_max_new_tokens=512, meta_max_new_tokens=512, score_mode="parse",

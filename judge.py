@@ -203,42 +203,38 @@ def run_judge(args, model, tok, rank, world):
            f"{len(requests) * args.n} judgments to write")
     partial = {}  # record index -> {response index: judgment info}
     writer = ShardWriter(args.out, rank)
-    counts = {"records": 0, "judgments": 0, "parse_failures": 0, "tokens": 0}
+    counts = {"records": 0, "tokens": 0}
 
     def on_done(q, comps):
         ri, k = owner[q]
-        texts = [tok.decode(c.tokens) for c in comps]
         counts["tokens"] += sum(len(c.tokens) for c in comps)
-        parsed = [parse_score(t) for t in texts]
-        info = {"judgments": texts, "parsed": parsed}
-        if args.score_mode == "expected":
-            conts = [tok.encode(cut_at_last(t, SCORE_MARK) + "\n" + probe) for t in texts]
-            lps = next_token_logprobs(model, requests[q].prompt, conts, digit_ids, max_rows=args.max_rows)
-            ev = [expected_value(row.tolist(), range(6)) for row in lps]
-            info["scores"] = [round(v, 4) for v, _ in ev]
-            info["digit_mass"] = [round(mass, 4) for _, mass in ev]
-        else:
-            info["scores"] = parsed
-        partial.setdefault(ri, {})[k] = info
+        partial.setdefault(ri, {})[k] = (q, [tok.decode(c.tokens) for c in comps])
         rec = todo[ri]
-        if len(partial[ri]) == len(rec["responses"]):
-            by_k = partial.pop(ri)
-            done_info = [by_k[k] for k in range(len(rec["responses"]))]
-            out = dict(rec)
-            out["judgments"] = [d["judgments"] for d in done_info]
-            out["scores"] = [d["scores"] for d in done_info]
-            out["score"] = [mean_or_none(d["scores"]) for d in done_info]
-            out["score_mode"] = args.score_mode
-            out["parsed_scores"] = [d["parsed"] for d in done_info]
-            if args.score_mode == "expected":
-                out["digit_mass"] = [d["digit_mass"] for d in done_info]
-            out["judge"] = {"model": args.model_path, "n": args.n, "temperature": args.temperature,
-                            "top_p": args.top_p, "template": os.path.relpath(args.template, os.path.dirname(TEMPLATES)),
-                            "seed": args.seed}
-            writer.write(out)
-            counts["records"] += 1
-            counts["judgments"] += sum(len(d["judgments"]) for d in done_info)
-            counts["parse_failures"] += sum(p is None for d in done_info for p in d["parsed"])
+        if len(partial[ri]) < len(rec["responses"]):
+            return
+        by_k = partial.pop(ri)
+        K = len(rec["responses"])
+        texts = [by_k[k][1] for k in range(K)]
+        parsed = [[parse_score(t) for t in ts] for ts in texts]
+        out = dict(rec, judgments=texts, scores=parsed, score_mode=args.score_mode, parsed_scores=parsed)
+        if args.score_mode == "expected":
+            # one probe pass per record: the judge prompts' shared part once, then for each judgment the rest
+            # of its prompt, its justification and `Score: `; the score is the mean digit under p(digit)
+            qs = [by_k[k][0] for k in range(K)]
+            shared = min(requests[qs[0]].shared_prefix, len(requests[qs[0]].prompt) - 1)
+            conts = [requests[qs[k]].prompt[shared:] + tok.encode(cut_at_last(t, SCORE_MARK) + "\n" + probe)
+                     for k in range(K) for t in texts[k]]
+            lps = next_token_logprobs(model, requests[qs[0]].prompt[:shared], conts, digit_ids, max_rows=args.max_rows)
+            ev = [expected_value(row.tolist(), range(6)) for row in lps]
+            n = len(texts[0])
+            out["scores"] = [[round(v, 4) for v, _ in ev[k * n:(k + 1) * n]] for k in range(K)]
+            out["digit_mass"] = [[round(m, 4) for _, m in ev[k * n:(k + 1) * n]] for k in range(K)]
+        out["score"] = [mean_or_none(ss) for ss in out["scores"]]
+        out["judge"] = {"model": args.model_path, "n": args.n, "temperature": args.temperature,
+                        "top_p": args.top_p, "template": os.path.relpath(args.template, os.path.dirname(TEMPLATES)),
+                        "seed": args.seed}
+        writer.write(out)
+        counts["records"] += 1
 
     from tqdm import tqdm
     t0 = time.time()

@@ -213,18 +213,28 @@ def run_meta_judge(args, model, tok, rank, world):
         k, m, n = owner[q]
         text = tok.decode(comps[0].tokens)
         counts["tokens"] += len(comps[0].tokens)
-        battle = {"first": m, "second": n, "verdict": text, "parsed": parse_winner(text)}
-        if args.verdict_mode == "expected":
-            cont = tok.encode(cut_at_last(text, WINNER_MARK) + "\n" + probe)
-            lp = next_token_logprobs(model, requests[q].prompt, [cont], ab_ids)[0].tolist()
-            battle["logp_ab"] = [round(x, 4) for x in lp]
-            battle["winner"] = "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None
-        else:
-            battle["winner"] = battle["parsed"]
         plan = plans[k]
-        plan["verdicts"][(m, n)] = battle
-        if len(plan["verdicts"]) == len(plan["orders"]):
-            write_record(k)
+        plan["verdicts"][(m, n)] = {"first": m, "second": n, "verdict": text, "parsed": parse_winner(text), "q": q}
+        if len(plan["verdicts"]) < len(plan["orders"]):
+            return
+        battles = [plan["verdicts"][o] for o in plan["orders"]]
+        if args.verdict_mode == "expected":
+            # one probe pass per record: the battles' shared prompt part once, then each battle's rest,
+            # its explanation and `Winner: Judgement`; the verdict is the likelier of A and B
+            first = requests[battles[0]["q"]]
+            shared = min(first.shared_prefix, len(first.prompt) - 1)
+            conts = [requests[b["q"]].prompt[shared:] + tok.encode(cut_at_last(b["verdict"], WINNER_MARK) + "\n" + probe)
+                     for b in battles]
+            lps = next_token_logprobs(model, first.prompt[:shared], conts, ab_ids, max_rows=args.max_rows)
+            for b, lp in zip(battles, lps.tolist()):
+                b["logp_ab"] = [round(x, 4) for x in lp]
+                b["winner"] = "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None
+        else:
+            for b in battles:
+                b["winner"] = b["parsed"]
+        for b in battles:
+            del b["q"]
+        write_record(k)
 
     from tqdm import tqdm
     t0 = time.time()

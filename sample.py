@@ -295,9 +295,11 @@ def next_token_logprobs(model, prefix, continuations, candidates, max_rows=64):
         if L + T > model.args.max_seq_len:
             raise ValueError(f"prefix + continuation = {L + T} tokens exceeds the model's context ({model.args.max_seq_len})")
         cache = KVCache.for_model(model, rows=n, max_len=L + T)
-        model(torch.tensor([prefix], device=device), cache=cache, rows=torch.tensor([0], device=device))
-        if n > 1:
-            cache.copy_rows(torch.tensor([0], device=device), torch.arange(1, n, device=device), L)
+        if L > 0:
+            model(torch.tensor([prefix], device=device), cache=cache, rows=torch.tensor([0], device=device),
+                  last=torch.tensor([L - 1], device=device))
+            if n > 1:
+                cache.copy_rows(torch.tensor([0], device=device), torch.arange(1, n, device=device), L)
         ext = torch.zeros(n, T, dtype=torch.long)
         for j, c in enumerate(conts):
             ext[j, :len(c)] = torch.tensor(c)

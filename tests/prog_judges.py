@@ -1,0 +1,8 @@
+"""Programmatic judges for tests (iterate.py --judge-fn prog_judges:NAME)."""
+
+
+def letters(prompt, response):
+    """Prefers answers made of lowercase ASCII letters: 5 x their share of the characters."""
+    if not response:
+        return 0.0
+    return 5.0 * sum("a" <= c <= "z" for c in response) / len(response)
