@@ -8,7 +8,7 @@ most `--max-overlap`.
     python self_instruct.py --model DIR --pool data/prompts.jsonl --out new.jsonl --count 5000 --shots 8
 
 Resumable: accepted prompts are appended as they come, each with the call that produced it; a re-run
-continues from the call after the last accepted one (calls are deterministic in the seed and their index).
+continues from the call after the last accepted one and decides exactly as an uninterrupted run would.
 """
 import argparse
 import os
@@ -75,6 +75,8 @@ def check(text, index, max_overlap, min_words=4, max_words=200):
         return "too short"
     if n > max_words:
         return "too long"
+    if text.rstrip().endswith(":"):
+        return "a lead-in, not a request"
     if index.max_overlap(text) > max_overlap:
         return "overlaps a known prompt"
     return None
@@ -105,9 +107,9 @@ def main(argv=None):
     template = load_template(args.template, ("examples",))
     model, tok, _ = load_model(args.model, device, args.dtype, args.chat_format)
     done = sorted(done_records(args.out), key=lambda r: r["call"])
-    accepted = [r["prompt"] for r in done]
+    accepted = [(r["prompt"], r["call"]) for r in done]
     index = OverlapIndex()
-    for p in pool + accepted:
+    for p in pool + [p for p, _ in accepted]:
         index.add(p)
     call = done[-1]["call"] + 1 if done else 0
     max_calls = args.max_calls or 10 * args.count
@@ -116,10 +118,13 @@ def main(argv=None):
     from tqdm import tqdm
     bar = tqdm(total=args.count, initial=min(len(accepted), args.count), desc="self-instruct", unit="prompt")
     while len(accepted) < args.count and call < max_calls:
-        calls = list(range(call, min(call + args.batch, max_calls)))
+        # batches are aligned to multiples of --batch and a call's examples come from the prompts accepted
+        # before its batch began, so a resumed run draws exactly the examples an uninterrupted one would
+        start = call - call % args.batch
+        calls = list(range(call, min(start + args.batch, max_calls)))
+        known = pool + [p for p, c in accepted if c < start]
         requests = []
         for c in calls:
-            known = pool + accepted  # later calls of a batch see the same pool: accepted ones are checked below
             shots = random.Random(stable_seed(args.seed, c)).sample(known, min(args.shots, len(known)))
             examples = "\n".join(f"Request: {s}" for s in shots)
             requests.append(Request(tok.encode_prompt(render(template, examples=examples)), n=1,
@@ -132,7 +137,7 @@ def main(argv=None):
             if why is None and len(accepted) < args.count:
                 rec = {"id": f"{args.id_prefix}-{args.seed}-{len(accepted):05d}", "prompt": text, "call": c}
                 writer.write(rec)
-                accepted.append(text)
+                accepted.append((text, c))
                 index.add(text)
                 bar.update(1)
             elif why is not None:

@@ -105,3 +105,55 @@ def test_killed_stage_resumes_exactly(tmp_path, tiny_ckpt):
     counts = sample.main(args + ["--out", killed])
     assert counts["samples"] == 4 * 2  # only the four missing prompts were generated
     assert read(killed) == recs
+
+
+# -----------------------------------------------------------------------------
+# self-instruct
+
+import self_instruct  # noqa: E402
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Request: Write a poem about rain.", "Write a poem about rain."),
+    ("Sure! Here is one.\n**Request:** Explain how tides work.", "Explain how tides work."),
+    ("Request 9: \"Plan a picnic for four.\"", "Plan a picnic for four."),
+    ("1. Describe your favourite city.", "Describe your favourite city."),
+    ("New task: List three uses of vinegar.\nRequest: Name two rivers in Asia.", "Name two rivers in Asia."),
+    ("", None),
+    ("Request:", None),
+])
+def test_parse_request(text, want):
+    assert self_instruct.parse_request(text) == want
+
+
+def test_overlap_and_checks():
+    idx = self_instruct.OverlapIndex()
+    idx.add("Write a short poem about the sea at night.")
+    assert idx.max_overlap("Write a short poem about the sea at dawn.") == pytest.approx(6 / 7)
+    assert idx.max_overlap("Explain how a refrigerator keeps food cold.") == 0.0
+    assert self_instruct.check("Write a short poem about the sea at night, please", idx, 0.5) == "overlaps a known prompt"
+    assert self_instruct.check("Hi there", idx, 0.5) == "too short"
+    assert self_instruct.check(None, idx, 0.5) == "no request found"
+    assert self_instruct.check("Some basic rules to keep in mind:", idx, 0.5) == "a lead-in, not a request"
+    assert self_instruct.check("Explain how a refrigerator keeps food cold.", idx, 0.5) is None
+
+
+def test_self_instruct_runs_and_resumes(tmp_path, tiny_ckpt, monkeypatch):
+    """A random model writes random requests; with the word checks relaxed, it must produce the count
+    asked for, with fresh ids, and a re-run asking for more continues after the last accepted call."""
+    pool = write_prompts(tmp_path / "pool.jsonl", n=5)
+    monkeypatch.setattr(self_instruct, "check", lambda text, index, max_overlap: None if text else "no request found")
+    out = str(tmp_path / "new.jsonl")
+    args = ["--model", tiny_ckpt, "--pool", pool, "--out", out, "--max-new-tokens", "12", "--temperature", "1.0",
+            "--batch", "4"]
+    first = self_instruct.main(args + ["--count", "3"])
+    recs = read(out)
+    assert first["accepted"] == 3 and [r["id"] for r in recs] == ["si-0-00000", "si-0-00001", "si-0-00002"]
+    self_instruct.main(args + ["--count", "5"])
+    more = read(out)
+    assert more[:3] == recs and len(more) == 5 and more[3]["call"] > recs[-1]["call"]
+    # the same 5 as a single uninterrupted run
+    out2 = str(tmp_path / "new2.jsonl")
+    self_instruct.main(["--model", tiny_ckpt, "--pool", pool, "--out", out2, "--max-new-tokens", "12",
+                        "--temperature", "1.0", "--batch", "4", "--count", "5"])
+    assert [r["prompt"] for r in read(out2)] == [r["prompt"] for r in more]
