@@ -141,18 +141,25 @@ def rank_slices(idx, world, micro):
 # Model set-up
 
 
-def build_model(path, device, world, mp_bf16, activation_checkpointing=False):
+def build_model(path, device, world, mp_bf16, activation_checkpointing=False, compile=False):
     """The policy: fp32 master weights; under torchrun, FSDP2 per block then the root (torchtitan's order),
-    rank 0 reading the checkpoint and broadcasting it into the shards."""
+    rank 0 reading the checkpoint and broadcasting it into the shards. `compile` compiles each block (the
+    identical blocks share one compiled graph), before sharding."""
     args = read_hf_config(path)
     if world == 1:
         model = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
+        if compile:
+            for block in model.layers:
+                block.compile()
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         with torch.device("meta"):
             model = Transformer(args)
+        if compile:
+            for block in model.layers:
+                block.compile()
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp_bf16 else MixedPrecisionPolicy()
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
@@ -237,7 +244,7 @@ def train(args):
     bf16 = device.type == "cuda" and args.dtype in ("auto", "bfloat16")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and world == 1 else \
         (lambda: torch.autocast("cpu", enabled=False))
-    model = build_model(args.model, device, world, bf16, args.activation_checkpointing)
+    model = build_model(args.model, device, world, bf16, args.activation_checkpointing, args.compile)
 
     # reference log-probs: cached by content, or an online frozen copy
     ref_model, ref_path = None, args.ref or args.model
@@ -410,6 +417,7 @@ def main(argv=None):
     parser.add_argument("--max-len", type=int, default=2048, help="longest prompt + response in tokens")
     parser.add_argument("--truncate", default="prompt", choices=("prompt", "skip"), help="over-long pairs: cut the prompt's start, or skip")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (CPU too: fuses the elementwise work; the first steps pay the compile)")
     parser.add_argument("--dtype", default="auto", help="auto: bf16 compute with fp32 master weights on GPU, fp32 on CPU; float32 forces fp32")
     parser.add_argument("--seed", type=int, default=0, help="data order seed")
     # checkpoints and logs
