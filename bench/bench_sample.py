@@ -42,9 +42,13 @@ def workloads(tok):
     return {"actor": actor, "judge": (judge_prompts, 3, 64)}
 
 
-def run_ours(model, prompts, n, new_tokens, compile=False):
-    reqs = [Request(p, n=n, temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, stop_ids=(), seed=i)
-            for i, p in enumerate(prompts)]
+def run_ours(model, prompts, n, new_tokens, compile=False, share=True):
+    if share:  # one request of n samples per prompt: the prompt is prefilled once
+        reqs = [Request(p, n=n, temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, stop_ids=(), seed=i)
+                for i, p in enumerate(prompts)]
+    else:  # the same work as n separate requests: every sample prefills its own copy of the prompt
+        reqs = [Request(p, n=1, temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, stop_ids=(), seed=i * n + k)
+                for i, p in enumerate(prompts) for k in range(n)]
     sync()
     t0 = time.perf_counter()
     out = generate(model, reqs, max_rows=len(prompts) * n, compile=compile)
@@ -91,6 +95,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both")
     p.add_argument("--compile", action="store_true", help="compile our decode step (GPU)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs each (best is reported); one warm-up first")
+    p.add_argument("--no-share-too", action="store_true", help="also time ours with every sample as its own request")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -125,6 +130,9 @@ def main():
         plen = sum(map(len, prompts)) / len(prompts)
         print(f"{name:5s} | {len(prompts)} prompts (mean {plen:.0f} tokens) x {n} samples x {new} new tokens | "
               f"ours {a:8.1f} tok/s | transformers {b:8.1f} tok/s | ratio {a / b:.2f}x")
+        if args.no_share_too:
+            c = max(run_ours(ours, prompts, n, new, args.compile, share=False) for _ in range(args.repeats))
+            print(f"{name:5s} | ours without prefix sharing {c:8.1f} tok/s | prefix-sharing gain {a / c:.2f}x")
     if tmp:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
