@@ -163,3 +163,12 @@ def test_shared_prefix_gives_same_outputs():
         assert [[c.tokens for c in r] for r in shared] == [[c.tokens for c in r] for r in plain]
     for t, r in zip(tails, shared_greedy := generate(model, [mk(True, t, i, 0.0) for i, t in enumerate(tails)])):
         assert r[0].tokens == greedy_reference(model, prefix + t, 8)[0]
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    """The compile path (static shapes: all rows, whole cache length) must decode exactly like eager."""
+    model = tiny_model(seed=3)
+    reqs = [Request(prompts(9, [k + 1])[0], n=2, temperature=0.0, max_new_tokens=6) for k in range(3)]
+    eager = generate(model, reqs, max_rows=4)
+    compiled = generate(model, reqs, max_rows=4, compile=True)
+    assert [[c.tokens for c in r] for r in eager] == [[c.tokens for c in r] for r in compiled]

@@ -157,3 +157,34 @@ def test_self_instruct_runs_and_resumes(tmp_path, tiny_ckpt, monkeypatch):
     self_instruct.main(["--model", tiny_ckpt, "--pool", pool, "--out", out2, "--max-new-tokens", "12",
                         "--temperature", "1.0", "--batch", "4", "--count", "5"])
     assert [r["prompt"] for r in read(out2)] == [r["prompt"] for r in more]
+
+
+def test_stages_under_torchrun_match_one_process(tmp_path, tiny_ckpt):
+    """2 ranks split the prompts, write shards, and rank 0 merges them in input order: the files equal a
+    single process's (sampling depends on seed and id only; scores to within float noise)."""
+    import subprocess
+    import sys
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=5)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_stage_driver.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, driver, tiny_ckpt, prompts, str(one)], env=env, check=True, capture_output=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver,
+                        tiny_ckpt, prompts, str(two)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [f for f in os.listdir(two) if ".rank" in f]  # shards merged and removed
+    for name in ("responses.jsonl", "judgments.jsonl", "meta.jsonl"):
+        a, b = read(one / name), read(two / name)
+        assert [x["id"] for x in a] == [x["id"] for x in b] == [f"p{i}" for i in range(5)]
+        for x, y in zip(a, b):
+            if name == "judgments.jsonl":
+                assert x["judgments"] == y["judgments"]
+                assert x["scores"] == [pytest.approx(s, abs=1e-3) for s in y["scores"]]
+            elif name == "meta.jsonl":
+                assert [bt["verdict"] for bt in x["battles"]] == [bt["verdict"] for bt in y["battles"]]
+                assert [bt["winner"] for bt in x["battles"]] == [bt["winner"] for bt in y["battles"]]
+            else:
+                assert x == y
+    assert len(read(one / "actor_pairs.jsonl")) == len(read(two / "actor_pairs.jsonl"))
