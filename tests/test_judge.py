@@ -1,8 +1,6 @@
 """judge.py and meta_judge.py: parsers (tables), the actor pair rule (hand-worked), Bradley-Terry
 (closed form and recovery of known strengths), position weights, and an end-to-end run on a tiny model."""
-import json
 import math
-import os
 
 import numpy as np
 import pytest

@@ -161,7 +161,7 @@ def test_shared_prefix_gives_same_outputs():
         shared = generate(model, [mk(True, t, i, temp) for i, t in enumerate(tails)], max_rows=6)
         plain = generate(model, [mk(False, t, i, temp) for i, t in enumerate(tails)], max_rows=6)
         assert [[c.tokens for c in r] for r in shared] == [[c.tokens for c in r] for r in plain]
-    for t, r in zip(tails, shared_greedy := generate(model, [mk(True, t, i, 0.0) for i, t in enumerate(tails)])):
+    for t, r in zip(tails, generate(model, [mk(True, t, i, 0.0) for i, t in enumerate(tails)])):
         assert r[0].tokens == greedy_reference(model, prefix + t, 8)[0]
 
 
