@@ -178,8 +178,7 @@ def run_judge(args, model, tok, rank, world):
         if not isinstance(r["responses"], list) or not all(isinstance(x, str) for x in r["responses"]):
             raise SystemExit(f"{args.responses}:{n}: `responses` must be a list of strings")
     template = load_template(args.template, ("rubric", "prompt", "response"))
-    with open(args.rubric, encoding="utf-8") as f:
-        rubric = f.read()
+    rubric = load_template(args.rubric, ())
     done = {str(r["id"]) for r in done_records(args.out)}
     todo = [r for k, r in enumerate(records) if str(r["id"]) not in done and k % world == rank]
     if args.judge_fn:
@@ -248,9 +247,15 @@ def run_judge(args, model, tok, rank, world):
     counts["seconds"] = round(dt, 2)
     if rank != 0:
         return counts
+    return finish_judge_stage(args, order, seconds=counts["seconds"],
+                              tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
+
+
+def finish_judge_stage(args, order, **extra):
+    """Rank 0: merge the shards, summarise, write the actor pairs, print the summary line."""
     merged = merge_shards(args.out, order)
     summary = summarize_judgments(merged)
-    summary.update(seconds=counts["seconds"], tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
+    summary.update(extra)
     if args.pairs:
         pairs, skips = make_actor_pairs(merged, args.rho, args.max_chosen_chars)
         write_jsonl(args.pairs, pairs)
@@ -286,14 +291,7 @@ def run_programmatic_judge(args, records, todo, order, rank, world):
     barrier(world)
     if rank != 0:
         return {}
-    merged = merge_shards(args.out, order)
-    summary = summarize_judgments(merged)
-    if args.pairs:
-        pairs, skips = make_actor_pairs(merged, args.rho, args.max_chosen_chars)
-        write_jsonl(args.pairs, pairs)
-        summary.update(actor_pairs=len(pairs), actor_pair_skips=skips, rho=args.rho)
-    print0("judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
-    return summary
+    return finish_judge_stage(args, order)
 
 
 def summarize_judgments(records):

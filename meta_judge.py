@@ -161,9 +161,8 @@ def run_meta_judge(args, model, tok, rank, world):
                          what="judgments record")
     order = [str(r["id"]) for r in records]
     template = load_template(args.meta_template, ("rubric", "prompt", "response", "judgment_a", "judgment_b"))
-    load_template(args.template, ("rubric", "prompt", "response"))  # fail now, not after the battles
-    with open(args.rubric, encoding="utf-8") as f:
-        rubric = f.read().strip()
+    judge_template = load_template(args.template, ("rubric", "prompt", "response"))  # fail now, not after the battles
+    rubric = load_template(args.rubric, ()).strip()
     done = {str(r["id"]) for r in done_records(args.out)}
     if args.verdict_mode == "expected":
         probe, ab_ids = probe_candidates(tok, "Winner: Judgement", ["A", "B"])
@@ -248,20 +247,18 @@ def run_meta_judge(args, model, tok, rank, world):
     if rank != 0:
         return {}
     merged = merge_shards(args.out, order)
-    summary = finish_stage(args, merged, records)
+    summary = finish_stage(args, merged, records, judge_template, rubric)
     summary.update(skips=skipped, seconds=round(dt, 2), tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
     print0("meta-judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
     return summary
 
 
-def finish_stage(args, merged, records):
-    """Stage-wide position weights, Elo per record, judge pairs; rewrites the stage output with the Elo."""
+def finish_stage(args, merged, records, template, rubric):
+    """Stage-wide position weights, Elo per record, judge pairs (their prompt rendered from the judge
+    `template` and `rubric`); rewrites the stage output with the Elo."""
     battles = [b for rec in merged for b in rec["battles"]]
     omega1, omega2 = position_weights(battles)
     by_id = {str(r["id"]): r for r in records}
-    template = load_template(args.template, ("rubric", "prompt", "response"))
-    with open(args.rubric, encoding="utf-8") as f:
-        rubric = f.read()
     pairs, skips = [], {}
     for rec in merged:
         ids = rec["judgment_indices"]

@@ -150,9 +150,9 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     free = list(range(B))
     want_logps = any(r.logprobs for r in requests)
 
-    def finish_tokens(slots, logits):
-        """Sample the next token of `slots` from `logits`, record it, retire finished rows."""
-        slots_t = torch.tensor(slots, device=device)
+    def finish_tokens(slots, slots_t, logits):
+        """Sample the next token of `slots` (also as the index tensor `slots_t`) from `logits`, record it,
+        retire finished rows."""
         u = uniform_from_keys(keys[slots_t], gen[slots_t])
         nxt = sample_next_token(logits, temp[slots_t], top_p[slots_t], top_k[slots_t], u)
         is_stop = (nxt[:, None] == stops[slots_t]).any(-1)
@@ -229,7 +229,7 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
                     stops[slot, :len(r.stop_ids)] = torch.tensor(list(r.stop_ids))
                 rows.append(slot)
                 row_logits.append(u)
-        finish_tokens(rows, logits[torch.tensor(row_logits, device=device)])
+        finish_tokens(rows, torch.tensor(rows, device=device), logits[torch.tensor(row_logits, device=device)])
 
     while pending or any(o is not None for o in owner):
         if pending and free:
@@ -241,10 +241,11 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
         W = B if compile else busy[-1] + 1
         kv_len = max_len if compile else max(host_pos[b] for b in busy) + 1
         logits = step_fn(model, cur[:W], cache, pos[:W], kv_len)
-        pos[torch.tensor(busy, device=device)] += 1
+        busy_t = torch.tensor(busy, device=device)
+        pos[busy_t] += 1
         for b in busy:
             host_pos[b] += 1
-        finish_tokens(busy, logits[torch.tensor(busy, device=device)])
+        finish_tokens(busy, busy_t, logits[busy_t])
         if not pending and not compile:
             _compact(cache, owner, busy, [cur, pos, gen, keys, temp, top_p, top_k, stops], out_tokens, out_logps, host_pos, free)
     return results
@@ -372,12 +373,17 @@ def done_records(out):
     recs = []
     if os.path.exists(out):
         recs += _repair_tail(out)
+    for shard in _shard_files(out):
+        recs += _repair_tail(shard)
+    return recs
+
+
+def _shard_files(out):
+    """The per-rank shards `<out root>.rank<r><ext>` next to `out`, of any world size."""
     folder, base = os.path.split(os.path.abspath(out))
     root, ext = os.path.splitext(base)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.startswith(root + ".rank") and name.endswith(ext):
-            recs += _repair_tail(os.path.join(folder, name))
-    return recs
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names if n.startswith(root + ".rank") and n.endswith(ext)]
 
 
 class ShardWriter:
@@ -406,11 +412,8 @@ def merge_shards(out, order):
     rank = {rid: k for k, rid in enumerate(order)}
     recs = sorted(by_id.values(), key=lambda r: rank.get(str(r["id"]), len(rank)))
     write_jsonl(out, recs)
-    folder, base = os.path.split(os.path.abspath(out))
-    root, ext = os.path.splitext(base)
-    for name in os.listdir(folder):
-        if name.startswith(root + ".rank") and name.endswith(ext):
-            os.remove(os.path.join(folder, name))
+    for shard in _shard_files(out):
+        os.remove(shard)
     return recs
 
 
