@@ -132,12 +132,13 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values for `rows` sequences of up to `max_len` tokens each.
+    """Preallocated keys/values: `rows` cache rows (slots) of `max_len` positions each.
 
-    Every row holds its own sequence from position 0; rows may be at different positions (prompts of
-    different lengths, rows that finished early). Positions are tracked by the caller (sample.py), which
-    also knows them on the host, so attention can be sliced to the longest live row without a sync.
-    Anything written beyond a row's current position is harmless: it is masked out until overwritten.
+    A row holds one sequence from position 0, or (with `Groups`) one prompt followed by the interleaved
+    continuations of several samples of it. Rows may be at different positions (prompts of different
+    lengths, rows that finished early). Positions are tracked by the caller (sample.py), which also knows
+    them on the host, so attention can be sliced to the longest live row without a sync. Anything written
+    beyond a row's current position is harmless: it is masked out until overwritten.
     """
 
     def __init__(self, n_layers, rows, n_kv_heads, max_len, head_dim, device=None, dtype=torch.float32):
@@ -158,6 +159,23 @@ class KVCache:
 
     def nbytes(self):
         return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Groups:
+    """Sequences that continue a prompt held once in a cache row (prefix sharing without copies).
+
+    Cache row `slots[b]` holds the prompt of sequence b at positions [0, plen[b]) and then the new tokens
+    of its up to `stride` members interleaved: token s of member j at index plen + s * stride + j. The
+    queries of a row's members attend together, so the shared prompt is read once per row instead of once
+    per sample. Only rows [0, n_slots) are read; a sequence whose slot is outside that range is idle (it
+    writes into that row and its output is meaningless), which lets a decode step keep static shapes.
+    """
+    slots: torch.Tensor  # (B,) long: the cache row of each sequence
+    members: torch.Tensor  # (B,) long in [0, stride): its place among the row's members
+    plen: torch.Tensor  # (B,) long: the length of the prompt held in its row
+    stride: int  # members per cache row
+    n_slots: int  # host-side bound: cache rows [0, n_slots) are attended
 
 
 # -----------------------------------------------------------------------------
@@ -217,21 +235,26 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, rows=None, positions=None, kv_len=None, mask=None,
-                backend="auto"):
+    def forward(self, x, cos, sin, cache=None, layer=0, write=None, read=None, mask=None, backend="auto"):
+        """`write` = (cache rows (B,), positions (B, T)) where this step's keys/values go; `read` says what
+        to attend: None (the new tokens alone, causal), ("rows", rows or None, kv_len) (each sequence's
+        own cache row up to kv_len, under `mask`) or ("groups", inv, flat, n_slots, stride, kv_len)
+        (a row's members attend together; see `Groups` and `Transformer.forward`)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            # write this step's keys/values at each row's own positions: cache[l, rows[b], :, positions[b, t]]
-            kc, vc = cache.k[layer], cache.v[layer]  # (B_cache, Hkv, S, D)
-            idx = torch.arange(B, device=x.device) if rows is None else rows
-            kc[idx[:, None], :, positions] = k
-            vc[idx[:, None], :, positions] = v
-            if mask is not None:
+            kc, vc = cache.k[layer], cache.v[layer]  # (rows, Hkv, S, D)
+            wrows, wpos = write
+            kc[wrows[:, None], :, wpos] = k  # cache[l, wrows[b], :, wpos[b, t]] = k[b, t]
+            vc[wrows[:, None], :, wpos] = v
+            if read is not None and read[0] == "groups":
+                return self.wo(self._grouped(q, kc, vc, read, mask))
+            if read is not None:
                 # attend over the cache up to the longest live row; the mask hides each row's future/garbage
+                _, rows, kv_len = read
                 if rows is None:  # the first B rows: a view, no copy
                     k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
                 else:
@@ -239,6 +262,18 @@ class Attention(nn.Module):
                 k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, D)
         y = attention(q, k, v, mask=mask, backend=backend)
         return self.wo(y.reshape(B, T, -1))
+
+    def _grouped(self, q, kc, vc, read, mask):
+        """Attention of grouped sequences: the queries of all members of a cache row, and of all query heads
+        that share a key/value head, are stacked into one query block, so each cached key is read once."""
+        _, inv, flat, n_slots, stride, kv_len = read
+        B, T, H, D = q.shape
+        Hkv = self.n_kv_heads
+        qg = q[inv].view(n_slots, stride, T, Hkv, H // Hkv, D).permute(0, 3, 1, 2, 4, 5)
+        qg = qg.reshape(n_slots, Hkv, stride * T * (H // Hkv), D)
+        y = F.scaled_dot_product_attention(qg, kc[:n_slots, :, :kv_len], vc[:n_slots, :, :kv_len], attn_mask=mask)
+        y = y.view(n_slots, Hkv, stride, T, H // Hkv, D).permute(0, 2, 3, 1, 4, 5).reshape(n_slots * stride, T, H * D)
+        return y[flat]
 
 
 class FeedForward(nn.Module):
@@ -298,7 +333,7 @@ class Transformer(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, tokens, targets=None, cache=None, rows=None, start=None, kv_len=None, last=None,
-                logits_chunk=1024):
+                groups=None, logits_chunk=1024):
         """tokens (B, T) -> logits (B, T, V); or, with `targets` (B, T), their log-probs (B, T).
 
         `last` (B,) index of one position per row: logits (B, V) for that position only (a prefill needs
@@ -308,22 +343,38 @@ class Transformer(nn.Module):
         at positions start[b] + t. `start=None` means a fresh prefill from position 0 (plain causal
         attention over the new tokens); a `start` tensor continues each row after its cached prefix and
         needs `kv_len`, a host-side bound on max(start) + T, so attention reads only live cache positions.
+        With `groups` (see `Groups`) the sequences continue prompts held in shared cache rows instead:
+        start[b] counts the tokens sequence b already generated and kv_len bounds plen + (start + T) * stride.
         Log-probs are computed `logits_chunk` tokens at a time (recomputed in backward), so the fp32
         logits of a whole batch never exist at once; ids < 0 in `targets` give log-prob 0.
         """
         B, T = tokens.shape
         device = tokens.device
         steps = torch.arange(T, device=device)
-        positions = steps.expand(B, T) if start is None else start[:, None] + steps  # (B, T)
+        mask = write = read = None
+        if groups is not None:
+            g = groups
+            positions = (g.plen + start)[:, None] + steps  # (B, T) positions in the sequence
+            write = (g.slots, g.plen[:, None] + (start[:, None] + steps) * g.stride + g.members[:, None])
+            flat = g.slots * g.stride + g.members  # (B,) each sequence's place in the member grid
+            inv = torch.zeros(cache.rows * g.stride, dtype=torch.long, device=device)
+            inv[flat] = torch.arange(B, device=device)
+            n_sub = g.n_slots * g.stride
+            inv = inv[:n_sub]  # the sequence in each place of the attended rows (0 for empty places)
+            mask = self._group_mask(g.plen[inv], start[inv], g.n_slots, g.stride, T, kv_len)
+            read = ("groups", inv, flat.clamp(max=n_sub - 1), g.n_slots, g.stride, kv_len)
+        else:
+            positions = steps.expand(B, T) if start is None else start[:, None] + steps  # (B, T)
+            if cache is not None:
+                write = (torch.arange(B, device=device) if rows is None else rows, positions)
+                if start is not None:
+                    # key position j is visible to the query at position p iff j <= p
+                    mask = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
+                    mask = mask[:, None]  # (B, 1, T, S)
+                    read = ("rows", rows, kv_len)
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope(positions, h.dtype)
-        mask = None
-        if cache is not None:
-            if start is not None:
-                # key position j is visible to the query at position p iff j <= p
-                mask = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
-                mask = mask[:, None]  # (B, 1, T, S)
-        kw = dict(cache=cache, rows=rows, positions=positions, kv_len=kv_len, mask=mask, backend=self.attn_backend)
+        kw = dict(cache=cache, write=write, read=read, mask=mask, backend=self.attn_backend)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, layer=i, use_reentrant=False, **kw)
@@ -335,6 +386,17 @@ class Transformer(nn.Module):
         if targets is None:
             return self.output(h).float()
         return self._target_logps(h, targets, logits_chunk)
+
+    def _group_mask(self, plen, start, n_slots, stride, T, kv_len):
+        """(n_slots, 1, stride * T * qpk, kv_len) bool: the query of member j at step start + t sees its row's
+        prompt and its own tokens up to itself (index plen + s * stride + j with s <= start + t)."""
+        device = plen.device
+        rel = torch.arange(kv_len, device=device) - plen.view(n_slots, stride, 1, 1)
+        j = torch.arange(stride, device=device).view(1, stride, 1, 1)
+        s = start.view(n_slots, stride, 1, 1) + torch.arange(T, device=device).view(1, 1, T, 1)
+        vis = (rel < 0) | ((rel % stride == j) & (rel.div(stride, rounding_mode="floor") <= s))
+        qpk = self.args.n_heads // self.args.n_kv_heads
+        return vis[:, :, :, None].expand(n_slots, stride, T, qpk, kv_len).reshape(n_slots, 1, -1, kv_len)
 
     def _target_logps(self, h, targets, chunk):
         B, T, D = h.shape

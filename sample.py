@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache, Transformer, parse_dtype
+from model import Groups, KVCache, Transformer, parse_dtype
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -98,9 +98,9 @@ def sample_next_token(logits, temperature, top_p, top_k, uniform):
     return torch.where(temperature > 0, tokens, greedy)
 
 
-def decode_one_token(model, tokens, cache, start, kv_len):
-    """One decode step for the first B cache rows: tokens (B,) at positions start (B,) -> logits (B, V)."""
-    return model(tokens[:, None], cache=cache, start=start, kv_len=kv_len)[:, -1]
+def decode_one_token(model, tokens, cache, start, kv_len, groups):
+    """One decode step: tokens (B,), each the start[b]-th new token of its sequence in `groups` -> logits (B, V)."""
+    return model(tokens[:, None], cache=cache, start=start, kv_len=kv_len, groups=groups)[:, -1]
 
 
 # -----------------------------------------------------------------------------
@@ -113,9 +113,13 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     """Run all `requests`; returns one list of `n` Completions per request (also passed to `on_done(i, list)`
     as each request finishes).
 
-    max_rows: rows decoded together; max_cache_tokens: bound on rows x cache length (the KV cache is
-    preallocated at that size); prefill_tokens: bound on the tokens of one prefill batch.
-    progress: a tqdm bar to update with finished samples.
+    max_rows: sequences decoded together; max_cache_tokens: bound on the KV cache size in tokens (it is
+    preallocated); prefill_tokens: bound on the tokens of one prefill batch. progress: a tqdm bar to update
+    with finished samples.
+
+    The cache has one row (slot) per prompt in flight: the prompt, then its samples' new tokens interleaved
+    (see model.Groups), so a prompt is prefilled once, stored once and read once per decode step however
+    many samples it has. A slot is given back when its last sample finishes.
     """
     if not requests:
         return []
@@ -123,54 +127,70 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
     if max_len > model.args.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the model's context ({model.args.max_seq_len})")
-    total = sum(r.n for r in requests)
     if max_cache_tokens < max_len:
         raise ValueError(f"one sequence needs {max_len} cache tokens, more than --max-cache-tokens {max_cache_tokens}")
-    B = min(max_rows, total, max_cache_tokens // max_len)
-    cache = KVCache.for_model(model, rows=B, max_len=max_len)
+    total = sum(r.n for r in requests)
+    P, N = max(len(r.prompt) for r in requests), max(r.max_new_tokens for r in requests)
+    B = min(max_rows, total)
+    # samples per slot (a request with more is split into units of at most M), then slots within the budget
+    M = max(1, min(B, max(r.n for r in requests), (max_cache_tokens - P) // N))
+    S = P + M * N  # cache positions per slot
+    pending = deque((i, s, min(M, r.n - s)) for i, r in enumerate(requests) for s in range(0, r.n, M))
+    G = max(1, min(len(pending), B, max_cache_tokens // S))
+    B = min(B, G * M)
+    cache = KVCache.for_model(model, rows=G + 1, max_len=S)  # slot G: scratch for idle rows
     step_fn = decode_one_token
-    if compile:  # static shapes: always all B rows and the whole cache length
+    if compile:  # static shapes: always all B rows, all G slots and the whole cache length
         step_fn = torch.compile(decode_one_token, dynamic=False)
 
-    # work units: (request, first sample, count), at most B samples each, so every unit fits the batch
-    pending = deque((i, s, min(B, r.n - s)) for i, r in enumerate(requests) for s in range(0, r.n, B))
     results = [[None] * r.n for r in requests]
     left = [r.n for r in requests]
     n_stop = max([len(r.stop_ids) for r in requests] + [1])
     # per-row state: tensors for the step, lists for the host-side bookkeeping
     cur = torch.zeros(B, dtype=torch.long, device=device)  # last sampled token, fed at the next step
-    pos = torch.zeros(B, dtype=torch.long, device=device)  # where that token will be written
+    pos = torch.zeros(B, dtype=torch.long, device=device)  # its position in the sequence
     gen = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated so far (the sampling step)
     keys = torch.zeros(B, dtype=torch.long, device=device)
     temp, top_p = torch.zeros(B, device=device), torch.ones(B, device=device)
     top_k = torch.zeros(B, dtype=torch.long, device=device)
     stops = torch.full((B, n_stop), -1, dtype=torch.long, device=device)
-    owner = [None] * B  # (request, sample) of each busy slot
-    out_tokens, out_logps, host_pos = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B
+    slot = torch.full((B,), G, dtype=torch.long, device=device)  # the cache slot of each row (G: idle)
+    member = torch.zeros(B, dtype=torch.long, device=device)
+    plen = torch.zeros(B, dtype=torch.long, device=device)  # the prompt length held in that slot
+    state = [cur, pos, gen, keys, temp, top_p, top_k, stops, slot, member, plen]
+    owner = [None] * B  # (request, sample) of each busy row
+    host = {"pos": [0] * B, "plen": [0] * B, "slot": [G] * B, "tokens": [[] for _ in range(B)],
+            "logps": [[] for _ in range(B)]}
     free = list(range(B))
+    free_slots, slot_live = list(range(G)), [0] * G  # slot_live: unfinished samples in each slot
     want_logps = any(r.logprobs for r in requests)
 
-    def finish_tokens(slots, slots_t, logits):
-        """Sample the next token of `slots` (also as the index tensor `slots_t`) from `logits`, record it,
+    def finish_tokens(rows, rows_t, logits):
+        """Sample the next token of `rows` (also as the index tensor `rows_t`) from `logits`, record it,
         retire finished rows."""
-        u = uniform_from_keys(keys[slots_t], gen[slots_t])
-        nxt = sample_next_token(logits, temp[slots_t], top_p[slots_t], top_k[slots_t], u)
-        is_stop = (nxt[:, None] == stops[slots_t]).any(-1)
+        u = uniform_from_keys(keys[rows_t], gen[rows_t])
+        nxt = sample_next_token(logits, temp[rows_t], top_p[rows_t], top_k[rows_t], u)
+        is_stop = (nxt[:, None] == stops[rows_t]).any(-1)
         lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1).tolist() if want_logps else None
-        cur[slots_t], gen[slots_t] = nxt, gen[slots_t] + 1
-        for j, (slot, tok, stop) in enumerate(zip(slots, nxt.tolist(), is_stop.tolist())):  # one host sync
-            i, s = owner[slot]
+        cur[rows_t], gen[rows_t] = nxt, gen[rows_t] + 1
+        for j, (b, tok, stop) in enumerate(zip(rows, nxt.tolist(), is_stop.tolist())):  # one host sync
+            i, s = owner[b]
             r = requests[i]
             if not stop:
-                out_tokens[slot].append(tok)
+                host["tokens"][b].append(tok)
                 if r.logprobs:
-                    out_logps[slot].append(lp[j])
-            if stop or len(out_tokens[slot]) >= r.max_new_tokens:
-                results[i][s] = Completion(out_tokens[slot], "stop" if stop else "length",
-                                           out_logps[slot] if r.logprobs else None)
-                owner[slot], out_tokens[slot], out_logps[slot], host_pos[slot] = None, [], [], 0
-                pos[slot] = 0
-                free.append(slot)
+                    host["logps"][b].append(lp[j])
+            if stop or len(host["tokens"][b]) >= r.max_new_tokens:
+                results[i][s] = Completion(host["tokens"][b], "stop" if stop else "length",
+                                           host["logps"][b] if r.logprobs else None)
+                g = host["slot"][b]
+                slot_live[g] -= 1
+                if slot_live[g] == 0:
+                    free_slots.append(g)
+                owner[b], host["tokens"][b], host["logps"][b] = None, [], []
+                host["pos"][b], host["plen"][b], host["slot"][b] = 0, 0, G
+                pos[b], plen[b], slot[b], member[b] = 0, 0, G, 0
+                free.append(b)
                 left[i] -= 1
                 if progress is not None:
                     progress.update(1)
@@ -178,76 +198,85 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
                     on_done(i, results[i])
 
     def admit():
-        """Prefill as many waiting units as fit, each prompt once, then share its cache with its samples."""
+        """Prefill as many waiting units as fit, each prompt once into its own slot; shared prefixes of
+        different prompts are prefilled once and copied."""
         units, budget = [], prefill_tokens
-        free.sort()  # lowest slots first, so live rows stay packed at the front
-        while pending and pending[0][2] <= len(free) and (not units or len(requests[pending[0][0]].prompt) <= budget):
+        free.sort()  # lowest rows and slots first, so live ones stay packed at the front
+        free_slots.sort()
+        while (pending and free_slots and pending[0][2] <= len(free)
+               and (not units or len(requests[pending[0][0]].prompt) <= budget)):
             i, s0, count = pending.popleft()
-            units.append((i, s0, [free.pop(0) for _ in range(count)]))
+            units.append((i, s0, free_slots.pop(0), [free.pop(0) for _ in range(count)]))
             budget -= len(requests[i].prompt)
         if not units:
             return
         # 1. prompts that share a prefix with others: prefill each distinct prefix once, copy it to the rest
         groups = {}
-        for u, (i, _, _) in enumerate(units):
+        for u, (i, _, _, _) in enumerate(units):
             L0 = requests[i].shared_prefix
             if 0 < L0 < len(requests[i].prompt):
                 groups.setdefault(tuple(requests[i].prompt[:L0]), []).append(u)
         start = [0] * len(units)
         if groups:
-            heads = [units[us[0]][2][0] for us in groups.values()]
+            heads = [units[us[0]][2] for us in groups.values()]
             model(_pad(list(groups), device), cache=cache, rows=torch.tensor(heads, device=device),
                   last=torch.zeros(len(heads), dtype=torch.long, device=device))
             for head, (prefix, us) in zip(heads, groups.items()):
-                others = [units[u][2][0] for u in us[1:]]
+                others = [units[u][2] for u in us[1:]]
                 if others:
                     cache.copy_rows(torch.tensor([head], device=device), torch.tensor(others, device=device), len(prefix))
                 for u in us:
                     start[u] = len(prefix)
         # 2. the rest of each prompt (all of it where nothing is shared), ragged and right-padded;
         #    logits of each prompt's last token only: (U, V)
-        first = torch.tensor([slots[0] for _, _, slots in units], device=device)
-        rest = [requests[i].prompt[start[u]:] for u, (i, _, _) in enumerate(units)]
+        slots_t = torch.tensor([g for _, _, g, _ in units], device=device)
+        rest = [requests[i].prompt[start[u]:] for u, (i, _, _, _) in enumerate(units)]
         last = torch.tensor([len(r) - 1 for r in rest], device=device)
         if groups:
-            kv_len = max(len(requests[i].prompt) for i, _, _ in units)
-            logits = model(_pad(rest, device), cache=cache, rows=first, start=torch.tensor(start, device=device),
+            kv_len = max(len(requests[i].prompt) for i, _, _, _ in units)
+            logits = model(_pad(rest, device), cache=cache, rows=slots_t, start=torch.tensor(start, device=device),
                            kv_len=kv_len, last=last)
         else:  # plain prefill from position 0: causal attention over the new tokens only
-            logits = model(_pad(rest, device), cache=cache, rows=first, last=last)
+            logits = model(_pad(rest, device), cache=cache, rows=slots_t, last=last)
         rows, row_logits = [], []
-        for u, (i, s0, slots) in enumerate(units):
+        for u, (i, s0, g, slots) in enumerate(units):
             r, L = requests[i], len(requests[i].prompt)
-            if len(slots) > 1:
-                cache.copy_rows(torch.tensor(slots[:1], device=device), torch.tensor(slots[1:], device=device), L)
-            for k, slot in enumerate(slots):
-                owner[slot], host_pos[slot] = (i, s0 + k), L
-                keys[slot] = sample_key(r.seed, s0 + k)
-                temp[slot], top_p[slot], top_k[slot], pos[slot], gen[slot] = r.temperature, r.top_p, r.top_k, L, 0
-                stops[slot] = -1
+            slot_live[g] = len(slots)
+            for k, b in enumerate(slots):
+                owner[b] = (i, s0 + k)
+                host["pos"][b], host["plen"][b], host["slot"][b] = L, L, g
+                keys[b] = sample_key(r.seed, s0 + k)
+                temp[b], top_p[b], top_k[b], pos[b], gen[b] = r.temperature, r.top_p, r.top_k, L, 0
+                slot[b], member[b], plen[b] = g, k, L
+                stops[b] = -1
                 if r.stop_ids:
-                    stops[slot, :len(r.stop_ids)] = torch.tensor(list(r.stop_ids))
-                rows.append(slot)
+                    stops[b, :len(r.stop_ids)] = torch.tensor(list(r.stop_ids))
+                rows.append(b)
                 row_logits.append(u)
         finish_tokens(rows, torch.tensor(rows, device=device), logits[torch.tensor(row_logits, device=device)])
 
     while pending or any(o is not None for o in owner):
-        if pending and free:
+        if pending and free and free_slots:
             admit()
         busy = [b for b in range(B) if owner[b] is not None]
         if not busy:
             continue
-        # decode the first W rows; free slots inside that range are computed and ignored
-        W = B if compile else busy[-1] + 1
-        kv_len = max_len if compile else max(host_pos[b] for b in busy) + 1
-        logits = step_fn(model, cur[:W], cache, pos[:W], kv_len)
+        # decode the first W rows; idle rows inside that range write to the scratch slot and are ignored
+        if compile:
+            W, kv_len, n_slots = B, S, G
+        else:
+            W = busy[-1] + 1
+            kv_len = max(host["plen"][b] + (host["pos"][b] - host["plen"][b] + 1) * M for b in busy)
+            n_slots = max(host["slot"][b] for b in busy) + 1
+        grp = Groups(slot[:W], member[:W], plen[:W], M, n_slots)
+        logits = step_fn(model, cur[:W], cache, pos[:W] - plen[:W], kv_len, grp)
         busy_t = torch.tensor(busy, device=device)
         pos[busy_t] += 1
         for b in busy:
-            host_pos[b] += 1
+            host["pos"][b] += 1
         finish_tokens(busy, busy_t, logits[busy_t])
         if not pending and not compile:
-            _compact(cache, owner, busy, [cur, pos, gen, keys, temp, top_p, top_k, stops], out_tokens, out_logps, host_pos, free)
+            _compact(cache, owner, state, host, free, free_slots, G)
     return results
 
 
@@ -259,31 +288,43 @@ def _pad(seqs, device):
     return out.to(device)
 
 
-def _compact(cache, owner, busy, tensors, out_tokens, out_logps, host_pos, free):
-    """At the tail (nothing waiting), move live rows into the lowest slots when they are sparse,
-    so the decode batch shrinks instead of computing finished rows."""
-    live = [b for b in busy if owner[b] is not None]
-    if not live or live[-1] + 1 <= 2 * len(live):
-        return
-    src = torch.tensor(live, device=cache.k.device)
-    dst = torch.arange(len(live), device=cache.k.device)
-    cache.k[:, dst] = cache.k[:, src]
-    cache.v[:, dst] = cache.v[:, src]
-    for t in tensors:
-        t[dst] = t[src]
-    rest = len(owner) - len(live)
-    owner[:] = [owner[b] for b in live] + [None] * rest
-    host_pos[:] = [host_pos[b] for b in live] + [0] * rest
-    out_tokens[:] = [out_tokens[b] for b in live] + [[] for _ in range(rest)]
-    out_logps[:] = [out_logps[b] for b in live] + [[] for _ in range(rest)]
-    free[:] = list(range(len(live), len(owner)))
+def _compact(cache, owner, state, host, free, free_slots, G):
+    """At the tail (nothing waiting), move live rows to the lowest row indices and their prompts' slots to the
+    lowest slots when either is sparse, so the decode batch and the attended cache shrink as samples finish."""
+    live = [b for b in range(len(owner)) if owner[b] is not None]
+    if live and live[-1] + 1 > 2 * len(live):
+        device = state[0].device
+        src, dst = torch.tensor(live, device=device), torch.arange(len(live), device=device)
+        for t in state:
+            t[dst] = t[src]
+        rest = len(owner) - len(live)
+        owner[:] = [owner[b] for b in live] + [None] * rest
+        for key, idle in (("pos", 0), ("plen", 0), ("slot", G)):
+            host[key][:] = [host[key][b] for b in live] + [idle] * rest
+        for key in ("tokens", "logps"):
+            host[key][:] = [host[key][b] for b in live] + [[] for _ in range(rest)]
+        slot, member, plen, pos = state[8], state[9], state[10], state[1]
+        slot[len(live):], member[len(live):], plen[len(live):], pos[len(live):] = G, 0, 0, 0
+        free[:] = list(range(len(live), len(owner)))
+        live = list(range(len(live)))
+    used = sorted({host["slot"][b] for b in live})
+    if used and used[-1] + 1 > 2 * len(used):
+        device = cache.k.device
+        src, dst = torch.tensor(used, device=device), torch.arange(len(used), device=device)
+        cache.k[:, dst] = cache.k[:, src]
+        cache.v[:, dst] = cache.v[:, src]
+        new = {g: n for n, g in enumerate(used)}
+        for b in live:
+            host["slot"][b] = new[host["slot"][b]]
+        state[8][torch.tensor(live, device=device)] = torch.tensor([host["slot"][b] for b in live], device=device)
+        free_slots[:] = list(range(len(used), G))
 
 
 @torch.no_grad()
 def next_token_logprobs(model, prefix, continuations, candidates, max_rows=64):
     """Log-probs of the `candidates` token ids right after prefix + each continuation -> (len(conts), len(cands)).
 
-    The shared prefix is prefilled once; the continuations are run together as one ragged extension.
+    The shared prefix is prefilled once and held once; the continuations run together as its members.
     Used for the `expected` score modes (the distribution of the digit after `Score: `).
     """
     device = model.tok_embeddings.weight.device
@@ -293,17 +334,16 @@ def next_token_logprobs(model, prefix, continuations, candidates, max_rows=64):
         n, L, T = len(conts), len(prefix), max(len(c) for c in conts)
         if L + T > model.args.max_seq_len:
             raise ValueError(f"prefix + continuation = {L + T} tokens exceeds the model's context ({model.args.max_seq_len})")
-        cache = KVCache.for_model(model, rows=n, max_len=L + T)
+        cache = KVCache.for_model(model, rows=1, max_len=L + n * T)
         if L > 0:
             model(torch.tensor([prefix], device=device), cache=cache, rows=torch.tensor([0], device=device),
                   last=torch.tensor([L - 1], device=device))
-            if n > 1:
-                cache.copy_rows(torch.tensor([0], device=device), torch.arange(1, n, device=device), L)
         ext = torch.zeros(n, T, dtype=torch.long)
         for j, c in enumerate(conts):
             ext[j, :len(c)] = torch.tensor(c)
-        start = torch.full((n,), L, dtype=torch.long, device=device)
-        logits = model(ext.to(device), cache=cache, start=start, kv_len=L + T)
+        zeros = torch.zeros(n, dtype=torch.long, device=device)
+        grp = Groups(zeros, torch.arange(n, device=device), torch.full((n,), L, device=device), n, 1)
+        logits = model(ext.to(device), cache=cache, start=zeros, kv_len=L + n * T, groups=grp)
         last = torch.tensor([len(c) - 1 for c in conts], device=device)
         logps = torch.log_softmax(logits[torch.arange(n, device=device), last], -1)
         out.append(logps[:, torch.tensor(candidates, device=device)].cpu())
