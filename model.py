@@ -345,8 +345,8 @@ class Transformer(nn.Module):
         needs `kv_len`, a host-side bound on max(start) + T, so attention reads only live cache positions.
         With `groups` (see `Groups`) the sequences continue prompts held in shared cache rows instead:
         start[b] counts the tokens sequence b already generated and kv_len bounds plen + (start + T) * stride.
-        Log-probs are computed `logits_chunk` tokens at a time (recomputed in backward), so the fp32
-        logits of a whole batch never exist at once; ids < 0 in `targets` give log-prob 0.
+        Log-probs are computed `logits_chunk` tokens at a time and only where a target is given (ids < 0
+        in `targets` give log-prob 0 and no head work); see `TargetLogps`.
         """
         B, T = tokens.shape
         device = tokens.device
@@ -399,17 +399,13 @@ class Transformer(nn.Module):
         return vis[:, :, :, None].expand(n_slots, stride, T, qpk, kv_len).reshape(n_slots, 1, -1, kv_len)
 
     def _target_logps(self, h, targets, chunk):
+        """Log-probs of `targets` (B, T) under the head; only the rows with a target (ids >= 0) reach the head."""
         B, T, D = h.shape
-        h, targets = h.reshape(B * T, D), targets.reshape(B * T)
-        out = []
-        for i in range(0, B * T, chunk):
-            args = (h[i:i + chunk], self.output.weight, targets[i:i + chunk])
-            if torch.is_grad_enabled() and h.requires_grad:
-                # recompute the chunk's logits in backward instead of keeping (chunk, V) fp32 per chunk
-                out.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *args, use_reentrant=False))
-            else:
-                out.append(_chunk_logps(*args))
-        return torch.cat(out).view(B, T)
+        targets = targets.reshape(B * T)
+        keep = (targets >= 0).nonzero().squeeze(-1)
+        lp = TargetLogps.apply(h.reshape(B * T, D)[keep], self.output.weight, targets[keep], chunk,
+                               self.activation_checkpointing)
+        return torch.zeros(B * T, dtype=lp.dtype, device=h.device).index_copy(0, keep, lp).view(B, T)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -525,10 +521,43 @@ def save_hf(state_dict, args: ModelArgs, path, tokenizer_dir=None, max_shard_byt
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _chunk_logps(h, weight, targets):
-    logits = F.linear(h, weight).float()  # (N, V) fp32: log_softmax in 16-bit loses too much
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
-    return torch.where(targets >= 0, logps, 0.0)
+class TargetLogps(torch.autograd.Function):
+    """log_softmax(h @ weight.T)[n, targets[n]] for rows h (N, D), `chunk` rows at a time, with a hand-written
+    backward: d logp / d logits = onehot(target) - softmax. Forward keeps each chunk's fp32 logits for the
+    backward (recompute=False) or only their log-sum-exp, recomputing the logits in backward (recompute=True,
+    used with activation checkpointing). Either way no (N, V) log-softmax output or gradient of it is made on
+    top of the logits, and the softmax is formed in place."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, recompute):
+        out, lses, kept = [], [], []
+        for i in range(0, h.size(0), chunk):
+            logits = F.linear(h[i:i + chunk], weight).float()  # fp32: a 16-bit log-softmax loses too much
+            lse = torch.logsumexp(logits, dim=-1)
+            out.append(logits.gather(-1, targets[i:i + chunk, None]).squeeze(-1) - lse)
+            lses.append(lse)
+            kept.append(None if recompute else logits)
+        ctx.save_for_backward(h, weight, targets, torch.cat(lses) if lses else h.new_zeros(0, dtype=torch.float32))
+        ctx.chunk, ctx.kept = chunk, kept
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, targets, lse = ctx.saved_tensors
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for c, i in enumerate(range(0, h.size(0), ctx.chunk)):
+            hc, tc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk]
+            logits = ctx.kept[c] if ctx.kept[c] is not None else F.linear(hc, weight).float()
+            ctx.kept[c] = None
+            p = logits.sub_(lse[i:i + ctx.chunk, None]).exp_()  # softmax, in place
+            p.scatter_add_(-1, tc[:, None], -torch.ones_like(p[:, :1]))  # softmax - onehot
+            p = p.mul_(-grad[i:i + ctx.chunk, None].float()).to(h.dtype)  # d loss / d logits
+            if grad_h is not None:
+                grad_h[i:i + ctx.chunk] = p @ weight
+            if grad_w is not None:
+                grad_w += (p.t() @ hc).float()
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
 # Our parameter names -> HF Llama names. Layer index i is kept; only the leaf names change.

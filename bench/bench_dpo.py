@@ -1,8 +1,9 @@
 """
 DPO training throughput: one DPO step (policy forward on chosen and rejected, loss, backward, AdamW step)
 written with this project's model vs the same step written on the `transformers` model; same pairs, batch
-and precision. Each side runs in its own process so its peak memory (max RSS on CPU, max allocated on GPU)
-is its own; both run in one invocation and the ratio is printed.
+and precision, the same optimizer (fused AdamW, as train_dpo.py uses) and the same allocator settings
+(sample.keep_freed_memory, which train_dpo.py applies on CPU). Each side runs in its own process so its peak
+memory (max RSS on CPU, max allocated on GPU) is its own; both run in one invocation and the ratio is printed.
 
     python bench/bench_dpo.py                      # embedded default model, CPU, fp32
     python bench/bench_dpo.py --compile            # also ours with each block compiled (one-time compile excluded)
@@ -23,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import ModelArgs, Transformer, parse_dtype  # noqa: E402
+from sample import keep_freed_memory  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from train_dpo import collate, dpo_loss, sequence_logps  # noqa: E402
 
@@ -54,6 +56,8 @@ def hf_sequence_logps(hf, tokens, mask):
 
 def child(args):
     torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        keep_freed_memory()
     dtype = parse_dtype(args.dtype, args.device)
     tok = Tokenizer.from_pretrained(args.path)
     examples = make_examples(tok, args.pairs, args.response_tokens)
@@ -68,7 +72,7 @@ def child(args):
         model = transformers.AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype).to(args.device)
         fn = hf_sequence_logps
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=True)
     tokens, mask = collate(examples, list(range(len(examples))), args.device)
     n = len(examples)
     ref = torch.zeros(n, device=args.device)

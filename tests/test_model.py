@@ -193,24 +193,31 @@ def test_grouped_rows_share_one_prompt_copy():
             assert (torch.stack(got[b]) - full).abs().max().item() < 1e-5
 
 
-def test_chunked_target_logps_equal_full_log_softmax_with_grads():
-    """The chunked, recomputed log-prob path must equal log_softmax of the full logits, values and grads."""
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept-logits", "recomputed-logits"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_target_logps_equal_full_log_softmax_with_grads(recompute, tied):
+    """The chunked log-prob head with its hand-written backward must equal log_softmax of the full logits:
+    values, and gradients of every parameter under an arbitrary upstream gradient."""
     torch.manual_seed(3)
-    model = tiny_model().train()
+    model = tiny_model(tie_embeddings=tied).train()
+    model.activation_checkpointing = recompute  # also recomputes the head's logits in backward
     tokens = torch.randint(0, 97, (3, 11))
     targets = torch.randint(0, 97, (3, 11))
     targets[0, :4] = -100  # ignored positions give 0
+    targets[2, 9:] = -1
+    upstream = torch.randn(3, 11)
     lp = model(tokens, targets=targets, logits_chunk=5)
-    (lp.sum()).backward()
+    (lp * upstream).sum().backward()
     g_chunk = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    full = torch.log_softmax(model(tokens), -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    model.activation_checkpointing = False
+    full = torch.log_softmax(model(tokens).double(), -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     full = torch.where(targets >= 0, full, 0.0)
-    full.sum().backward()
+    (full * upstream).sum().backward()
     assert (lp - full).abs().max().item() < 1e-5
-    assert lp[0, :4].abs().max().item() == 0.0
+    assert lp[0, :4].abs().max().item() == 0.0 and lp[2, 9:].abs().max().item() == 0.0
     for g, p in zip(g_chunk, model.parameters()):
-        assert torch.allclose(g, p.grad, atol=1e-5)
+        assert torch.allclose(g, p.grad, atol=1e-5), (g - p.grad).abs().max()
 
 
 # -----------------------------------------------------------------------------
