@@ -1,9 +1,9 @@
 """
 Batched KV-cache generation, and the stage that turns prompts into responses.
 
-The engine (`generate`) prefills each distinct prompt once and copies its cache to the prompt's n samples
-(prefix sharing), keeps many rows of different lengths in flight, and hands a finished row's slot to waiting
-work (continuous batching). Sampling draws its random numbers from (seed, sample, step) alone, so a request's
+The engine (`generate`) prefills each distinct prompt once into one cache slot that its n samples share
+(prefix sharing: the prompt is stored once and read once per decode step, see model.Groups), keeps many rows
+of different lengths in flight, and hands a finished row to waiting work (continuous batching). Sampling draws its random numbers from (seed, sample, step) alone, so a request's
 output does not depend on what it is batched with, and a resumed run reproduces an uninterrupted one.
 
     python sample.py --prompts data/prompts.jsonl --out runs/x/responses.jsonl --n 4 --max-new-tokens 256
@@ -127,10 +127,11 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
     if max_len > model.args.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the model's context ({model.args.max_seq_len})")
-    if max_cache_tokens < max_len:
-        raise ValueError(f"one sequence needs {max_len} cache tokens, more than --max-cache-tokens {max_cache_tokens}")
     total = sum(r.n for r in requests)
     P, N = max(len(r.prompt) for r in requests), max(r.max_new_tokens for r in requests)
+    if max_cache_tokens < P + N:
+        raise ValueError(f"a cache slot needs {P + N} tokens (the longest prompt + the most new tokens), "
+                         f"more than --max-cache-tokens {max_cache_tokens}")
     B = min(max_rows, total)
     # samples per slot (a request with more is split into units of at most M), then slots within the budget
     M = max(1, min(B, max(r.n for r in requests), (max_cache_tokens - P) // N))
@@ -527,7 +528,7 @@ def stable_seed(seed, rid) -> int:
 def add_engine_args(parser):
     g = parser.add_argument_group("engine")
     g.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
-    g.add_argument("--max-cache-tokens", type=int, default=1 << 20, help="bound on rows x cache length (KV memory)")
+    g.add_argument("--max-cache-tokens", type=int, default=1 << 20, help="bound on the KV cache in tokens: slots x (longest prompt + samples per slot x new tokens)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; static shapes)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     g.add_argument("--chat-format", default=None, choices=("llama3", "chatml"), help="override the detected chat format")
