@@ -158,7 +158,8 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     slot = torch.full((B,), G, dtype=torch.long, device=device)  # the cache slot of each row (G: idle)
     member = torch.zeros(B, dtype=torch.long, device=device)
     plen = torch.zeros(B, dtype=torch.long, device=device)  # the prompt length held in that slot
-    state = [cur, pos, gen, keys, temp, top_p, top_k, stops, slot, member, plen]
+    state = dict(cur=cur, pos=pos, gen=gen, keys=keys, temp=temp, top_p=top_p, top_k=top_k, stops=stops,
+                 slot=slot, member=member, plen=plen)  # every per-row tensor, by name (_compact moves them)
     owner = [None] * B  # (request, sample) of each busy row
     host = {"pos": [0] * B, "plen": [0] * B, "slot": [G] * B, "tokens": [[] for _ in range(B)],
             "logps": [[] for _ in range(B)]}
@@ -294,9 +295,9 @@ def _compact(cache, owner, state, host, free, free_slots, G):
     lowest slots when either is sparse, so the decode batch and the attended cache shrink as samples finish."""
     live = [b for b in range(len(owner)) if owner[b] is not None]
     if live and live[-1] + 1 > 2 * len(live):
-        device = state[0].device
+        device = state["pos"].device
         src, dst = torch.tensor(live, device=device), torch.arange(len(live), device=device)
-        for t in state:
+        for t in state.values():
             t[dst] = t[src]
         rest = len(owner) - len(live)
         owner[:] = [owner[b] for b in live] + [None] * rest
@@ -304,8 +305,8 @@ def _compact(cache, owner, state, host, free, free_slots, G):
             host[key][:] = [host[key][b] for b in live] + [idle] * rest
         for key in ("tokens", "logps"):
             host[key][:] = [host[key][b] for b in live] + [[] for _ in range(rest)]
-        slot, member, plen, pos = state[8], state[9], state[10], state[1]
-        slot[len(live):], member[len(live):], plen[len(live):], pos[len(live):] = G, 0, 0, 0
+        for key, idle in (("slot", G), ("member", 0), ("plen", 0), ("pos", 0)):
+            state[key][len(live):] = idle
         free[:] = list(range(len(live), len(owner)))
         live = list(range(len(live)))
     used = sorted({host["slot"][b] for b in live})
@@ -317,7 +318,7 @@ def _compact(cache, owner, state, host, free, free_slots, G):
         new = {g: n for n, g in enumerate(used)}
         for b in live:
             host["slot"][b] = new[host["slot"][b]]
-        state[8][torch.tensor(live, device=device)] = torch.tensor([host["slot"][b] for b in live], device=device)
+        state["slot"][torch.tensor(live, device=device)] = torch.tensor([host["slot"][b] for b in live], device=device)
         free_slots[:] = list(range(len(used), G))
 
 
