@@ -19,10 +19,11 @@ import time
 import numpy as np
 
 import sample
-from judge import TEMPLATES, load_template, probe_candidates, render, cut_at_last
+from common import (TEMPLATES, ShardWriter, barrier, done_records, load_model, load_template, merge_shards, print0,
+                    read_jsonl, render)
+from judge import cut_at_last, probe_candidates
 from meta_judge import WINNER_MARK, parse_winner
-from sample import (Request, ShardWriter, barrier, done_records, generate, load_model, merge_shards, next_token_logprobs,
-                    print0, read_jsonl)
+from sample import Request, generate, next_token_logprobs
 
 DEFAULT_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_prompts.jsonl")
 

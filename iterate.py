@@ -22,7 +22,7 @@ import judge
 import meta_judge
 import sample
 import train_dpo
-from sample import barrier, init_distributed, print0, read_jsonl, write_jsonl
+from common import barrier, init_distributed, print0, read_jsonl, write_jsonl
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

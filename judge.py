@@ -17,33 +17,9 @@ import os
 import re
 import time
 
-from sample import (Request, ShardWriter, add_engine_args, barrier, done_records, generate, init_distributed,
-                    load_model, merge_shards, next_token_logprobs, print0, read_jsonl, stable_seed, write_jsonl)
-
-TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "templates")
-
-# -----------------------------------------------------------------------------
-# Templates
-
-
-def load_template(path, required):
-    """Read a prompt template; every `{name}` in `required` must appear in it."""
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: template not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    missing = [name for name in required if "{" + name + "}" not in text]
-    if missing:
-        raise SystemExit(f"{path}: template lacks the placeholder(s) {', '.join('{' + m + '}' for m in missing)}")
-    return text
-
-
-def render(template, **fields):
-    """Fill `{name}` placeholders by plain replacement (user text may hold braces, so no str.format)."""
-    for name, value in fields.items():
-        template = template.replace("{" + name + "}", value)
-    return template.strip()
-
+from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, done_records, init_distributed, load_function,
+                    load_model, load_template, merge_shards, print0, read_jsonl, render, stable_seed, write_jsonl)
+from sample import Request, generate, next_token_logprobs
 
 def judge_prompt(template, rubric, prompt, response):
     return render(template, rubric=rubric.strip(), prompt=prompt.strip(), response=response.strip())
@@ -264,16 +240,6 @@ def finish_judge_stage(args, order, **extra):
                        mean_rejected_chars=round(_mean([len(p["rejected"]) for p in pairs]), 1))
     print0("judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
     return summary
-
-
-def load_function(spec):
-    """`module:function` -> the function (the module is imported from the Python path)."""
-    import importlib
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise SystemExit(f"--judge-fn: cannot load {spec!r} ({e})") from None
 
 
 def run_programmatic_judge(args, records, todo, order, rank, world):

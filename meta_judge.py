@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 
-from judge import (TEMPLATES, add_judge_args, cut_at_last, judge_prompt, load_template,
-                   probe_candidates, render, common_prefix)
-from sample import (Request, ShardWriter, add_engine_args, barrier, done_records, generate, init_distributed,
-                    load_model, merge_shards, next_token_logprobs, print0, read_jsonl, stable_seed, write_jsonl)
+from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, done_records, init_distributed, load_model,
+                    load_template, merge_shards, print0, read_jsonl, render, stable_seed, write_jsonl)
+from judge import add_judge_args, common_prefix, cut_at_last, judge_prompt, probe_candidates
+from sample import Request, generate, next_token_logprobs
 
 # -----------------------------------------------------------------------------
 # Verdicts, position bias, Bradley-Terry

@@ -612,21 +612,6 @@ def _write_json(f, obj):
         fh.write("\n")
 
 
-def default_dtype(device) -> torch.dtype:
-    """bf16 on a GPU, fp32 on the CPU (bf16 matmuls are far slower than fp32 on CPUs without AVX-512)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def parse_dtype(name: str, device) -> torch.dtype:
-    if name == "auto":
-        return default_dtype(device)
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise SystemExit(f"--dtype: unknown dtype {name!r} (choose auto, {', '.join(table)})")
-    return table[name]
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Inspect an HF Llama checkpoint folder.")
     parser.add_argument("--model", required=True, help="HF checkpoint folder")

@@ -16,9 +16,9 @@ import random
 import re
 import time
 
-from judge import TEMPLATES, load_template, render
-from sample import (Request, ShardWriter, add_engine_args, done_records, generate, init_distributed, load_model,
-                    merge_shards, read_jsonl, stable_seed)
+from common import (TEMPLATES, ShardWriter, add_engine_args, done_records, init_distributed, load_model, load_template,
+                    merge_shards, read_jsonl, render, stable_seed)
+from sample import Request, generate
 
 LABEL = re.compile(r"^\s*(?:\*\*)?\s*(?:new\s+)?(?:request|task|instruction|prompt)\s*\d*\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*", re.I)
 BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Transformer, read_hf_config, read_hf_state, rope_inv_freq, save_hf
-from sample import barrier, init_distributed, print0, read_jsonl
+from common import barrier, init_distributed, print0, read_jsonl
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 DPO training throughput: one DPO step (policy forward on chosen and rejected, loss, backward, AdamW step)
 written with this project's model vs the same step written on the `transformers` model; same pairs, batch
 and precision, the same optimizer (fused AdamW, as train_dpo.py uses) and the same allocator settings
-(sample.keep_freed_memory, which train_dpo.py applies on CPU). Each side runs in its own process so its peak
+(common.keep_freed_memory, which train_dpo.py applies on CPU). Each side runs in its own process so its peak
 memory (max RSS on CPU, max allocated on GPU) is its own; both run in one invocation and the ratio is printed.
 
     python bench/bench_dpo.py                      # embedded default model, CPU, fp32
@@ -23,8 +23,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import ModelArgs, Transformer, parse_dtype  # noqa: E402
-from sample import keep_freed_memory  # noqa: E402
+from common import parse_dtype  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from common import keep_freed_memory  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from train_dpo import collate, dpo_loss, sequence_logps  # noqa: E402
 

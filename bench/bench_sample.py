@@ -18,7 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelArgs, Transformer, parse_dtype  # noqa: E402
+from common import parse_dtype  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 from sample import Request, generate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import common
 import judge
 import meta_judge
 import sample
@@ -98,7 +99,7 @@ def test_killed_stage_resumes_exactly(tmp_path, tiny_ckpt):
     sample.main(args + ["--out", full])
     killed = str(tmp_path / "killed.jsonl")
     recs = read(full)
-    with open(sample.shard_path(killed, 0), "w") as f:  # two records done, a third half written
+    with open(common.shard_path(killed, 0), "w") as f:  # two records done, a third half written
         for r in (recs[3], recs[0]):
             f.write(json.dumps(r) + "\n")
         f.write(json.dumps(recs[1])[:40])
