@@ -1,9 +1,13 @@
 """
-Plumbing shared by every script: JSON Lines reading with clear errors, resumable sharded writing, distributed
-start-up, model loading, prompt templates, dtype parsing and the engine flags. Nothing here knows an algorithm.
+Plumbing shared by every script: JSON Lines reading with clear errors, resumable sharded stage outputs and
+their settings, a lock on a run folder, distributed start-up, model loading, prompt templates, flag checks and
+the engine flags. Nothing here knows an algorithm.
 """
+import hashlib
 import json
+import math
 import os
+import re
 
 import torch
 
@@ -11,19 +15,42 @@ from model import Transformer
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+TEMPLATES = os.path.join(ROOT, "data", "templates")
 
 # -----------------------------------------------------------------------------
-# JSON Lines stages: reading with clear errors, resumable sharded writing, distributed set-up
+# Reading JSON Lines
 
 
-def read_jsonl(path, required=("id",), what="record"):
-    """Read a JSONL file; malformed lines, missing fields, duplicate ids and empty files are errors naming
-    the file and line."""
+class Records(list):
+    """The records of a JSONL file, with the line each one came from (for `file:line` messages)."""
+
+    def __init__(self, path, records, lines):
+        super().__init__(records)
+        self.path, self.lines = path, lines
+
+    def where(self, i):
+        return f"{self.path}:{self.lines[i]}"
+
+
+# a \ud800-\udfff escape: json.loads turns it into a lone surrogate, which no UTF-8 writer accepts
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def read_jsonl(path, required=("id",), what="record", check=None):
+    """Read a JSONL file. Malformed lines, text that is not UTF-8 or not valid Unicode, missing fields,
+    duplicate ids, empty files and whatever `check(record)` objects to (it returns a message or None) are
+    errors naming the file and the line."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file")
-    records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    if os.path.isdir(path):
+        raise SystemExit(f"{path}: is a directory, not a JSONL file")
+    records, lines, seen = [], [], {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -32,6 +59,12 @@ def read_jsonl(path, required=("id",), what="record"):
                 raise SystemExit(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise SystemExit(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            if SURROGATE_ESCAPE.search(line):
+                try:
+                    json.dumps(rec, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    raise SystemExit(f"{path}:{n}: text is not valid Unicode (an unpaired surrogate escape "
+                                     "such as \\ud800)") from None
             for key in required:
                 if key not in rec:
                     raise SystemExit(f"{path}:{n}: missing field {key!r} in {what}")
@@ -40,15 +73,36 @@ def read_jsonl(path, required=("id",), what="record"):
                 if rid in seen:
                     raise SystemExit(f"{path}:{n}: duplicate id {rid!r} (first on line {seen[rid]})")
                 seen[rid] = n
+            problem = check(rec) if check else None
+            if problem:
+                raise SystemExit(f"{path}:{n}: {problem}")
             records.append(rec)
+            lines.append(n)
     if not records:
         raise SystemExit(f"{path}: empty file (no {what}s)")
-    return records
+    return Records(path, records, lines)
+
+
+def check_prompt_fields(rec):
+    """The fields every prompt-carrying record shares: a non-empty `prompt`, an optional string `system`."""
+    if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+        return "`prompt` must be a non-empty string"
+    if rec.get("system") is not None and not isinstance(rec["system"], str):
+        return "`system` must be a string"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Resumable stage outputs: shards, merging, settings
 
 
 def shard_path(out, rank):
     root, ext = os.path.splitext(out)
     return f"{root}.rank{rank}{ext}"
+
+
+def settings_path(out):
+    return os.path.splitext(out)[0] + ".settings.json"
 
 
 def _repair_tail(path):
@@ -57,7 +111,7 @@ def _repair_tail(path):
         data = f.read()
     good_end = data.rfind(b"\n") + 1
     records = []
-    for n, line in enumerate(data[:good_end].splitlines(), 1):
+    for n, line in enumerate(data[:good_end].split(b"\n"), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -87,21 +141,54 @@ def _shard_files(out):
     return [os.path.join(folder, n) for n in names if n.startswith(root + ".rank") and n.endswith(ext)]
 
 
+def start_stage(out, settings, redo, rank, world):
+    """Begin (or resume) a stage writing `out`: the ids already done.
+
+    The settings that decide the output (model and input fingerprints, sampling values) are kept beside it
+    in `<out root>.settings.json`. Resuming output made with other settings would mix two experiments in
+    one file, so it is refused, naming what changed; `redo` discards the old output instead. Every rank
+    reads the same files and reaches the same decision; rank 0 alone deletes and writes."""
+    settings = json.loads(json.dumps(settings, default=str))
+    sfile = settings_path(out)
+    done = done_records(out)
+    if done and os.path.exists(sfile) and not redo:
+        with open(sfile) as f:
+            old = json.load(f)
+        diffs = [f"{k}: {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
+                 if old.get(k) != settings.get(k)]
+        if diffs:
+            raise SystemExit(f"{out}: was started with other settings ({'; '.join(diffs)}); re-run with --redo "
+                             "to discard it and start again, or write to another --out")
+    barrier(world)
+    if rank == 0:
+        if redo:
+            for f in [out, sfile] + _shard_files(out):
+                if os.path.exists(f):
+                    os.remove(f)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        _write_json_atomic(sfile, settings)
+    barrier(world)
+    return {str(r["id"]) for r in done_records(out)}
+
+
 class ShardWriter:
-    """Appends finished records to this rank's shard, flushed and fsynced one by one."""
+    """Appends finished records to this rank's shard, flushed and fsynced one by one. The file is created at
+    the first record, so a stage that fails before writing anything leaves nothing behind."""
 
     def __init__(self, out, rank):
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        self.path = shard_path(out, rank)
-        self.f = open(self.path, "a", encoding="utf-8")
+        self.path, self.f = shard_path(out, rank), None
 
     def write(self, rec):
+        if self.f is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.f = open(self.path, "a", encoding="utf-8")
         self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.f.flush()
         os.fsync(self.f.fileno())
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def merge_shards(out, order):
@@ -118,6 +205,14 @@ def merge_shards(out, order):
     return recs
 
 
+def finish_stage(out, order, rank, world):
+    """Rank 0 merges the shards; then every rank waits, so that all of them read the merged file after."""
+    barrier(world)
+    merged = merge_shards(out, order) if rank == 0 else None
+    barrier(world)
+    return merged
+
+
 def write_jsonl(path, records):
     """Write a whole file atomically (merged outputs and derived files such as pairs)."""
     tmp = path + ".tmp"
@@ -125,6 +220,63 @@ def write_jsonl(path, records):
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def file_digest(path, edges=None, n=16):
+    """The first `n` hex digits of the sha256 of a file's bytes; with `edges`, of its size and its first and
+    last `edges` bytes only (enough to tell weight files apart without reading gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if edges is None:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        else:
+            size = os.fstat(f.fileno()).st_size
+            h.update(str(size).encode() + f.read(edges))
+            f.seek(max(0, size - edges))
+            h.update(f.read())
+    return h.hexdigest()[:n]
+
+
+def model_fingerprint(path):
+    """What identifies a checkpoint folder's weights: its config and the edges of every weight file."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors") or name in ("config.json", "tokenizer.json"):
+            h.update(name.encode() + file_digest(os.path.join(path, name), edges=1 << 20).encode())
+    return h.hexdigest()[:16]
+
+
+def lock_folder(folder):
+    """Hold an exclusive lock on `folder` while this process lives (the kernel drops it when the process
+    dies, even by SIGKILL). A folder another process holds is an error naming that process."""
+    import fcntl
+    import socket
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(f"{folder}: in use by process {holder}; wait for it to finish or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+# -----------------------------------------------------------------------------
+# Distributed start-up
 
 
 def init_distributed():
@@ -168,13 +320,31 @@ def print0(*a, **kw):
         print(*a, **kw, flush=True)
 
 
+# -----------------------------------------------------------------------------
+# Models
+
+
+def resolve_model(path):
+    """An HF folder as given, or (None) the embedded default, converted on first use."""
+    if path is not None:
+        return path
+    from data.prepare_default import ensure_default_model
+    return ensure_default_model()
+
+
 def load_model(path, device, dtype="auto", chat_format=None):
-    """Model and tokenizer of an HF folder; `None` means the embedded default (converted on first use)."""
-    if path is None:
-        from data.prepare_default import ensure_default_model
-        path = ensure_default_model()
-    model = Transformer.from_pretrained(path, device=device, dtype=parse_dtype(dtype, device)).eval()
-    return model, Tokenizer.from_pretrained(path, chat_format), path
+    """Model, tokenizer and folder of an HF checkpoint (`None`: the embedded default). A folder that cannot be
+    run is a message naming it, not a traceback."""
+    path = resolve_model(path)
+    try:
+        model = Transformer.from_pretrained(path, device=device, dtype=parse_dtype(dtype, device)).eval()
+        tok = Tokenizer.from_pretrained(path, chat_format)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--model: {e}") from None
+    if tok.vocab_size > model.args.vocab_size:
+        raise SystemExit(f"--model: {path}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
+                         f"(config.json vocab_size) has {model.args.vocab_size}; they do not belong together")
+    return model, tok, path
 
 
 def stable_seed(seed, rid) -> int:
@@ -185,6 +355,43 @@ def stable_seed(seed, rid) -> int:
     return h
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str, device) -> torch.dtype:
+    """--dtype: `auto` is bf16 on a GPU and fp32 on the CPU (bf16 matmuls are far slower than fp32 on CPUs
+    without AVX-512)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise SystemExit(f"--dtype: unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+
+def check_flags(*rules):
+    """Each rule is (flag, value, ok, what it must be); the first rule that fails is a message naming its flag.
+    Scripts check their flags right after parsing, so a bad value fails before any model is loaded."""
+    for flag, value, ok, need in rules:
+        if not ok:
+            raise SystemExit(f"{flag}: {value!r} is invalid (must be {need})")
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def sampling_rules(args, prefix=""):
+    """The checks of a sampling flag set: temperature, top-p and the length limit."""
+    return [(f"--{prefix}temperature", args.temperature, finite(args.temperature) and args.temperature >= 0, ">= 0"),
+            (f"--{prefix}top-p", args.top_p, finite(args.top_p) and 0 < args.top_p <= 1, "in (0, 1]"),
+            (f"--{prefix}max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1")]
+
+
 def add_engine_args(parser):
     g = parser.add_argument_group("engine")
     g.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
@@ -192,20 +399,22 @@ def add_engine_args(parser):
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; static shapes)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     g.add_argument("--chat-format", default=None, choices=("llama3", "chatml"), help="override the detected chat format")
+    g.add_argument("--redo", action="store_true", help="discard this stage's earlier output instead of resuming it")
+
+
+def engine_rules(args):
+    return [("--max-rows", args.max_rows, args.max_rows >= 1, "at least 1"),
+            ("--max-cache-tokens", args.max_cache_tokens, args.max_cache_tokens >= 1, "at least 1"),
+            ("--dtype", args.dtype, args.dtype == "auto" or args.dtype in DTYPES, f"auto or one of {', '.join(DTYPES)}")]
 
 
 # -----------------------------------------------------------------------------
-# Prompt templates, plugins, dtypes
-
-TEMPLATES = os.path.join(ROOT, "data", "templates")
-
-# -----------------------------------------------------------------------------
-# Templates
+# Prompt templates and plugins
 
 
 def load_template(path, required):
     """Read a prompt template; every `{name}` in `required` must appear in it."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise SystemExit(f"{path}: template not found")
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -216,34 +425,19 @@ def load_template(path, required):
 
 
 def render(template, **fields):
-    """Fill `{name}` placeholders by plain replacement (user text may hold braces, so no str.format)."""
-    for name, value in fields.items():
-        template = template.replace("{" + name + "}", value)
-    return template.strip()
+    """Fill `{name}` placeholders in one pass: text put in is never scanned again, so a prompt that holds
+    `{response}` keeps it as written (and user text may hold any braces, so no str.format)."""
+    if not fields:
+        return template.strip()
+    names = re.compile("{(" + "|".join(re.escape(k) for k in fields) + ")}")
+    return names.sub(lambda m: fields[m.group(1)], template).strip()
 
 
-def load_function(spec):
+def load_function(spec, flag="--judge-fn"):
     """`module:function` -> the function (the module is imported from the Python path)."""
     import importlib
     module, _, name = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"--judge-fn: cannot load {spec!r} ({e})") from None
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 on a GPU, fp32 on the CPU (bf16 matmuls are far slower than fp32 on CPUs without AVX-512)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def parse_dtype(name: str, device) -> torch.dtype:
-    if name == "auto":
-        return default_dtype(device)
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise SystemExit(f"--dtype: unknown dtype {name!r} (choose auto, {', '.join(table)})")
-    return table[name]
-
-
+        raise SystemExit(f"{flag}: cannot load {spec!r} ({e})") from None

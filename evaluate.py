@@ -12,6 +12,7 @@ zero difference (the idea of AlpacaEval 2's length control, fitted on this compa
 Outputs (answers, comparisons, results.json) go to --out-dir; each step resumes where it stopped.
 """
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -19,8 +20,9 @@ import time
 import numpy as np
 
 import sample
-from common import (TEMPLATES, ShardWriter, barrier, done_records, load_model, load_template, merge_shards, print0,
-                    read_jsonl, render)
+from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
+                    load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
+                    sampling_rules, start_stage)
 from judge import cut_at_last, probe_candidates
 from meta_judge import WINNER_MARK, parse_winner
 from sample import Request, generate, next_token_logprobs
@@ -76,10 +78,11 @@ def length_controlled_win_rate(outcomes, len_a, len_b, l2=1e-3, iters=50):
 # The evaluation
 
 
-def answers(model_dir, prompts_file, out, args):
-    sample.main(["--model", model_dir, "--prompts", prompts_file, "--out", out, "--n", "1", "--temperature",
-                 str(args.temperature), "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
-                 "--seed", str(args.seed), "--max-rows", str(args.max_rows), "--dtype", args.dtype])
+def answers(model_dir, out, args):
+    sample.main(["--model", model_dir, "--prompts", args.prompts, "--limit", str(args.limit), "--out", out,
+                 "--n-responses", "1", "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+                 "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows",
+                 str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []))
     return {str(r["id"]): r["responses"][0] if r["responses"] else "" for r in read_jsonl(out)}
 
 
@@ -87,7 +90,10 @@ def compare(args, prompts, ans_a, ans_b, out):
     """Judge every prompt's two answers in both orders; appends one record per prompt to `out`."""
     import torch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    done = {str(r["id"]) for r in done_records(out)}
+    settings = {"judge": model_fingerprint(args.judge), "template": file_digest(args.template),
+                "answers": [file_digest(os.path.join(args.out_dir, f"answers_{x}.jsonl")) for x in "ab"],
+                "verdict_mode": args.verdict_mode, "judge_max_new_tokens": args.judge_max_new_tokens, "dtype": args.dtype}
+    done = start_stage(out, settings, args.redo, 0, 1)
     todo = [p for p in prompts if str(p["id"]) not in done]
     if not todo:
         merge_shards(out, [str(p["id"]) for p in prompts])
@@ -132,19 +138,16 @@ def compare(args, prompts, ans_a, ans_b, out):
 
 def evaluate(args):
     t0 = time.time()
-    os.makedirs(args.out_dir, exist_ok=True)
-    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt")[:args.limit or None]
-    pfile = os.path.join(args.out_dir, "prompts.jsonl")
-    with open(pfile, "w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps({"id": p["id"], "prompt": p["prompt"]}, ensure_ascii=False) + "\n")
-    if args.judge is None:
-        from data.prepare_default import ensure_default_model
-        args.judge = ensure_default_model()
-    ans_a = answers(args.a, pfile, os.path.join(args.out_dir, "answers_a.jsonl"), args)
-    ans_b = answers(args.b, pfile, os.path.join(args.out_dir, "answers_b.jsonl"), args)
-    cfile = os.path.join(args.out_dir, "comparisons.jsonl")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
+    prompts = prompts[:args.limit or None]
+    args.judge = resolve_model(args.judge)
+    if args.out_dir is None:
+        args.out_dir = default_out_dir(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ans_a = answers(args.a, os.path.join(args.out_dir, "answers_a.jsonl"), args)
+    ans_b = answers(args.b, os.path.join(args.out_dir, "answers_b.jsonl"), args)
+    cfile = os.path.join(args.out_dir, "comparisons.jsonl")
     if rank == 0:  # the comparisons are few next to the answers: one rank judges them
         compare(args, prompts, ans_a, ans_b, cfile)
     barrier(world)
@@ -161,7 +164,7 @@ def evaluate(args):
            "lc_win_rate": round(length_controlled_win_rate(outcomes, la, lb), 4),
            "mean_chars_a": round(float(np.mean(la)), 1), "mean_chars_b": round(float(np.mean(lb)), 1),
            "unparseable_verdicts": sum(v["parsed"] is None for v in verdicts), "verdict_mode": args.verdict_mode,
-           "seconds": round(time.time() - t0, 1)}
+           "out_dir": args.out_dir, "seconds": round(time.time() - t0, 1)}
     if rank == 0:
         with open(os.path.join(args.out_dir, "results.json"), "w") as f:
             json.dump(res, f, indent=2)
@@ -176,14 +179,26 @@ def evaluate(args):
     return res
 
 
-def main(argv=None):
+def default_out_dir(args):
+    """runs/eval/<a>_vs_<b>-<key>: the key hashes the models' weights and every setting that shapes the result,
+    so two models that share a folder name (every trained model is `model`) never share answers."""
+    name = lambda p: os.path.basename(os.path.normpath(p)) or "model"  # noqa: E731
+    ident = [model_fingerprint(args.a), model_fingerprint(args.b), model_fingerprint(args.judge),
+             file_digest(args.prompts), args.limit, args.temperature, args.top_p, args.max_new_tokens, args.seed,
+             file_digest(args.template), args.verdict_mode, args.judge_max_new_tokens, args.dtype]
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:10]
+    return os.path.join("runs", "eval", f"{name(args.a)}_vs_{name(args.b)}-{key}")
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description="Pairwise win rate of checkpoint A against checkpoint B.")
     parser.add_argument("--a", required=True, help="HF folder of the model under test")
     parser.add_argument("--b", required=True, help="HF folder of the baseline")
     parser.add_argument("--judge", default=None, help="HF folder of the judge (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--prompts", default=DEFAULT_EVAL, help="held-out prompts (JSONL with id, prompt)")
+    parser.add_argument("--prompts", default=DEFAULT_EVAL, help="held-out prompts (JSONL with id, prompt, optional system)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
-    parser.add_argument("--out-dir", default=None, help="where answers, comparisons and results.json go (default: runs/eval/<a>_vs_<b>)")
+    parser.add_argument("--out-dir", default=None, help="where answers, comparisons and results.json go (default: runs/eval/<a>_vs_<b>-<key of models and settings>)")
+    parser.add_argument("--redo", action="store_true", help="discard earlier answers and comparisons in --out-dir instead of resuming them")
     g = parser.add_argument_group("generation")
     g.add_argument("--temperature", type=float, default=0.7, help="answer sampling temperature")
     g.add_argument("--top-p", type=float, default=0.9, help="answer nucleus mass")
@@ -198,11 +213,19 @@ def main(argv=None):
     j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     j.add_argument("--export-alpaca-eval", default=None, metavar="FILE", help="write A's answers as AlpacaEval model outputs (instruction, output, generator)")
     j.add_argument("--generator-name", default=None, help="`generator` field of the export (default: the --a path)")
-    args = parser.parse_args(argv)
-    if args.out_dir is None:
-        name = lambda p: os.path.basename(os.path.normpath(p)) or "model"
-        args.out_dir = os.path.join("runs", "eval", f"{name(args.a)}_vs_{name(args.b)}")
-    return evaluate(args)
+    return parser
+
+
+def parse_args(argv=None):
+    a = build_parser().parse_args(argv)
+    check_flags(("--limit", a.limit, a.limit >= 0, ">= 0 (0 = all)"), ("--bootstrap", a.bootstrap, a.bootstrap >= 1, "at least 1"),
+                ("--judge-max-new-tokens", a.judge_max_new_tokens, a.judge_max_new_tokens >= 1, "at least 1"),
+                ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"), *sampling_rules(a))
+    return a
+
+
+def main(argv=None):
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

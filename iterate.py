@@ -2,11 +2,11 @@
 The main job: whole iterations of Meta-Rewarding (or Self-Rewarding), M_t -> M_{t+1}, stage by stage:
 prompts -> responses -> judgments + actor pairs -> meta-judgments + judge pairs -> DPO -> evaluation -> report.
 
-    python iterate.py --run runs/demo                                   # the demo preset, embedded model, CPU
-    python iterate.py --run runs/sr --method self-rewarding --iterations 3
-    torchrun --nproc_per_node 8 iterate.py --preset paper --model /models/Llama-3-8B-Instruct --run runs/paper
+    python iterate.py --run-dir runs/demo                                   # the demo preset, embedded model, CPU
+    python iterate.py --run-dir runs/sr --method self-rewarding --iterations 3
+    torchrun --nproc_per_node 8 iterate.py --preset paper --model /models/Llama-3-8B-Instruct --run-dir runs/paper
 
-Each iteration writes runs/<name>/iter<t>/ (DESIGN.md section 4) and records finished stages in its
+Each iteration writes runs/<name>/iter<t>/ (file formats in the README) and records finished stages in its
 manifest.json; re-running the same command continues where a killed run stopped and does nothing once all
 is done. Per-iteration schedules are comma lists, the last value repeating: --rho 0,0.32,0.32,0.4.
 """
@@ -22,7 +22,7 @@ import judge
 import meta_judge
 import sample
 import train_dpo
-from common import barrier, init_distributed, print0, read_jsonl, write_jsonl
+from common import barrier, check_flags, init_distributed, lock_folder, print0, read_jsonl, resolve_model, write_jsonl
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,10 +71,62 @@ def engine_flags(args):
 
 
 # -----------------------------------------------------------------------------
-# Stages of iteration t; each returns the counts that go into the manifest
+# The stages of iteration t: each is a script's command line, run in this process
 
 
-def stage_prompts(args, t, d, model_in):
+def plan(args, t, model_in):
+    """[(stage name, script module or None for the loop's own stages, argv)] of iteration t."""
+    d = os.path.join(args.run, f"iter{t}")
+    f = lambda name: os.path.join(d, name)  # noqa: E731
+    seed = str(args.seed * 1000 + t)
+    stages = [("prompts", None, []),
+              ("responses", sample, ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f("responses.jsonl"),
+                                     "--n-responses", str(args.n_responses), "--temperature", str(args.temperature),
+                                     "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
+                                     "--seed", seed] + engine_flags(args))]
+    judging = ["--judge-fn", args.judge_fn] if args.judge_fn else []
+    stages.append(("judgments", judge, ["--model", model_in, "--responses", f("responses.jsonl"), "--out",
+                                        f("judgments.jsonl"), "--pairs", f("actor_pairs.jsonl"),
+                                        "--n-judgments", str(args.n_judgments), "--score-mode", args.score_mode,
+                                        "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+                                        "--max-new-tokens", str(args.judge_max_new_tokens), "--rho", schedule(args.rho, t),
+                                        "--seed", seed] + judging + engine_flags(args)))
+    pair_files = [f("actor_pairs.jsonl")]
+    if args.method == "meta-rewarding":
+        cap = ["--max-chosen-chars", str(args.max_chosen_judgment_chars)] if args.max_chosen_judgment_chars else []
+        stages.append(("meta_judgments", meta_judge, [
+            "--model", model_in, "--judgments", f("judgments.jsonl"), "--out", f("meta_judgments.jsonl"),
+            "--pairs", f("judge_pairs.jsonl"), "--verdict-mode", args.verdict_mode, "--temperature", str(args.temperature),
+            "--top-p", str(args.top_p), "--max-new-tokens", str(args.meta_max_new_tokens), "--seed", seed] + cap + engine_flags(args)))
+        if str(t) in args.judge_pairs_iters.split(","):
+            pair_files.append(f("judge_pairs.jsonl"))
+    stages.append(("train", train_dpo, [
+        "--model", model_in, "--pairs", *pair_files, "--out", f("model"), "--beta", str(args.beta), "--lr", str(args.lr),
+        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--micro-batch-size",
+        str(args.micro_batch_size), "--max-len", str(args.max_len), "--seed", str(args.seed), "--save-every", "50",
+        "--resume", "--log-every", "1", "--dtype", args.dtype]))
+    if args.eval_prompts_n >= 0:
+        stages.append(("evaluate", evaluate, [
+            "--a", f("model"), "--b", model_in, "--judge", args.eval_judge, "--prompts", args.eval_prompts,
+            "--limit", str(args.eval_prompts_n), "--out-dir", f("eval"), "--max-new-tokens", str(args.eval_max_new_tokens),
+            "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens),
+            "--max-rows", str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)]))
+    stages.append(("report", None, []))
+    return stages
+
+
+def run_stage(args, t, name, module, argv, model_in):
+    d = os.path.join(args.run, f"iter{t}")
+    if name == "prompts":
+        return stage_prompts(args, t, d)
+    if name == "report":
+        return stage_report(args, t, d)
+    if name == "train":
+        return stage_train(args, argv, model_in)
+    return module.main(argv)
+
+
+def stage_prompts(args, t, d):
     """This iteration's prompts: the next slice of the pool, shuffled once by the run seed."""
     if int(os.environ.get("RANK", 0)) == 0:
         pool = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt")
@@ -88,39 +140,11 @@ def stage_prompts(args, t, d, model_in):
     return {"prompts": len(read_jsonl(os.path.join(d, "prompts.jsonl")))}
 
 
-def stage_responses(args, t, d, model_in):
-    return sample.main(["--model", model_in, "--prompts", os.path.join(d, "prompts.jsonl"),
-                        "--out", os.path.join(d, "responses.jsonl"), "--n", str(args.n_responses),
-                        "--temperature", str(args.temperature), "--top-p", str(args.top_p),
-                        "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed * 1000 + t)] + engine_flags(args))
-
-
-def stage_judgments(args, t, d, model_in):
-    extra = ["--judge-fn", args.judge_fn] if args.judge_fn else []
-    return judge.main(["--model", model_in, "--responses", os.path.join(d, "responses.jsonl"),
-                       "--out", os.path.join(d, "judgments.jsonl"), "--pairs", os.path.join(d, "actor_pairs.jsonl"),
-                       "--n", str(args.n_judgments), "--score-mode", args.score_mode,
-                       "--temperature", str(args.temperature), "--top-p", str(args.top_p),
-                       "--max-new-tokens", str(args.judge_max_new_tokens), "--rho", schedule(args.rho, t),
-                       "--seed", str(args.seed * 1000 + t)] + extra + engine_flags(args))
-
-
-def stage_meta_judgments(args, t, d, model_in):
-    extra = ["--max-chosen-chars", str(args.max_chosen_judgment_chars)] if args.max_chosen_judgment_chars else []
-    return meta_judge.main(["--model", model_in, "--judgments", os.path.join(d, "judgments.jsonl"),
-                            "--out", os.path.join(d, "meta_judgments.jsonl"), "--pairs", os.path.join(d, "judge_pairs.jsonl"),
-                            "--verdict-mode", args.verdict_mode, "--temperature", str(args.temperature),
-                            "--top-p", str(args.top_p), "--max-new-tokens", str(args.meta_max_new_tokens),
-                            "--seed", str(args.seed * 1000 + t)] + extra + engine_flags(args))
-
-
-def stage_train(args, t, d, model_in):
-    files = [os.path.join(d, "actor_pairs.jsonl")]
-    use_judge = args.method == "meta-rewarding" and str(t) in args.judge_pairs_iters.split(",")
-    if use_judge:
-        files.append(os.path.join(d, "judge_pairs.jsonl"))
-    files = [f for f in files if os.path.exists(f) and os.path.getsize(f) > 0]
-    out = os.path.join(d, "model")
+def stage_train(args, argv, model_in):
+    """DPO on this iteration's pair files that hold pairs; with none, the next model is this one."""
+    i, j = argv.index("--pairs") + 1, argv.index("--out")
+    files = [f for f in argv[i:j] if os.path.exists(f) and os.path.getsize(f) > 0]
+    out = argv[j + 1]
     if not files:
         # nothing to learn from: the next model is this one, said plainly in the manifest and report
         if int(os.environ.get("RANK", 0)) == 0:
@@ -128,25 +152,11 @@ def stage_train(args, t, d, model_in):
             shutil.copytree(model_in, out)
         barrier(args.world)
         return {"steps": 0, "skipped": "no preference pairs; model copied unchanged"}
-    counts = train_dpo.main(["--model", model_in, "--pairs", *files, "--out", out, "--beta", str(args.beta),
-                             "--lr", str(args.lr), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                             "--micro-batch-size", str(args.micro_batch_size), "--max-len", str(args.max_len),
-                             "--seed", str(args.seed), "--save-every", "50", "--resume", "--log-every", "1",
-                             "--dtype", args.dtype])
+    counts = train_dpo.main(argv[:i] + files + argv[j:])
     return dict(counts, pair_files=[os.path.basename(f) for f in files])
 
 
-def stage_evaluate(args, t, d, model_in):
-    if args.eval_prompts_n < 0:
-        return {"skipped": "--eval-prompts -1"}
-    return evaluate.main(["--a", os.path.join(d, "model"), "--b", model_in, "--judge", args.eval_judge,
-                          "--prompts", args.eval_prompts, "--limit", str(args.eval_prompts_n),
-                          "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens),
-                          "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens),
-                          "--max-rows", str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)])
-
-
-def stage_report(args, t, d, model_in):
+def stage_report(args, t, d):
     if int(os.environ.get("RANK", 0)) == 0:
         write_report(d, t, load_manifest(d))
     barrier(args.world)
@@ -226,9 +236,9 @@ def write_report(d, t, manifest):
 # -----------------------------------------------------------------------------
 
 
-def parse_args(argv):
+def build_parser():
     p = argparse.ArgumentParser(description="Run iterations of Meta-Rewarding / Self-Rewarding.")
-    p.add_argument("--run", default=os.path.join("runs", "demo"), help="run folder (iterations go in <run>/iter<t>)")
+    p.add_argument("--run-dir", dest="run", default=os.path.join("runs", "demo"), help="run folder (iterations go in <run-dir>/iter<t>)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults for every flag left unset")
     p.add_argument("--method", default="meta-rewarding", choices=("meta-rewarding", "self-rewarding"), help="with or without the meta-judge")
     p.add_argument("--model", default=None, help="starting model M0 (default: the embedded SmolLM2-135M-Instruct)")
@@ -266,7 +276,11 @@ def parse_args(argv):
     g = p.add_argument_group("engine")
     g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     preset = dict(PRESETS[args.preset])
     if args.preset == "paper" and args.method == "self-rewarding":
         preset.update(SELF_REWARDING_PAPER)
@@ -276,21 +290,50 @@ def parse_args(argv):
     return args
 
 
+def check_run(args):
+    """Every stage's flags for every iteration, checked by that stage's own parser before any work, so a typo
+    or a bad value fails now and not hours into a run; and the run folder's recorded settings."""
+    check_flags(("--iterations", args.iterations, args.iterations >= 1, "at least 1"),
+                ("--eval-prompts-n", args.eval_prompts_n, args.eval_prompts_n >= -1, ">= -1 (-1 = no evaluation)"))
+    for flag, value, kind in (("--prompts-per-iter", args.prompts_per_iter, int), ("--rho", args.rho, float),
+                              ("--judge-pairs-iters", args.judge_pairs_iters, int)):
+        try:
+            ok = all(kind(x) >= 0 for x in str(value).split(",") if x.strip())
+        except ValueError:
+            ok = False
+        check_flags((flag, value, ok, f"a comma list of non-negative {kind.__name__}s"))
+    model_in = args.model
+    for t in range(1, args.iterations + 1):
+        for name, module, argv in plan(args, t, model_in):
+            if module is not None:
+                module.parse_args(argv)
+        model_in = os.path.join(args.run, f"iter{t}", "model")
+    first = load_manifest(os.path.join(args.run, "iter1"))
+    old = first.get("settings")
+    if old:
+        now = json.loads(json.dumps(run_settings(args), default=str))
+        diffs = [f"{k}: {old.get(k)} -> {now.get(k)}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+        if diffs:
+            raise SystemExit(f"{args.run}: was run with other settings ({'; '.join(diffs)}); use another --run-dir "
+                             "or delete this one")
+
+
+def run_settings(args):
+    """The settings a run folder is tied to (--iterations may grow: more iterations extend the run)."""
+    return {k: v for k, v in vars(args).items() if k not in ("world", "iterations")}
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, args.world, device = init_distributed()
     if args.model is None:
-        from data.prepare_default import ensure_default_model
-        args.model = ensure_default_model() if rank == 0 else None
+        args.model = resolve_model(None) if rank == 0 else None
         barrier(args.world)
-        args.model = args.model or ensure_default_model()
+        args.model = args.model or resolve_model(None)
     args.eval_judge = args.eval_judge or args.model
-    os.makedirs(args.run, exist_ok=True)
-    stages = [("prompts", stage_prompts), ("responses", stage_responses), ("judgments", stage_judgments)]
-    if args.method == "meta-rewarding":
-        stages.append(("meta_judgments", stage_meta_judgments))
-    stages += [("train", stage_train), ("evaluate", stage_evaluate), ("report", stage_report)]
-    settings = {k: v for k, v in vars(args).items() if k not in ("world",)}
+    check_run(args)
+    lock = lock_folder(args.run) if rank == 0 else None  # a second job on this folder stops here
+    settings = run_settings(args)
     model_in, timings, ran = args.model, [], 0
     for t in range(1, args.iterations + 1):
         d = os.path.join(args.run, f"iter{t}")
@@ -298,14 +341,14 @@ def main(argv=None):
         manifest = load_manifest(d)
         manifest.update(iteration=t, model_in=model_in, model_out=os.path.join(d, "model"), method=args.method)
         manifest.setdefault("settings", settings)
-        for name, fn in stages:
+        for name, module, stage_argv in plan(args, t, model_in):
             done = manifest["stages"].get(name, {})
             if done.get("done"):
                 timings.append((t, name, done.get("seconds", 0.0), "done before"))
                 continue
             print0(f"\n=== iteration {t} | {name} ===")
             t0 = time.time()
-            counts = fn(args, t, d, model_in)
+            counts = run_stage(args, t, name, module, stage_argv, model_in)
             sec = round(time.time() - t0, 1)
             manifest["stages"][name] = {"done": True, "seconds": sec, "counts": _jsonable(counts)}
             save_manifest(d, manifest)
@@ -320,6 +363,8 @@ def main(argv=None):
         print0(f"  iter{t} {name:15s} {sec:8.1f}  {how}")
     print0(f"  total {sum(x[2] for x in timings if x[3] == 'ran'):.1f}s this run | final model {model_in} | "
            f"reports {os.path.join(args.run, 'iter*', 'report.md')}")
+    if lock is not None:
+        lock.close()
     return timings
 
 

@@ -1,11 +1,11 @@
 """
 LLM-as-a-Judge: the model scores its own responses with the additive 5-point rubric, and each prompt's
-responses become an actor preference pair with length control (DESIGN.md section 3, steps 3-4).
+responses become an actor preference pair with length control.
 
-    python judge.py --responses runs/x/iter1/responses.jsonl --out runs/x/iter1/judgments.jsonl --n 3
-    python judge.py --model DIR --responses r.jsonl --out j.jsonl --n 11 --pairs actor_pairs.jsonl --rho 0.32
+    python judge.py --responses runs/x/iter1/responses.jsonl --out runs/x/iter1/judgments.jsonl --n-judgments 3
+    python judge.py --model DIR --responses r.jsonl --out j.jsonl --n-judgments 11 --pairs actor_pairs.jsonl --rho 0.32
     python judge.py --score-mode expected ...      # probability-weighted score after "Score: " (small models)
-    torchrun --nproc_per_node 8 judge.py --model DIR --responses r.jsonl --out j.jsonl --n 11
+    torchrun --nproc_per_node 8 judge.py --model DIR --responses r.jsonl --out j.jsonl --n-judgments 11
 
 Score modes: `parse` (the paper) takes the last `Score: <points>` of each judgment, drops unparseable ones
 and counts them; `expected` cuts each judgment before its final `Score:` (if any), appends `Score: ` and
@@ -17,8 +17,9 @@ import os
 import re
 import time
 
-from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, done_records, init_distributed, load_function,
-                    load_model, load_template, merge_shards, print0, read_jsonl, render, stable_seed, write_jsonl)
+from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, check_prompt_fields, engine_rules,
+                    file_digest, finish_stage, finite, init_distributed, load_function, load_model, load_template,
+                    model_fingerprint, print0, read_jsonl, render, sampling_rules, stable_seed, start_stage, write_jsonl)
 from sample import Request, generate, next_token_logprobs
 
 def judge_prompt(template, rubric, prompt, response):
@@ -104,7 +105,7 @@ def mean_or_none(xs):
 
 
 def select_actor_pair(responses, scores, rho, max_chosen_chars=None):
-    """Length-controlled pair (DESIGN.md section 3 step 4) -> ((chosen, rejected) indices, None) or (None, reason).
+    """Length-controlled pair -> ((chosen, rejected) indices, None) or (None, reason).
 
     chosen = the shortest response scoring >= (1-rho) S_max + rho S_min; rejected = the longest scoring
     <= (1-rho) S_min + rho S_max. rho = 0 is best vs worst. Lengths in characters; ties broken by score,
@@ -146,16 +147,32 @@ def make_actor_pairs(records, rho, max_chosen_chars=None):
 # The stage
 
 
+def check_responses_record(rec):
+    problem = check_prompt_fields(rec)
+    if problem:
+        return problem
+    rs = rec["responses"]
+    if not isinstance(rs, list) or not rs or not all(isinstance(x, str) for x in rs):
+        return "`responses` must be a non-empty list of strings"
+    return None
+
+
+def stage_settings(args):
+    """What decides the judgments; a resumed run must have the same (see common.start_stage)."""
+    keep = ("n", "score_mode", "temperature", "top_p", "max_new_tokens", "seed", "dtype", "chat_format")
+    who = {"judge_fn": args.judge_fn} if args.judge_fn else {"model": model_fingerprint(args.model_path)}
+    return {**who, "responses": file_digest(args.responses), "template": file_digest(args.template),
+            "rubric": file_digest(args.rubric), **{k: getattr(args, k) for k in keep}}
+
+
 def run_judge(args, model, tok, rank, world):
     """Judge every response of every record; returns the stage counts."""
-    records = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record")
+    records = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record",
+                         check=check_responses_record)
     order = [str(r["id"]) for r in records]
-    for n, r in enumerate(records, 1):
-        if not isinstance(r["responses"], list) or not all(isinstance(x, str) for x in r["responses"]):
-            raise SystemExit(f"{args.responses}:{n}: `responses` must be a list of strings")
     template = load_template(args.template, ("rubric", "prompt", "response"))
     rubric = load_template(args.rubric, ())
-    done = {str(r["id"]) for r in done_records(args.out)}
+    done = start_stage(args.out, stage_settings(args), args.redo, rank, world)
     todo = [r for k, r in enumerate(records) if str(r["id"]) not in done and k % world == rank]
     if args.judge_fn:
         return run_programmatic_judge(args, records, todo, order, rank, world)
@@ -218,18 +235,17 @@ def run_judge(args, model, tok, rank, world):
              on_done=on_done, progress=bar)
     bar.close()
     writer.close()
-    barrier(world)
     dt = time.time() - t0
-    counts["seconds"] = round(dt, 2)
-    if rank != 0:
-        return counts
-    return finish_judge_stage(args, order, seconds=counts["seconds"],
+    return finish_judge_stage(args, order, rank, world, seconds=round(dt, 2),
                               tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
 
 
-def finish_judge_stage(args, order, **extra):
-    """Rank 0: merge the shards, summarise, write the actor pairs, print the summary line."""
-    merged = merge_shards(args.out, order)
+def finish_judge_stage(args, order, rank, world, **extra):
+    """Merge the shards; rank 0 summarises, writes the actor pairs and prints the summary line."""
+    merged = finish_stage(args.out, order, rank, world)
+    if rank != 0:
+        barrier(world)
+        return {}
     summary = summarize_judgments(merged)
     summary.update(extra)
     if args.pairs:
@@ -239,6 +255,7 @@ def finish_judge_stage(args, order, **extra):
                        mean_chosen_chars=round(_mean([len(p["chosen"]) for p in pairs]), 1),
                        mean_rejected_chars=round(_mean([len(p["rejected"]) for p in pairs]), 1))
     print0("judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
+    barrier(world)  # the pairs are on disk before any rank moves on
     return summary
 
 
@@ -249,15 +266,15 @@ def run_programmatic_judge(args, records, todo, order, rank, world):
     writer = ShardWriter(args.out, rank)
     for rec in todo:
         scores = [float(fn(rec["prompt"], resp)) for resp in rec["responses"]]
+        bad = [s for s in scores if not 0 <= s <= 5]  # NaN fails this too
+        if bad:
+            raise SystemExit(f"--judge-fn {args.judge_fn}: scored {bad[0]} for record {rec['id']!r}, outside [0, 5]")
         out = dict(rec, judgments=[[f"Programmatic judge {args.judge_fn}.\nScore: {s}"] for s in scores],
                    scores=[[s] for s in scores], score=scores, score_mode="programmatic",
                    parsed_scores=[[s] for s in scores], judge={"function": args.judge_fn})
         writer.write(out)
     writer.close()
-    barrier(world)
-    if rank != 0:
-        return {}
-    return finish_judge_stage(args, order)
+    return finish_judge_stage(args, order, rank, world)
 
 
 def summarize_judgments(records):
@@ -289,14 +306,14 @@ def add_judge_args(parser):
     return g
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Score responses with the model as its own judge; make actor pairs.")
     parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--responses", required=True, help="responses.jsonl from sample.py")
     parser.add_argument("--out", required=True, help="judgments.jsonl to write (resumed if present)")
     parser.add_argument("--pairs", default=None, help="also write actor preference pairs here")
     g = add_judge_args(parser)
-    g.add_argument("--n", type=int, default=3, help="judgments per response (N; paper 11 for Meta-Rewarding)")
+    g.add_argument("--n-judgments", dest="n", type=int, default=3, help="judgments per response (N; paper 11 for Meta-Rewarding)")
     g.add_argument("--score-mode", default="parse", choices=("parse", "expected"), help="how a judgment becomes a score")
     g.add_argument("--judge-fn", default=None, metavar="MODULE:FUNC", help="score with a Python function f(prompt, response) instead of the model (ablations)")
     g.add_argument("--temperature", type=float, default=0.8, help="judge sampling temperature")
@@ -307,13 +324,23 @@ def main(argv=None):
     p.add_argument("--rho", type=float, default=0.0, help="length control in [0, 1] (0 = best vs worst)")
     p.add_argument("--max-chosen-chars", type=int, default=None, help="drop pairs whose chosen response is longer")
     add_engine_args(parser)
-    args = parser.parse_args(argv)
-    if not 0 <= args.rho <= 1:
-        raise SystemExit(f"--rho: {args.rho} is outside [0, 1]")
-    if args.n < 1:
-        raise SystemExit(f"--n: {args.n} must be at least 1")
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    check_flags(("--rho", args.rho, finite(args.rho) and 0 <= args.rho <= 1, "in [0, 1]"),
+                ("--n-judgments", args.n, args.n >= 1, "at least 1"),
+                ("--max-chosen-chars", args.max_chosen_chars, args.max_chosen_chars is None or args.max_chosen_chars >= 1,
+                 "at least 1"), *sampling_rules(args), *engine_rules(args))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rank, world, device = init_distributed()
     if args.judge_fn:  # no model needed
+        args.model_path = None
         return run_judge(args, None, None, rank, world)
     model, tok, args.model_path = load_model(args.model, device, args.dtype, args.chat_format)
     return run_judge(args, model, tok, rank, world)

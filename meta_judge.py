@@ -1,7 +1,7 @@
 """
 Meta-judge: the model compares its own judgments pairwise; position-debiased battles give each judgment a
 Bradley-Terry (Elo) rating, and the best vs worst judgment of a response becomes a judge preference pair
-(DESIGN.md section 3, step 5).
+(the Meta-Rewarding step).
 
     python meta_judge.py --judgments runs/x/iter1/judgments.jsonl --out runs/x/iter1/meta_judgments.jsonl \
         --pairs runs/x/iter1/judge_pairs.jsonl
@@ -20,9 +20,10 @@ import time
 
 import numpy as np
 
-from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, done_records, init_distributed, load_model,
-                    load_template, merge_shards, print0, read_jsonl, render, stable_seed, write_jsonl)
-from judge import add_judge_args, common_prefix, cut_at_last, judge_prompt, probe_candidates
+from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, engine_rules, file_digest,
+                    finish_stage, init_distributed, load_model, load_template, model_fingerprint, print0, read_jsonl,
+                    render, sampling_rules, stable_seed, start_stage, write_jsonl)
+from judge import add_judge_args, check_responses_record, common_prefix, cut_at_last, judge_prompt, probe_candidates
 from sample import Request, generate, next_token_logprobs
 
 # -----------------------------------------------------------------------------
@@ -156,14 +157,36 @@ def make_judge_pair(rec, max_chosen_chars=None):
 # The stage
 
 
+def check_judgments_record(rec):
+    problem = check_responses_record(rec)
+    if problem:
+        return problem
+    J, S = rec["judgments"], rec["scores"]
+    if not isinstance(J, list) or not all(isinstance(js, list) and all(isinstance(x, str) for x in js) for js in J):
+        return "`judgments` must be lists of strings (one list per response)"
+    ok = lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))  # noqa: E731
+    if not isinstance(S, list) or not all(isinstance(ss, list) and all(ok(x) for x in ss) for ss in S):
+        return "`scores` must hold numbers or null (one list per response)"
+    if len(J) != len(rec["responses"]) or len(S) != len(J) or any(len(a) != len(b) for a, b in zip(J, S)):
+        return "`scores` and `judgments` must have the same shape (one list per response, one entry per judgment)"
+    return None
+
+
+def stage_settings(args):
+    keep = ("verdict_mode", "temperature", "top_p", "max_new_tokens", "seed", "dtype", "chat_format")
+    return {"model": model_fingerprint(args.model_path), "judgments": file_digest(args.judgments),
+            "meta_template": file_digest(args.meta_template), "rubric": file_digest(args.rubric),
+            **{k: getattr(args, k) for k in keep}}
+
+
 def run_meta_judge(args, model, tok, rank, world):
     records = read_jsonl(args.judgments, required=("id", "prompt", "responses", "judgments", "scores"),
-                         what="judgments record")
+                         what="judgments record", check=check_judgments_record)
     order = [str(r["id"]) for r in records]
     template = load_template(args.meta_template, ("rubric", "prompt", "response", "judgment_a", "judgment_b"))
     judge_template = load_template(args.template, ("rubric", "prompt", "response"))  # fail now, not after the battles
     rubric = load_template(args.rubric, ()).strip()
-    done = {str(r["id"]) for r in done_records(args.out)}
+    done = start_stage(args.out, stage_settings(args), args.redo, rank, world)
     if args.verdict_mode == "expected":
         probe, ab_ids = probe_candidates(tok, "Winner: Judgement", ["A", "B"])
 
@@ -242,18 +265,19 @@ def run_meta_judge(args, model, tok, rank, world):
              on_done=on_done, progress=bar)
     bar.close()
     writer.close()
-    barrier(world)
     dt = time.time() - t0
+    merged = finish_stage(args.out, order, rank, world)
     if rank != 0:
+        barrier(world)
         return {}
-    merged = merge_shards(args.out, order)
-    summary = finish_stage(args, merged, records, judge_template, rubric)
+    summary = rate_and_pair(args, merged, records, judge_template, rubric)
     summary.update(skips=skipped, seconds=round(dt, 2), tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
     print0("meta-judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
+    barrier(world)  # the Elo ratings and pairs are on disk before any rank moves on
     return summary
 
 
-def finish_stage(args, merged, records, template, rubric):
+def rate_and_pair(args, merged, records, template, rubric):
     """Stage-wide position weights, Elo per record, judge pairs (their prompt rendered from the judge
     `template` and `rubric`); rewrites the stage output with the Elo."""
     battles = [b for rec in merged for b in rec["battles"]]
@@ -290,7 +314,7 @@ def finish_stage(args, merged, records, template, rubric):
             "omega1": round(omega1, 4), "omega2": round(omega2, 4), "judge_pairs": len(pairs), "pair_skips": skips}
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Meta-judge battles between judgments; Elo; judge pairs.")
     parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--judgments", required=True, help="judgments.jsonl from judge.py")
@@ -307,7 +331,18 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0, help="run seed")
     g.add_argument("--max-chosen-chars", type=int, default=None, help="skip judge pairs whose chosen judgment is longer (paper: about 1000)")
     add_engine_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    check_flags(("--max-chosen-chars", args.max_chosen_chars, args.max_chosen_chars is None or args.max_chosen_chars >= 1,
+                 "at least 1"), *sampling_rules(args), *engine_rules(args))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rank, world, device = init_distributed()
     model, tok, args.model_path = load_model(args.model, device, args.dtype, args.chat_format)
     return run_meta_judge(args, model, tok, rank, world)

@@ -366,7 +366,11 @@ class Transformer(nn.Module):
         else:
             positions = steps.expand(B, T) if start is None else start[:, None] + steps  # (B, T)
             if cache is not None:
-                write = (torch.arange(B, device=device) if rows is None else rows, positions)
+                # a ragged batch is right-padded; the padding of a row that continues after a long prefix can
+                # reach past its slot. Its keys are never read (the mask hides them and decoding overwrites
+                # them), so they all land on the slot's last position, which no prompt token occupies.
+                wpos = positions.clamp(max=cache.max_len - 1)
+                write = (torch.arange(B, device=device) if rows is None else rows, wpos)
                 if start is not None:
                     # key position j is visible to the query at position p iff j <= p
                     mask = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
@@ -440,7 +444,7 @@ def read_hf_config(path) -> ModelArgs:
 
 def read_hf_state(path, model, device=None, dtype=None) -> dict:
     """The weights of an HF folder under our parameter names, checked against `model`'s (meta) shapes."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     args = model.args
     files = _weight_files(path)
@@ -450,17 +454,20 @@ def read_hf_state(path, model, device=None, dtype=None) -> dict:
     ours = {hf_name(k): k for k in model.state_dict()}
     state = {}
     for f in files:
-        with safe_open(f, framework="pt", device="cpu") as sf:
-            for key in sf.keys():
-                if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and args.tie_embeddings):
-                    continue  # derived or duplicate tensors some writers store
-                if key not in expected:
-                    raise ValueError(f"{f}: unexpected tensor {key!r} for a Llama model")
-                t = sf.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[key].shape):
-                    raise ValueError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                     f"config.json implies {tuple(expected[key].shape)}")
-                state[ours[key]] = t.to(device=device, dtype=dtype or t.dtype)
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and args.tie_embeddings):
+                        continue  # derived or duplicate tensors some writers store
+                    if key not in expected:
+                        raise ValueError(f"{f}: unexpected tensor {key!r} for a Llama model")
+                    t = sf.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[key].shape):
+                        raise ValueError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                         f"config.json implies {tuple(expected[key].shape)}")
+                    state[ours[key]] = t.to(device=device, dtype=dtype or t.dtype)
+        except SafetensorError as e:  # a truncated or corrupt file: say which one
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     missing = sorted(set(expected) - {hf_name(k) for k in state})
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -513,6 +520,11 @@ def save_hf(state_dict, args: ModelArgs, path, tokenizer_dir=None, max_shard_byt
             src = os.path.join(tokenizer_dir, name)
             if os.path.exists(src):
                 shutil.copy2(src, os.path.join(tmp, name))
+    # safetensors creates its files readable by the owner only; a checkpoint is meant to be shared
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     # swap in: the old folder (if any) is moved aside first, then the new one takes its name
     old = f"{path}.old-{os.getpid()}"
     if os.path.exists(path):

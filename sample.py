@@ -6,9 +6,9 @@ The engine (`generate`) prefills each distinct prompt once into one cache slot t
 of different lengths in flight, and hands a finished row to waiting work (continuous batching). Sampling draws its random numbers from (seed, sample, step) alone, so a request's
 output does not depend on what it is batched with, and a resumed run reproduces an uninterrupted one.
 
-    python sample.py --prompts data/prompts.jsonl --out runs/x/responses.jsonl --n 4 --max-new-tokens 256
-    python sample.py --model DIR --prompts p.jsonl --out r.jsonl --n 7 --temperature 0.8 --top-p 0.95 --seed 0
-    torchrun --nproc_per_node 8 sample.py --model DIR --prompts p.jsonl --out r.jsonl --n 7
+    python sample.py --prompts data/prompts.jsonl --out runs/x/responses.jsonl --n-responses 4 --max-new-tokens 256
+    python sample.py --model DIR --prompts p.jsonl --out r.jsonl --n-responses 7 --temperature 0.8 --top-p 0.95 --seed 0
+    torchrun --nproc_per_node 8 sample.py --model DIR --prompts p.jsonl --out r.jsonl --n-responses 7
 """
 import argparse
 import time
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (ShardWriter, add_engine_args, barrier, done_records, init_distributed, load_model, merge_shards,
-                    print0, read_jsonl, stable_seed)
+from common import (ShardWriter, add_engine_args, check_flags, check_prompt_fields, engine_rules, file_digest,
+                    finish_stage, init_distributed, load_model, model_fingerprint, print0, read_jsonl, sampling_rules,
+                    stable_seed, start_stage)
 from model import Groups, KVCache
 
 # -----------------------------------------------------------------------------
@@ -120,6 +121,8 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     (see model.Groups), so a prompt is prefilled once, stored once and read once per decode step however
     many samples it has. A slot is given back when its last sample finishes.
     """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     if not requests:
         return []
     device = model.tok_embeddings.weight.device
@@ -355,30 +358,36 @@ def next_token_logprobs(model, prefix, continuations, candidates, max_rows=64):
 # The prompts -> responses stage
 
 
+def stage_settings(args, model_path):
+    """What decides this stage's output; a resumed run must have the same (see common.start_stage)."""
+    keep = ("limit", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "dedup", "dtype", "chat_format")
+    return {"model": model_fingerprint(model_path), "prompts": file_digest(args.prompts),
+            **{k: getattr(args, k) for k in keep}}
+
+
 def run_stage(args, model, tok, model_path, rank, world):
-    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt")
-    order = [str(p["id"]) for p in prompts]
-    done = {str(r["id"]) for r in done_records(args.out)}
-    todo = [p for k, p in enumerate(prompts) if str(p["id"]) not in done and k % world == rank]
+    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
+    n_use = args.limit or len(prompts)
+    order = [str(p["id"]) for p in prompts[:n_use]]
+    done = start_stage(args.out, stage_settings(args, model_path), args.redo, rank, world)
+    todo = [k for k in range(n_use) if order[k] not in done and k % world == rank]
     limit = model.args.max_seq_len - args.max_new_tokens
     requests = []
-    for line, p in enumerate(prompts, 1):
-        if not isinstance(p["prompt"], str) or not p["prompt"].strip():
-            raise SystemExit(f"{args.prompts}:{line}: `prompt` must be a non-empty string")
-    for p in todo:
+    for k in todo:
+        p = prompts[k]
         ids = tok.encode_prompt(p["prompt"], p.get("system"))
         if len(ids) > limit:
-            raise SystemExit(f"{args.prompts}:{order.index(str(p['id'])) + 1}: prompt is {len(ids)} tokens; with "
-                             f"--max-new-tokens {args.max_new_tokens} the model's context ({model.args.max_seq_len}) allows {limit}")
+            raise SystemExit(f"{prompts.where(k)}: prompt is {len(ids)} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} the model's context ({model.args.max_seq_len}) allows {limit}")
         requests.append(Request(ids, n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
                                 seed=stable_seed(args.seed, p["id"])))
-    print0(f"{len(prompts)} prompts, {len(done)} already done, {len(todo)} on rank {rank}")
+    print0(f"{n_use} prompts, {len(done)} already done, {len(todo)} on rank {rank}")
     writer = ShardWriter(args.out, rank)
     counts = {"samples": 0, "tokens": 0, "duplicates": 0, "length_stops": 0}
 
     def on_done(i, comps):
-        p = todo[i]
+        p = prompts[todo[i]]
         texts, reasons, ntoks = [], [], []
         for c in comps:
             text = tok.decode(c.tokens)
@@ -406,9 +415,7 @@ def run_stage(args, model, tok, model_path, rank, world):
     bar.close()
     writer.close()
     dt = time.time() - t0
-    barrier(world)
-    if rank == 0:
-        merge_shards(args.out, order)
+    finish_stage(args.out, order, rank, world)
     counts["seconds"] = round(dt, 2)
     counts["tokens_per_s"] = round(counts["tokens"] / max(dt, 1e-9), 1)
     print0(f"sample | prompts {len(requests)} (rank 0) | samples {counts['samples']} | tokens {counts['tokens']} | "
@@ -417,14 +424,15 @@ def run_stage(args, model, tok, model_path, rank, world):
     return counts
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Generate K responses per prompt (the actor stage).")
     # io
     parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--prompts", required=True, help="JSONL with `id`, `prompt` (optional `system`)")
     parser.add_argument("--out", required=True, help="output JSONL of responses (resumed if it exists)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts of the file (0 = all)")
     # sampling
-    parser.add_argument("--n", type=int, default=4, help="responses per prompt (K)")
+    parser.add_argument("--n-responses", dest="n", type=int, default=4, help="responses per prompt (K)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -432,11 +440,18 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="run seed; each prompt's stream derives from it and its id")
     parser.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate responses")
     add_engine_args(parser)
-    args = parser.parse_args(argv)
-    for flag, v, ok in (("--n", args.n, args.n >= 1), ("--temperature", args.temperature, args.temperature >= 0),
-                        ("--top-p", args.top_p, 0 < args.top_p <= 1), ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1)):
-        if not ok:
-            raise SystemExit(f"{flag}: invalid value {v}")
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    check_flags(("--n-responses", args.n, args.n >= 1, "at least 1"), ("--limit", args.limit, args.limit >= 0, ">= 0"),
+                ("--top-k", args.top_k, args.top_k >= 0, ">= 0"), *sampling_rules(args), *engine_rules(args))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rank, world, device = init_distributed()
     model, tok, path = load_model(args.model, device, args.dtype, args.chat_format)
     return run_stage(args, model, tok, path, rank, world)

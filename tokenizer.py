@@ -16,21 +16,24 @@ CHAT_FORMATS = ("llama3", "chatml")
 
 
 def format_llama3(messages, add_generation_prompt=True):
-    """Llama-3 chat text; the tokenizer turns the header/turn markers into their special ids."""
-    text = "<|begin_of_text|>"
+    """Llama-3 chat as pieces (text, is_control): control pieces are the header and turn markers."""
+    pieces = [("<|begin_of_text|>", True)]
     for m in messages:
-        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+        pieces += [("<|start_header_id|>", True), (m["role"], False), ("<|end_header_id|>", True),
+                   ("\n\n" + m["content"].strip(), False), ("<|eot_id|>", True)]
     if add_generation_prompt:
-        text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    return text
+        pieces += [("<|start_header_id|>", True), ("assistant", False), ("<|end_header_id|>", True), ("\n\n", False)]
+    return pieces
 
 
 def format_chatml(messages, add_generation_prompt=True):
-    """ChatML chat text: each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    """ChatML chat as pieces (text, is_control): each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`."""
+    pieces = []
+    for m in messages:
+        pieces += [("<|im_start|>", True), (f"{m['role']}\n{m['content']}", False), ("<|im_end|>", True), ("\n", False)]
     if add_generation_prompt:
-        text += "<|im_start|>assistant\n"
-    return text
+        pieces += [("<|im_start|>", True), ("assistant\n", False)]
+    return pieces
 
 
 # end-of-turn markers of each family: generation stops at any of them (and at the folder's eos tokens)
@@ -67,6 +70,10 @@ class Tokenizer:
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"unknown chat format {chat_format!r} (choose from {', '.join(CHAT_FORMATS)})")
         self.tok, self.chat_format, self.path = tok, chat_format, path
+        # text is always text: a `<|im_end|>` inside a prompt or a response is encoded as its characters, never
+        # as the control token (else a response could close its turn and forge the judge's reply); control
+        # tokens come only from the chat format, by id
+        tok.encode_special_tokens = True
         vocab = tok.get_vocab()
         missing = [s for s in STOP_STRINGS[chat_format][:1] if s not in vocab]
         if missing:
@@ -92,7 +99,7 @@ class Tokenizer:
         return cls(tok, chat_format, eos_ids=_eos_ids(path), path=path)
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, special-token markers in the text included, no BOS/EOS added."""
+        """Text -> ids, literally: special-token markers in the text are encoded as ordinary characters."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens=True) -> str:
@@ -104,15 +111,23 @@ class Tokenizer:
             raise KeyError(f"{self.path}: token {token!r} is not in the vocabulary")
         return i
 
-    def format_chat(self, messages, add_generation_prompt=True) -> str:
+    def chat_pieces(self, messages, add_generation_prompt=True):
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r}")
         return FORMATTERS[self.chat_format](messages, add_generation_prompt)
 
+    def format_chat(self, messages, add_generation_prompt=True) -> str:
+        """The chat as text (for reading; the ids come from `encode_chat`)."""
+        return "".join(text for text, _ in self.chat_pieces(messages, add_generation_prompt))
+
     def encode_chat(self, messages, add_generation_prompt=True) -> list[int]:
-        """A message list -> the ids the model sees, ending with the assistant header when asked."""
-        return self.encode(self.format_chat(messages, add_generation_prompt))
+        """A message list -> the ids the model sees, ending with the assistant header when asked. Control
+        markers become their token ids; the messages' text is encoded literally."""
+        ids = []
+        for text, control in self.chat_pieces(messages, add_generation_prompt):
+            ids += [self.token_id(text)] if control else self.encode(text)
+        return ids
 
     def encode_prompt(self, prompt: str, system: str | None = None) -> list[int]:
         """One user turn (optional system turn) ready for generation."""

@@ -17,13 +17,14 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 
 import torch
 import torch.nn.functional as F
 
 from model import Transformer, read_hf_config, read_hf_state, rope_inv_freq, save_hf
-from common import barrier, init_distributed, print0, read_jsonl
+from common import barrier, check_flags, file_digest, finite, init_distributed, model_fingerprint, print0, read_jsonl, resolve_model
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -38,6 +39,9 @@ def sequence_logps(model, tokens, loss_mask):
     targets = tokens[:, 1:].masked_fill(mask == 0, -1)
     logps = model(tokens[:, :-1], targets=targets)  # (B, T-1)
     return logps.sum(-1), mask.sum(-1)
+
+
+LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
@@ -75,17 +79,26 @@ def lr_at(step, total, warmup, lr, schedule, min_ratio=0.0):
 # Data
 
 
+def check_pair(rec):
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(rec[key], str):
+            return f"`{key}` must be a string"
+    if rec["chosen"] == rec["rejected"]:
+        return "`chosen` and `rejected` are the same text (the pair teaches nothing; drop it)"
+    if rec.get("system") is not None and not isinstance(rec["system"], str):
+        return "`system` must be a string"
+    w = rec.get("weight", 1.0)
+    if isinstance(w, bool) or not finite(w) or w < 0:
+        return "`weight` must be a finite non-negative number"
+    return None
+
+
 def load_pairs(files, tok, max_len, truncate):
     """Tokenized pairs from plain preference files; returns (examples, skip counts)."""
     examples, counts = [], {"truncated": 0, "skipped_too_long": 0}
     for fi, path in enumerate(files):
-        for line, rec in enumerate(read_jsonl(path, required=("prompt", "chosen", "rejected"), what="pair"), 1):
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(rec[key], str):
-                    raise SystemExit(f"{path}:{line}: `{key}` must be a string")
-            weight = rec.get("weight", 1.0)
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise SystemExit(f"{path}:{line}: `weight` must be a non-negative number")
+        recs = read_jsonl(path, required=("prompt", "chosen", "rejected"), what="pair", check=check_pair)
+        for i, rec in enumerate(recs):
             prompt = tok.encode_prompt(rec["prompt"], rec.get("system"))
             chosen, rejected = tok.encode(rec["chosen"]) + [tok.eot_id], tok.encode(rec["rejected"]) + [tok.eot_id]
             longest = max(len(chosen), len(rejected))
@@ -95,8 +108,8 @@ def load_pairs(files, tok, max_len, truncate):
                     continue
                 prompt = prompt[len(prompt) + longest - max_len:]  # keep the end of the prompt
                 counts["truncated"] += 1
-            examples.append({"key": f"{fi}:{line}", "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                             "weight": float(weight)})
+            examples.append({"key": f"{fi}:{recs.lines[i]}", "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                             "weight": float(rec.get("weight", 1.0))})
     return examples, counts
 
 
@@ -145,6 +158,13 @@ def build_model(path, device, world, mp_bf16, activation_checkpointing=False, co
     """The policy: fp32 master weights; under torchrun, FSDP2 per block then the root (torchtitan's order),
     rank 0 reading the checkpoint and broadcasting it into the shards. `compile` compiles each block (the
     identical blocks share one compiled graph), before sharding."""
+    try:
+        return _build_model(path, device, world, mp_bf16, activation_checkpointing, compile)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model: {e}") from None
+
+
+def _build_model(path, device, world, mp_bf16, activation_checkpointing, compile):
     args = read_hf_config(path)
     if world == 1:
         model = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
@@ -206,21 +226,10 @@ def compute_ref_logps(model, examples, micro, world, rank, device, autocast):
 
 
 def ref_cache_key(files, ref_path, examples, args):
-    """Hash of the pairs, the reference weights (sizes and edges of each file) and the tokenization."""
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            h.update(fh.read())
-    for name in sorted(os.listdir(ref_path)):
-        if name.endswith(".safetensors") or name == "config.json":
-            p = os.path.join(ref_path, name)
-            size = os.path.getsize(p)
-            with open(p, "rb") as fh:
-                h.update(f"{name}:{size}".encode() + fh.read(1 << 20))
-                fh.seek(max(0, size - (1 << 20)))
-                h.update(fh.read())
-    h.update(json.dumps([args.max_len, args.truncate, len(examples), args.dtype]).encode())
-    return h.hexdigest()[:16]
+    """Hash of the pairs, the reference weights and the tokenization settings."""
+    ident = [model_fingerprint(ref_path), [file_digest(f) for f in files], args.max_len, args.truncate,
+             len(examples), args.dtype]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -230,15 +239,14 @@ def ref_cache_key(files, ref_path, examples, args):
 def train(args):
     rank, world, device = init_distributed()
     torch.manual_seed(args.seed)
-    if args.model is None:
-        from data.prepare_default import ensure_default_model
-        args.model = ensure_default_model()
-    tok = Tokenizer.from_pretrained(args.model, args.chat_format)
+    args.model = resolve_model(args.model)
+    try:
+        tok = Tokenizer.from_pretrained(args.model, args.chat_format)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model: {e}") from None
     examples, data_counts = load_pairs(args.pairs, tok, args.max_len, args.truncate)
     if not examples:
         raise SystemExit(f"--pairs: no usable pairs in {', '.join(args.pairs)} ({data_counts})")
-    if args.loss not in ("sigmoid", "ipo", "hinge"):
-        raise SystemExit(f"--loss: unknown loss {args.loss!r} (choose sigmoid, ipo, hinge)")
     work = args.out.rstrip("/") + ".train"
     os.makedirs(work, exist_ok=True)
     bf16 = device.type == "cuda" and args.dtype in ("auto", "bfloat16")
@@ -273,14 +281,14 @@ def train(args):
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * total)
-    step = 0
+    step, key = 0, run_key(args)
     state_dir = os.path.join(work, "state")
     if args.resume and os.path.exists(os.path.join(state_dir, "trainer.json")):
-        step = load_state(state_dir, model, opt, world)
+        step = load_state(state_dir, model, opt, key)
         print0(f"resumed at step {step} from {state_dir}")
     print0(f"{len(examples)} pairs ({data_counts}) | {total} steps of {args.batch_size} pairs | world {world} | "
            f"loss {args.loss} beta {args.beta} | ref {args.ref_mode}")
-    metrics_f = open(os.path.join(work, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics_f = open_metrics(os.path.join(work, "metrics.jsonl"), step) if rank == 0 else None
     model.train()
     t_last, tokens_seen = time.time(), 0
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -345,51 +353,98 @@ def train(args):
                 metrics_f.write(json.dumps(m) + "\n")
                 metrics_f.flush()
             if args.save_every and step % args.save_every == 0:
-                save_state(state_dir, model, opt, step, world, rank)
+                save_state(state_dir, model, opt, step, world, rank, key)
         if args.stop_after is not None and step >= args.stop_after:
-            save_state(state_dir, model, opt, step, world, rank)
+            save_state(state_dir, model, opt, step, world, rank, key)
             print0(f"stopped after step {step}; state in {state_dir} (continue with --resume)")
             return {"steps": step, "stopped": True}
     state = full_state(model, world)
     if rank == 0:
-        save_hf(state, model.args, args.out, tokenizer_dir=args.model)
+        try:
+            save_hf(state, model.args, args.out, tokenizer_dir=args.model)
+        except OSError as e:
+            raise SystemExit(f"{args.out}: cannot write the trained model ({e.strerror or e})") from None
         metrics_f.close()
+        shutil.rmtree(state_dir, ignore_errors=True)  # the model folder is the result; the state was for resuming
     barrier(world)
     print0(f"train_dpo | steps {step} | pairs {len(examples)} | saved {args.out}")
     return {"steps": step, "pairs": len(examples), **data_counts}
 
 
-def save_state(state_dir, model, opt, step, world, rank):
-    """Resumable state with torch.distributed.checkpoint (sharded under FSDP); trainer.json written last."""
+def run_key(args):
+    """What makes a training run this one: the output folder, the starting model and reference, the data and
+    every setting that shapes the steps. Resumable state carries it, so --resume takes only its own state."""
+    keep = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "warmup_steps",
+            "warmup_ratio", "schedule", "min_lr_ratio", "weight_decay", "grad_clip", "max_len", "truncate", "seed")
+    ident = {"out": os.path.abspath(args.out), "model": model_fingerprint(args.model),
+             "ref": model_fingerprint(args.ref) if args.ref else None,
+             "data": [file_digest(f) for f in args.pairs], **{k: getattr(args, k) for k in keep}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def open_metrics(path, step):
+    """The metrics log holding exactly the steps up to `step`: a run killed after logging steps it had not
+    saved logs them again when resumed, and a fresh run starts an empty log."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    f = open(path, "w")
+    f.writelines(kept)
+    f.flush()
+    return f
+
+
+def save_state(state_dir, model, opt, step, world, rank, key):
+    """Resumable state with torch.distributed.checkpoint (sharded under FSDP); trainer.json is written last and
+    names the run and the checksum of the pickled `.metadata`; older steps are then deleted."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(state_dir, f"step{step}"))
-    barrier(world)
-    if rank == 0:
-        tmp = os.path.join(state_dir, "trainer.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"step": step, "rng": torch.get_rng_state().tolist()}, f)
-        os.replace(tmp, os.path.join(state_dir, "trainer.json"))
+    step_dir = os.path.join(state_dir, f"step{step}")
+    try:
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=step_dir)
+        barrier(world)
+        if rank == 0:
+            meta = {"step": step, "rng": torch.get_rng_state().tolist(), "run": key,
+                    "metadata_sha256": file_digest(os.path.join(step_dir, ".metadata"), n=64)}
+            tmp = os.path.join(state_dir, "trainer.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(meta, f)
+            os.replace(tmp, os.path.join(state_dir, "trainer.json"))
+            for name in os.listdir(state_dir):
+                if name.startswith("step") and name != f"step{step}":
+                    shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
+    except OSError as e:
+        raise SystemExit(f"{state_dir}: cannot save the training state ({e.strerror or e})") from None
     barrier(world)
 
 
-def load_state(state_dir, model, opt, world):
+def load_state(state_dir, model, opt, key):
+    """Restore the state written by `save_state`. torch.distributed.checkpoint unpickles `.metadata`, so only
+    state this run wrote is read: another run's (other key) or a changed file is refused before loading."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     with open(os.path.join(state_dir, "trainer.json")) as f:
         meta = json.load(f)
+    if meta.get("run") != key:
+        raise SystemExit(f"{state_dir}: written by another run (other output folder, model, data or settings); "
+                         "--resume continues only the run that wrote it: start again without --resume")
+    step_dir = os.path.join(state_dir, f"step{meta['step']}")
+    pickled = os.path.join(step_dir, ".metadata")
+    if not os.path.exists(pickled) or file_digest(pickled, n=64) != meta.get("metadata_sha256"):
+        raise SystemExit(f"{pickled}: changed since it was written (or missing); refusing to unpickle it")
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(state_dir, f"step{meta['step']}"))
+    dcp.load(state, checkpoint_id=step_dir)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
     return meta["step"]
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="DPO (and IPO/hinge/cDPO/DPO+NLL) on preference pairs.")
     # io
     parser.add_argument("--model", default=None, help="starting HF folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -425,13 +480,35 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the state in <out>.train/state")
     parser.add_argument("--stop-after", type=int, default=None, help="stop (and save state) after this many steps")
     parser.add_argument("--log-every", type=int, default=1, help="print a line every N steps")
-    args = parser.parse_args(argv)
-    for flag, v in (("--batch-size", args.batch_size), ("--micro-batch-size", args.micro_batch_size), ("--max-len", args.max_len)):
-        if v < 1:
-            raise SystemExit(f"{flag}: must be at least 1, got {v}")
-    if args.beta <= 0:
-        raise SystemExit(f"--beta: must be positive, got {args.beta}")
-    return train(args)
+    return parser
+
+
+def parse_args(argv=None):
+    a = build_parser().parse_args(argv)
+    positive = lambda x: finite(x) and x > 0  # noqa: E731
+    check_flags(("--loss", a.loss, a.loss in LOSSES, f"one of {', '.join(LOSSES)}"),
+                ("--beta", a.beta, positive(a.beta), "a positive number"),
+                ("--lr", a.lr, positive(a.lr), "a positive number"),
+                ("--label-smoothing", a.label_smoothing, finite(a.label_smoothing) and 0 <= a.label_smoothing < 0.5, "in [0, 0.5)"),
+                ("--nll-coef", a.nll_coef, finite(a.nll_coef) and a.nll_coef >= 0, ">= 0"),
+                ("--epochs", a.epochs, a.epochs >= 1, "at least 1"),
+                ("--batch-size", a.batch_size, a.batch_size >= 1, "at least 1"),
+                ("--micro-batch-size", a.micro_batch_size, a.micro_batch_size >= 1, "at least 1"),
+                ("--max-len", a.max_len, a.max_len >= 2, "at least 2"),
+                ("--warmup-steps", a.warmup_steps, a.warmup_steps is None or a.warmup_steps >= 0, ">= 0"),
+                ("--warmup-ratio", a.warmup_ratio, finite(a.warmup_ratio) and 0 <= a.warmup_ratio <= 1, "in [0, 1]"),
+                ("--min-lr-ratio", a.min_lr_ratio, finite(a.min_lr_ratio) and 0 <= a.min_lr_ratio <= 1, "in [0, 1]"),
+                ("--weight-decay", a.weight_decay, finite(a.weight_decay) and a.weight_decay >= 0, ">= 0"),
+                ("--grad-clip", a.grad_clip, positive(a.grad_clip), "a positive number"),
+                ("--save-every", a.save_every, a.save_every >= 0, ">= 0"),
+                ("--stop-after", a.stop_after, a.stop_after is None or a.stop_after >= 1, "at least 1"),
+                ("--log-every", a.log_every, a.log_every >= 1, "at least 1"),
+                ("--dtype", a.dtype, a.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"))
+    return a
+
+
+def main(argv=None):
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def make_tiny_checkpoint(folder, seed=0, **kw):
     """An HF folder with a tiny random Llama over the byte-level ChatML tokenizer (vocab 259)."""
     os.makedirs(folder, exist_ok=True)
     make_tokenizer_files(folder)
-    args = tiny_args(vocab_size=259, max_seq_len=4096, **kw)
+    args = tiny_args(**{"vocab_size": 259, "max_seq_len": 4096, **kw})
     Transformer(args).init_weights(std=0.2, seed=seed).save_pretrained(folder, tokenizer_dir=folder)
     return str(folder)
 

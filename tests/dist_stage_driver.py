@@ -12,9 +12,9 @@ import sample  # noqa: E402
 
 ckpt, prompts, work = sys.argv[1:4]
 out = lambda name: os.path.join(work, name)  # noqa: E731
-sample.main(["--model", ckpt, "--prompts", prompts, "--out", out("responses.jsonl"), "--n", "3",
+sample.main(["--model", ckpt, "--prompts", prompts, "--out", out("responses.jsonl"), "--n-responses", "3",
              "--max-new-tokens", "12", "--temperature", "1.0"])
-judge.main(["--model", ckpt, "--responses", out("responses.jsonl"), "--out", out("judgments.jsonl"), "--n", "2",
+judge.main(["--model", ckpt, "--responses", out("responses.jsonl"), "--out", out("judgments.jsonl"), "--n-judgments", "2",
             "--max-new-tokens", "8", "--score-mode", "expected", "--pairs", out("actor_pairs.jsonl")])
 meta_judge.main(["--model", ckpt, "--judgments", out("judgments.jsonl"), "--out", out("meta.jsonl"),
                  "--pairs", out("judge_pairs.jsonl"), "--max-new-tokens", "6", "--verdict-mode", "expected"])

@@ -6,3 +6,8 @@ def letters(prompt, response):
     if not response:
         return 0.0
     return 5.0 * sum("a" <= c <= "z" for c in response) / len(response)
+
+
+def too_high(prompt, response):
+    """A broken judge: a score outside the rubric's 0-5 range."""
+    return 7.0

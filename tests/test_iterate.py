@@ -32,7 +32,7 @@ def read(path):
 
 def test_meta_and_self_rewarding_runs(tmp_path, ckpt):
     run = str(tmp_path / "meta")
-    iterate.main(["--run", run, "--model", ckpt, "--iterations", "2", *SMALL])
+    iterate.main(["--run-dir", run, "--model", ckpt, "--iterations", "2", *SMALL])
     for t in (1, 2):
         d = os.path.join(run, f"iter{t}")
         man = json.load(open(os.path.join(d, "manifest.json")))
@@ -50,11 +50,11 @@ def test_meta_and_self_rewarding_runs(tmp_path, ckpt):
     p2 = {r["id"] for r in read(os.path.join(run, "iter2", "prompts.jsonl"))}
     assert not p1 & p2
     # a finished run re-run does nothing
-    timings = iterate.main(["--run", run, "--model", ckpt, "--iterations", "2", *SMALL])
+    timings = iterate.main(["--run-dir", run, "--model", ckpt, "--iterations", "2", *SMALL])
     assert {how for *_, how in timings} == {"done before"}
 
     run = str(tmp_path / "self")
-    iterate.main(["--run", run, "--model", ckpt, "--iterations", "1", "--method", "self-rewarding", *SMALL])
+    iterate.main(["--run-dir", run, "--model", ckpt, "--iterations", "1", "--method", "self-rewarding", *SMALL])
     man = json.load(open(os.path.join(run, "iter1", "manifest.json")))
     assert "meta_judgments" not in man["stages"] and man["stages"]["train"]["done"]
     assert not os.path.exists(os.path.join(run, "iter1", "meta_judgments.jsonl"))
@@ -77,8 +77,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, ckpt):
     cmd = [sys.executable, os.path.join(ROOT, "iterate.py")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    subprocess.run(cmd + ["--run", full] + args, env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cmd + ["--run", killed] + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd + ["--run-dir", full] + args, env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd + ["--run-dir", killed] + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = os.path.join(killed, "iter1", "judgments.rank0.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -90,7 +90,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, ckpt):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
     partial = open(shard).read().count("\n")
     assert 1 <= partial < 8
-    subprocess.run(cmd + ["--run", killed] + args, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd + ["--run-dir", killed] + args, env=env, check=True, capture_output=True, timeout=600)
     for f in ("responses.jsonl", "judgments.jsonl", "actor_pairs.jsonl", "meta_judgments.jsonl", "judge_pairs.jsonl"):
         a = [strip_paths(r) for r in read(os.path.join(full, "iter1", f))]
         b = [strip_paths(r) for r in read(os.path.join(killed, "iter1", f))]
@@ -110,7 +110,7 @@ def test_programmatic_judge_moves_the_property(tmp_path, ckpt):
     """Learning check: a judge that prefers lowercase letters, two self-rewarding iterations of DPO, and the
     third iteration's responses (sampled by M2) hold more letters than the first's (sampled by M0)."""
     run = str(tmp_path / "learn")
-    iterate.main(["--run", run, "--model", ckpt, "--iterations", "3", "--method", "self-rewarding",
+    iterate.main(["--run-dir", run, "--model", ckpt, "--iterations", "3", "--method", "self-rewarding",
                   "--judge-fn", "prog_judges:letters", "--prompts-per-iter", "16", "--n-responses", "4",
                   "--max-new-tokens", "16", "--lr", "2e-3", "--epochs", "3", "--eval-prompts-n", "-1",
                   "--batch-size", "4", "--micro-batch-size", "4"])

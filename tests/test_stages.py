@@ -1,4 +1,4 @@
-"""The stage scripts end to end on a tiny random checkpoint: file formats of DESIGN.md section 4, bad input,
+"""The stage scripts end to end on a tiny random checkpoint: the file formats of the README, bad input,
 kill-and-resume. (A random model writes no parseable scores: the counts and the expected modes cover it.)"""
 import json
 import os
@@ -26,7 +26,7 @@ def read(path):
 def test_sample_judge_meta_judge_files(tmp_path, tiny_ckpt):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = str(tmp_path / "responses.jsonl")
-    counts = sample.main(["--model", tiny_ckpt, "--prompts", prompts, "--out", out, "--n", "3",
+    counts = sample.main(["--model", tiny_ckpt, "--prompts", prompts, "--out", out, "--n-responses", "3",
                           "--max-new-tokens", "12", "--temperature", "1.0", "--no-dedup"])
     recs = read(out)
     assert [r["id"] for r in recs] == ["p0", "p1", "p2", "p3"] and counts["samples"] == 12
@@ -36,7 +36,7 @@ def test_sample_judge_meta_judge_files(tmp_path, tiny_ckpt):
 
     # parse mode: a random model writes no scores -> every judgment counted as a failure, no pairs
     j_out, pairs = str(tmp_path / "judgments.jsonl"), str(tmp_path / "actor_pairs.jsonl")
-    s = judge.main(["--model", tiny_ckpt, "--responses", out, "--out", j_out, "--n", "2", "--max-new-tokens", "8",
+    s = judge.main(["--model", tiny_ckpt, "--responses", out, "--out", j_out, "--n-judgments", "2", "--max-new-tokens", "8",
                     "--pairs", pairs])
     assert s["judgments"] == 24 and s["parse_failures"] == 24 and s["actor_pairs"] == 0
     assert s["actor_pair_skips"] == {"too few scored responses": 4}
@@ -46,7 +46,7 @@ def test_sample_judge_meta_judge_files(tmp_path, tiny_ckpt):
 
     # expected mode: every judgment gets a score in [0, 5]; pairs follow the scores
     je = str(tmp_path / "judgments_e.jsonl")
-    s = judge.main(["--model", tiny_ckpt, "--responses", out, "--out", je, "--n", "2", "--max-new-tokens", "8",
+    s = judge.main(["--model", tiny_ckpt, "--responses", out, "--out", je, "--n-judgments", "2", "--max-new-tokens", "8",
                     "--pairs", pairs, "--score-mode", "expected"])
     jr = read(je)
     for r in jr:
@@ -94,7 +94,7 @@ def test_killed_stage_resumes_exactly(tmp_path, tiny_ckpt):
     """A shard cut mid-record (SIGKILL during a write) is repaired; the re-run writes each id once and the
     result equals an uninterrupted run, record for record (sampling depends on seed and id only)."""
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=6)
-    args = ["--model", tiny_ckpt, "--prompts", prompts, "--n", "2", "--max-new-tokens", "10", "--temperature", "1.0"]
+    args = ["--model", tiny_ckpt, "--prompts", prompts, "--n-responses", "2", "--max-new-tokens", "10", "--temperature", "1.0"]
     full = str(tmp_path / "full.jsonl")
     sample.main(args + ["--out", full])
     killed = str(tmp_path / "killed.jsonl")

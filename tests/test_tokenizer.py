@@ -91,7 +91,8 @@ def test_default_round_trip_and_special_ids(default_model_dir):
     specials = {tok: i for i, (tok, ty) in enumerate(zip(tokens, types)) if ty == 3}
     assert specials["<|im_start|>"] == 1 and specials["<|im_end|>"] == 2
     for tok, i in specials.items():
-        assert t.encode(tok) == [i]
+        assert t.token_id(tok) == i
+        assert i not in t.encode(tok)  # inside text a marker is just characters (see test_reliability)
     assert t.stop_ids == [0, 2]
     assert t.encode_prompt("hi") == [1, 4093, 198, 6004, 2, 198, 1, 520, 9531, 198]
 
@@ -116,7 +117,10 @@ def test_default_chat_template_matches_jinja(default_model_dir):
     t = Tokenizer.from_pretrained(default_model_dir)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
-    assert t.format_chat(msgs) == ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    text = ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert t.format_chat(msgs) == text
+    # the ids built piece by piece (markers by id, text literally) equal transformers' encoding of that text
+    assert t.encode_chat(msgs) == ref(text, add_special_tokens=False)["input_ids"]
 
 
 def test_default_model_answers_paris(default_model_dir):
