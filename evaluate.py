@@ -23,9 +23,9 @@ import sample
 from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
                     sampling_rules, start_stage)
-from judge import cut_at_last, probe_candidates
+from judge import probe_candidates, probe_logprobs
 from meta_judge import WINNER_MARK, parse_winner
-from sample import Request, generate, next_token_logprobs
+from sample import Request, generate
 
 DEFAULT_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_prompts.jsonl")
 
@@ -100,37 +100,36 @@ def compare(args, prompts, ans_a, ans_b, out):
         return
     model, tok, _ = load_model(args.judge, device, args.dtype)
     template = load_template(args.template, ("prompt", "response_a", "response_b"))
-    if args.verdict_mode == "expected":
-        probe, ab_ids = probe_candidates(tok, "Winner: Response", ["A", "B"])
-    requests, owner = [], []
-    for k, p in enumerate(todo):
+    expect = probe_candidates(tok, "Winner: Response", ["A", "B"]) if args.verdict_mode == "expected" else None
+    requests = []  # two per prompt: A shown first, then B shown first
+    for p in todo:
         a, b = ans_a[str(p["id"])], ans_b[str(p["id"])]
-        for order, (x, y) in (("a_first", (a, b)), ("b_first", (b, a))):
+        for x, y in ((a, b), (b, a)):
             ids = tok.encode_prompt(render(template, prompt=p["prompt"].strip(), response_a=x.strip(), response_b=y.strip()))
             requests.append(Request(ids, n=1, temperature=0.0, max_new_tokens=args.judge_max_new_tokens,
                                     stop_ids=tuple(tok.stop_ids)))
-            owner.append((k, order))
-    writer, partial = ShardWriter(out, 0), {}
-
-    def on_done(q, comps):
-        k, order = owner[q]
-        text = tok.decode(comps[0].tokens)
-        v = {"verdict": text, "parsed": parse_winner(text)}
-        if args.verdict_mode == "expected":
-            lp = next_token_logprobs(model, requests[q].prompt, [tok.encode(cut_at_last(text, WINNER_MARK) + "\n" + probe)], ab_ids)[0]
-            v["logp_ab"] = [round(x, 4) for x in lp.tolist()]
-            v["winner"] = "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None
-        else:
-            v["winner"] = v["parsed"]
-        partial.setdefault(k, {})[order] = v
-        if len(partial[k]) == 2:
-            p, got = todo[k], partial.pop(k)
-            writer.write({"id": p["id"], "prompt": p["prompt"], "a_first": got["a_first"], "b_first": got["b_first"],
-                          "outcome": outcome(got["a_first"]["winner"], got["b_first"]["winner"])})
-
     from tqdm import tqdm
+    writer, got = ShardWriter(out, 0), {}
     bar = tqdm(total=len(requests), desc="compare", unit="verdict")
-    generate(model, requests, max_rows=args.max_rows, on_done=on_done, progress=bar)
+    for q, comps in generate(model, requests, max_rows=args.max_rows):
+        got[q] = tok.decode(comps[0].tokens)
+        bar.update(1)
+        k = q // 2
+        if (q ^ 1) in got:  # both orders of prompt k are in
+            texts = [got.pop(2 * k), got.pop(2 * k + 1)]
+            v = [{"verdict": t, "parsed": parse_winner(t)} for t in texts]
+            if expect is None:
+                winners = [x["parsed"] for x in v]
+            else:
+                lps = probe_logprobs(model, tok, [requests[2 * k].prompt, requests[2 * k + 1].prompt], texts,
+                                     WINNER_MARK, expect, args.max_rows).tolist()
+                winners = ["A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None for lp in lps]
+                for x, lp in zip(v, lps):
+                    x["logp_ab"] = [round(y, 4) for y in lp]
+            for x, w in zip(v, winners):
+                x["winner"] = w
+            writer.write({"id": todo[k]["id"], "prompt": todo[k]["prompt"], "a_first": v[0], "b_first": v[1],
+                          "outcome": outcome(winners[0], winners[1])})
     bar.close()
     writer.close()
     merge_shards(out, [str(p["id"]) for p in prompts])

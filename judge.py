@@ -20,7 +20,7 @@ import time
 from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, check_prompt_fields, engine_rules,
                     file_digest, finish_stage, finite, init_distributed, load_function, load_model, load_template,
                     model_fingerprint, print0, read_jsonl, render, sampling_rules, stable_seed, start_stage, write_jsonl)
-from sample import Request, generate, next_token_logprobs
+from sample import Request, common_prefix, generate, next_token_logprobs
 
 def judge_prompt(template, rubric, prompt, response):
     return render(template, rubric=rubric.strip(), prompt=prompt.strip(), response=response.strip())
@@ -85,6 +85,15 @@ def probe_candidates(tok, probe, options):
             return head, ids
     raise SystemExit(f"{tok.path}: the tokenizer cannot express {options} as single tokens after {probe!r}; "
                      "use the parse score mode")
+
+
+def probe_logprobs(model, tok, prompts, texts, mark, expect, max_rows=64):
+    """Log-probs of the candidate tokens where a final verdict goes, for the `expected` modes: after each
+    prompt, its generated text cut before its own last `mark` (if any), a newline and the probe's head
+    (e.g. `Score: `) -> (len(texts), candidates). `expect` is (head, candidate ids) from probe_candidates."""
+    head, ids = expect
+    conts = [tok.encode(cut_at_last(t, mark) + "\n" + head) for t in texts]
+    return next_token_logprobs(model, prompts, conts, ids, max_rows)
 
 
 def expected_value(logps, values):
@@ -176,14 +185,12 @@ def run_judge(args, model, tok, rank, world):
     todo = [r for k, r in enumerate(records) if str(r["id"]) not in done and k % world == rank]
     if args.judge_fn:
         return run_programmatic_judge(args, records, todo, order, rank, world)
-    if args.score_mode == "expected":
-        probe, digit_ids = probe_candidates(tok, "Score:", [str(d) for d in range(6)])
-
-    requests, owner = [], []  # one request per response: (record index, response index)
+    expect = probe_candidates(tok, "Score:", [str(d) for d in range(6)]) if args.score_mode == "expected" else None
+    requests, owner, prompts = [], [], {}  # one request per response: owner[q] = (record index, response index)
     for ri, rec in enumerate(todo):
-        prompts = [tok.encode_prompt(judge_prompt(template, rubric, rec["prompt"], resp)) for resp in rec["responses"]]
-        shared = common_prefix(prompts)  # the rubric and question: prefilled once for the K responses
-        for k, ids in enumerate(prompts):
+        prompts[ri] = [tok.encode_prompt(judge_prompt(template, rubric, rec["prompt"], r)) for r in rec["responses"]]
+        shared = common_prefix(prompts[ri])  # the rubric and question: prefilled once for the K responses
+        for k, ids in enumerate(prompts[ri]):
             if len(ids) + args.max_new_tokens > model.args.max_seq_len:
                 raise SystemExit(f"{args.responses}: record {rec['id']!r} response {k}: judge prompt of {len(ids)} "
                                  f"tokens + --max-new-tokens exceeds the context ({model.args.max_seq_len})")
@@ -193,51 +200,43 @@ def run_judge(args, model, tok, rank, world):
             owner.append((ri, k))
     print0(f"{len(records)} records, {len(done)} already judged, {len(todo)} on rank {rank}, "
            f"{len(requests) * args.n} judgments to write")
-    partial = {}  # record index -> {response index: judgment info}
-    writer = ShardWriter(args.out, rank)
-    counts = {"records": 0, "tokens": 0}
-
-    def on_done(q, comps):
-        ri, k = owner[q]
-        counts["tokens"] += sum(len(c.tokens) for c in comps)
-        partial.setdefault(ri, {})[k] = (q, [tok.decode(c.tokens) for c in comps])
-        rec = todo[ri]
-        if len(partial[ri]) < len(rec["responses"]):
-            return
-        by_k = partial.pop(ri)
-        K = len(rec["responses"])
-        texts = [by_k[k][1] for k in range(K)]
-        parsed = [[parse_score(t) for t in ts] for ts in texts]
-        out = dict(rec, judgments=texts, scores=parsed, score_mode=args.score_mode, parsed_scores=parsed)
-        if args.score_mode == "expected":
-            # one probe pass per record: the judge prompts' shared part once, then for each judgment the rest
-            # of its prompt, its justification and `Score: `; the score is the mean digit under p(digit)
-            qs = [by_k[k][0] for k in range(K)]
-            shared = min(requests[qs[0]].shared_prefix, len(requests[qs[0]].prompt) - 1)
-            conts = [requests[qs[k]].prompt[shared:] + tok.encode(cut_at_last(t, SCORE_MARK) + "\n" + probe)
-                     for k in range(K) for t in texts[k]]
-            lps = next_token_logprobs(model, requests[qs[0]].prompt[:shared], conts, digit_ids, max_rows=args.max_rows)
-            ev = [expected_value(row.tolist(), range(6)) for row in lps]
-            n = len(texts[0])
-            out["scores"] = [[round(v, 4) for v, _ in ev[k * n:(k + 1) * n]] for k in range(K)]
-            out["digit_mass"] = [[round(m, 4) for _, m in ev[k * n:(k + 1) * n]] for k in range(K)]
-        out["score"] = [mean_or_none(ss) for ss in out["scores"]]
-        out["judge"] = {"model": args.model_path, "n": args.n, "temperature": args.temperature,
-                        "top_p": args.top_p, "template": os.path.relpath(args.template, os.path.dirname(TEMPLATES)),
-                        "seed": args.seed}
-        writer.write(out)
-        counts["records"] += 1
 
     from tqdm import tqdm
-    t0 = time.time()
+    writer, tokens, t0 = ShardWriter(args.out, rank), 0, time.time()
     bar = tqdm(total=len(requests) * args.n, desc=f"judge[{rank}]", unit="judgment", disable=rank != 0 or not requests)
-    generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens, compile=args.compile,
-             on_done=on_done, progress=bar)
+    got = {}  # record index -> {response index: its judgments}, until every response of the record is judged
+    for q, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
+                             compile=args.compile):
+        ri, k = owner[q]
+        got.setdefault(ri, {})[k] = [tok.decode(c.tokens) for c in comps]
+        tokens += sum(len(c.tokens) for c in comps)
+        bar.update(len(comps))
+        if len(got[ri]) == len(todo[ri]["responses"]):
+            by_k = got.pop(ri)
+            writer.write(judged_record(todo[ri], [by_k[k] for k in range(len(by_k))], prompts.pop(ri), args, model, tok, expect))
     bar.close()
     writer.close()
     dt = time.time() - t0
-    return finish_judge_stage(args, order, rank, world, seconds=round(dt, 2),
-                              tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
+    return finish_judge_stage(args, order, rank, world, seconds=round(dt, 2), tokens_per_s=round(tokens / max(dt, 1e-9), 1))
+
+
+def judged_record(rec, judgments, prompts, args, model, tok, expect):
+    """The judgments record of one prompt: its K x N judgments, their parsed scores and the scores used
+    (parsed, or in expected mode the mean digit under p(digit) after `Score: `), and each response's mean."""
+    parsed = [[parse_score(t) for t in ts] for ts in judgments]
+    out = dict(rec, judgments=judgments, scores=parsed, score_mode=args.score_mode, parsed_scores=parsed)
+    if expect is not None:
+        # one probe pass for the whole record: the judge prompts' shared part is prefilled once
+        flat = [(p, t) for p, ts in zip(prompts, judgments) for t in ts]
+        lps = probe_logprobs(model, tok, [p for p, _ in flat], [t for _, t in flat], SCORE_MARK, expect, args.max_rows)
+        ev = iter([expected_value(row.tolist(), range(6)) for row in lps])
+        pairs = [[next(ev) for _ in ts] for ts in judgments]
+        out["scores"] = [[round(v, 4) for v, _ in ps] for ps in pairs]
+        out["digit_mass"] = [[round(m, 4) for _, m in ps] for ps in pairs]
+    out["score"] = [mean_or_none(ss) for ss in out["scores"]]
+    out["judge"] = {"model": args.model_path, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                    "template": os.path.relpath(args.template, os.path.dirname(TEMPLATES)), "seed": args.seed}
+    return out
 
 
 def finish_judge_stage(args, order, rank, world, **extra):
@@ -289,14 +288,6 @@ def summarize_judgments(records):
 
 def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def common_prefix(seqs):
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return i
-    return n
 
 
 def add_judge_args(parser):

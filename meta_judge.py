@@ -23,8 +23,8 @@ import numpy as np
 from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, engine_rules, file_digest,
                     finish_stage, init_distributed, load_model, load_template, model_fingerprint, print0, read_jsonl,
                     render, sampling_rules, stable_seed, start_stage, write_jsonl)
-from judge import add_judge_args, check_responses_record, common_prefix, cut_at_last, judge_prompt, probe_candidates
-from sample import Request, generate, next_token_logprobs
+from judge import add_judge_args, check_responses_record, judge_prompt, probe_candidates, probe_logprobs
+from sample import Request, common_prefix, generate
 
 # -----------------------------------------------------------------------------
 # Verdicts, position bias, Bradley-Terry
@@ -187,82 +187,31 @@ def run_meta_judge(args, model, tok, rank, world):
     judge_template = load_template(args.template, ("rubric", "prompt", "response"))  # fail now, not after the battles
     rubric = load_template(args.rubric, ()).strip()
     done = start_stage(args.out, stage_settings(args), args.redo, rank, world)
-    if args.verdict_mode == "expected":
-        probe, ab_ids = probe_candidates(tok, "Winner: Judgement", ["A", "B"])
-
-    # battles to run: per record, every ordered pair of the chosen response's valid judgments
-    requests, owner, plans, skipped = [], [], {}, {}
-    for k, rec in enumerate(records):
-        if str(rec["id"]) in done or k % world != rank:
-            continue
-        resp = pick_response(rec["scores"])
-        if resp is None:
-            skipped["no response with 2+ valid judgments"] = skipped.get("no response with 2+ valid judgments", 0) + 1
-            plans[k] = None
-            continue
-        valid = [j for j, s in enumerate(rec["scores"][resp]) if s is not None]
-        judgments = rec["judgments"][resp]
-        orders = [(m, n) for m, n in itertools.permutations(valid, 2)]
-        prompts = [tok.encode_prompt(render(template, rubric=rubric, prompt=rec["prompt"].strip(),
-                                            response=rec["responses"][resp].strip(),
-                                            judgment_a=judgments[m].strip(), judgment_b=judgments[n].strip()))
-                   for m, n in orders]
-        shared = common_prefix(prompts)  # rubric, question and answer: prefilled once per record
-        plans[k] = {"response_index": resp, "judgment_indices": valid, "orders": orders, "verdicts": {}}
-        for (m, n), ids in zip(orders, prompts):
-            if len(ids) + args.max_new_tokens > model.args.max_seq_len:
-                raise SystemExit(f"{args.judgments}: record {rec['id']!r}: meta-judge prompt of {len(ids)} tokens + "
-                                 f"--max-new-tokens exceeds the context ({model.args.max_seq_len})")
-            requests.append(Request(ids, n=1, temperature=args.temperature, top_p=args.top_p,
-                                    max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
-                                    seed=stable_seed(args.seed, f"{rec['id']}/{m}/{n}"), shared_prefix=shared))
-            owner.append((k, m, n))
+    expect = probe_candidates(tok, "Winner: Judgement", ["A", "B"]) if args.verdict_mode == "expected" else None
+    mine = [k for k, rec in enumerate(records) if str(rec["id"]) not in done and k % world == rank]
+    requests, owner, plans, skipped = plan_battles(args, [(k, records[k]) for k in mine], tok, template, rubric,
+                                                   model.args.max_seq_len)
     print0(f"{len(records)} records, {len(done)} already meta-judged, {len(requests)} battles on rank {rank}")
     writer = ShardWriter(args.out, rank)
-
-    def write_record(k):
-        rec, plan = records[k], plans[k]
-        battles = [plan["verdicts"][o] for o in plan["orders"]]
-        writer.write({"id": rec["id"], "prompt": rec["prompt"], "response_index": plan["response_index"],
-                      "judgment_indices": plan["judgment_indices"], "battles": battles})
-
     for k, plan in plans.items():  # records with a response but no pair of judgments to compare
-        if plan is not None and not plan["orders"]:
-            write_record(k)
-    counts = {"tokens": 0}
-
-    def on_done(q, comps):
-        k, m, n = owner[q]
-        text = tok.decode(comps[0].tokens)
-        counts["tokens"] += len(comps[0].tokens)
-        plan = plans[k]
-        plan["verdicts"][(m, n)] = {"first": m, "second": n, "verdict": text, "parsed": parse_winner(text), "q": q}
-        if len(plan["verdicts"]) < len(plan["orders"]):
-            return
-        battles = [plan["verdicts"][o] for o in plan["orders"]]
-        if args.verdict_mode == "expected":
-            # one probe pass per record: the battles' shared prompt part once, then each battle's rest,
-            # its explanation and `Winner: Judgement`; the verdict is the likelier of A and B
-            first = requests[battles[0]["q"]]
-            shared = min(first.shared_prefix, len(first.prompt) - 1)
-            conts = [requests[b["q"]].prompt[shared:] + tok.encode(cut_at_last(b["verdict"], WINNER_MARK) + "\n" + probe)
-                     for b in battles]
-            lps = next_token_logprobs(model, first.prompt[:shared], conts, ab_ids, max_rows=args.max_rows)
-            for b, lp in zip(battles, lps.tolist()):
-                b["logp_ab"] = [round(x, 4) for x in lp]
-                b["winner"] = "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None
-        else:
-            for b in battles:
-                b["winner"] = b["parsed"]
-        for b in battles:
-            del b["q"]
-        write_record(k)
+        if not plan["orders"]:
+            writer.write(meta_record(records[k], plan, []))
 
     from tqdm import tqdm
-    t0 = time.time()
+    tokens, t0 = 0, time.time()
     bar = tqdm(total=len(requests), desc=f"meta-judge[{rank}]", unit="battle", disable=rank != 0 or not requests)
-    generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens, compile=args.compile,
-             on_done=on_done, progress=bar)
+    for q, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
+                             compile=args.compile):
+        k, m, n = owner[q]
+        text = tok.decode(comps[0].tokens)
+        tokens += len(comps[0].tokens)
+        bar.update(1)
+        plan = plans[k]
+        plan["verdicts"][(m, n)] = {"first": m, "second": n, "verdict": text, "parsed": parse_winner(text)}
+        if len(plan["verdicts"]) == len(plan["orders"]):
+            battles = [plan["verdicts"][o] for o in plan["orders"]]
+            decide(battles, plan["prompts"], args, model, tok, expect)
+            writer.write(meta_record(records[k], plans.pop(k), battles))
     bar.close()
     writer.close()
     dt = time.time() - t0
@@ -271,10 +220,58 @@ def run_meta_judge(args, model, tok, rank, world):
         barrier(world)
         return {}
     summary = rate_and_pair(args, merged, records, judge_template, rubric)
-    summary.update(skips=skipped, seconds=round(dt, 2), tokens_per_s=round(counts["tokens"] / max(dt, 1e-9), 1))
+    summary.update(skips=skipped, seconds=round(dt, 2), tokens_per_s=round(tokens / max(dt, 1e-9), 1))
     print0("meta-judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
     barrier(world)  # the Elo ratings and pairs are on disk before any rank moves on
     return summary
+
+
+def plan_battles(args, records, tok, template, rubric, max_seq_len):
+    """The battles of these (index, record)s: for each, every ordered pair of the valid judgments of its most
+    disputed response, as one request each -> (requests, owner of each request, plan per record, skips)."""
+    requests, owner, plans, skipped = [], [], {}, {}
+    for k, rec in records:
+        resp = pick_response(rec["scores"])
+        if resp is None:
+            skipped["no response with 2+ valid judgments"] = skipped.get("no response with 2+ valid judgments", 0) + 1
+            continue
+        valid = [j for j, s in enumerate(rec["scores"][resp]) if s is not None]
+        judgments = rec["judgments"][resp]
+        orders = list(itertools.permutations(valid, 2))
+        prompts = [tok.encode_prompt(render(template, rubric=rubric, prompt=rec["prompt"].strip(),
+                                            response=rec["responses"][resp].strip(),
+                                            judgment_a=judgments[m].strip(), judgment_b=judgments[n].strip()))
+                   for m, n in orders]
+        shared = common_prefix(prompts) if prompts else 0  # rubric, question and answer: prefilled once
+        plans[k] = {"response_index": resp, "judgment_indices": valid, "orders": orders, "verdicts": {},
+                    "prompts": prompts}
+        for (m, n), ids in zip(orders, prompts):
+            if len(ids) + args.max_new_tokens > max_seq_len:
+                raise SystemExit(f"{args.judgments}: record {rec['id']!r}: meta-judge prompt of {len(ids)} tokens + "
+                                 f"--max-new-tokens exceeds the context ({max_seq_len})")
+            requests.append(Request(ids, n=1, temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
+                                    seed=stable_seed(args.seed, f"{rec['id']}/{m}/{n}"), shared_prefix=shared))
+            owner.append((k, m, n))
+    return requests, owner, plans, skipped
+
+
+def decide(battles, prompts, args, model, tok, expect):
+    """Each battle's winner: its parsed verdict, or in expected mode the likelier of A and B after
+    `Winner: Judgement` (one probe pass per record, the battles' shared prompt part prefilled once)."""
+    if expect is None:
+        for b in battles:
+            b["winner"] = b["parsed"]
+        return
+    lps = probe_logprobs(model, tok, prompts, [b["verdict"] for b in battles], WINNER_MARK, expect, args.max_rows)
+    for b, lp in zip(battles, lps.tolist()):
+        b["logp_ab"] = [round(x, 4) for x in lp]
+        b["winner"] = "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None
+
+
+def meta_record(rec, plan, battles):
+    return {"id": rec["id"], "prompt": rec["prompt"], "response_index": plan["response_index"],
+            "judgment_indices": plan["judgment_indices"], "battles": battles}
 
 
 def rate_and_pair(args, merged, records, template, rubric):

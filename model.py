@@ -128,57 +128,6 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Preallocated keys/values: `rows` cache rows (slots) of `max_len` positions each.
-
-    A row holds one sequence from position 0, or (with `Groups`) one prompt followed by the interleaved
-    continuations of several samples of it. Rows may be at different positions (prompts of different
-    lengths, rows that finished early). Positions are tracked by the caller (sample.py), which also knows
-    them on the host, so attention can be sliced to the longest live row without a sync. Anything written
-    beyond a row's current position is harmless: it is masked out until overwritten.
-    """
-
-    def __init__(self, n_layers, rows, n_kv_heads, max_len, head_dim, device=None, dtype=torch.float32):
-        shape = (n_layers, rows, n_kv_heads, max_len, head_dim)  # (L, B, Hkv, S, D)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.rows, self.max_len = rows, max_len
-
-    @classmethod
-    def for_model(cls, model, rows, max_len):
-        a, w = model.args, model.tok_embeddings.weight
-        return cls(a.n_layers, rows, a.n_kv_heads, max_len, a.head_dim, w.device, w.dtype)
-
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int):
-        """Copy the first `length` positions of rows `src` into rows `dst` (prefix sharing)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-    def nbytes(self):
-        return 2 * self.k.numel() * self.k.element_size()
-
-
-@dataclass
-class Groups:
-    """Sequences that continue a prompt held once in a cache row (prefix sharing without copies).
-
-    Cache row `slots[b]` holds the prompt of sequence b at positions [0, plen[b]) and then the new tokens
-    of its up to `stride` members interleaved: token s of member j at index plen + s * stride + j. The
-    queries of a row's members attend together, so the shared prompt is read once per row instead of once
-    per sample. Only rows [0, n_slots) are read; a sequence whose slot is outside that range is idle (it
-    writes into that row and its output is meaningless), which lets a decode step keep static shapes.
-    """
-    slots: torch.Tensor  # (B,) long: the cache row of each sequence
-    members: torch.Tensor  # (B,) long in [0, stride): its place among the row's members
-    plen: torch.Tensor  # (B,) long: the length of the prompt held in its row
-    stride: int  # members per cache row
-    n_slots: int  # host-side bound: cache rows [0, n_slots) are attended
-
-
-# -----------------------------------------------------------------------------
 # The Transformer
 
 
@@ -227,53 +176,29 @@ def attention(q, k, v, mask=None, backend="auto"):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
+        self.layer = layer  # its index: which layer of a KV cache it reads and writes
+        self.backend = "auto"  # "auto" | "flash" | "sdpa" (Transformer.attn_backend sets every layer's)
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, write=None, read=None, mask=None, backend="auto"):
-        """`write` = (cache rows (B,), positions (B, T)) where this step's keys/values go; `read` says what
-        to attend: None (the new tokens alone, causal), ("rows", rows or None, kv_len) (each sequence's
-        own cache row up to kv_len, under `mask`) or ("groups", inv, flat, n_slots, stride, kv_len)
-        (a row's members attend together; see `Groups` and `Transformer.forward`)."""
+    def forward(self, x, cos, sin, cache=None):
+        """x (B, T, dim). Without a cache, causal attention over these T tokens (training, full forwards);
+        with one, the cache view stores this step's keys and values and attends as its layout says."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            kc, vc = cache.k[layer], cache.v[layer]  # (rows, Hkv, S, D)
-            wrows, wpos = write
-            kc[wrows[:, None], :, wpos] = k  # cache[l, wrows[b], :, wpos[b, t]] = k[b, t]
-            vc[wrows[:, None], :, wpos] = v
-            if read is not None and read[0] == "groups":
-                return self.wo(self._grouped(q, kc, vc, read, mask))
-            if read is not None:
-                # attend over the cache up to the longest live row; the mask hides each row's future/garbage
-                _, rows, kv_len = read
-                if rows is None:  # the first B rows: a view, no copy
-                    k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
-                else:
-                    k, v = kc[rows, :, :kv_len], vc[rows, :, :kv_len]
-                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, D)
-        y = attention(q, k, v, mask=mask, backend=backend)
-        return self.wo(y.reshape(B, T, -1))
-
-    def _grouped(self, q, kc, vc, read, mask):
-        """Attention of grouped sequences: the queries of all members of a cache row, and of all query heads
-        that share a key/value head, are stacked into one query block, so each cached key is read once."""
-        _, inv, flat, n_slots, stride, kv_len = read
-        B, T, H, D = q.shape
-        Hkv = self.n_kv_heads
-        qg = q[inv].view(n_slots, stride, T, Hkv, H // Hkv, D).permute(0, 3, 1, 2, 4, 5)
-        qg = qg.reshape(n_slots, Hkv, stride * T * (H // Hkv), D)
-        y = F.scaled_dot_product_attention(qg, kc[:n_slots, :, :kv_len], vc[:n_slots, :, :kv_len], attn_mask=mask)
-        y = y.view(n_slots, Hkv, stride, T, H // Hkv, D).permute(0, 2, 3, 1, 4, 5).reshape(n_slots * stride, T, H * D)
-        return y[flat]
+        if cache is None:
+            y = attention(q, k, v, backend=self.backend)
+        else:
+            y = cache.attend(self.layer, q, k, v, self.backend)
+        return self.wo(y.reshape(B, T, -1))  # (B, T, H, D) -> (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -288,15 +213,15 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, **kw):
-        x = x + self.attention(self.attention_norm(x), cos, sin, **kw)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -304,10 +229,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.attn_backend = "auto"  # "auto" | "flash" | "sdpa": a switch for tests and ablations
         self.activation_checkpointing = False  # recompute each block in backward (train_dpo.py sets it)
+        self.logits_chunk = 1024  # rows of the log-prob head computed at once (see TargetLogps)
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -332,82 +257,47 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, tokens, targets=None, cache=None, rows=None, start=None, kv_len=None, last=None,
-                groups=None, logits_chunk=1024):
+    @property
+    def attn_backend(self):
+        return self.layers[0].attention.backend
+
+    @attn_backend.setter
+    def attn_backend(self, name):  # "auto" | "flash" | "sdpa": a switch for tests and ablations
+        for block in self.layers:
+            block.attention.backend = name
+
+    def forward(self, tokens, targets=None, cache=None, last=None):
         """tokens (B, T) -> logits (B, T, V); or, with `targets` (B, T), their log-probs (B, T).
 
-        `last` (B,) index of one position per row: logits (B, V) for that position only (a prefill needs
-        just the last prompt token's, and the other T-1 rows of the head would be most of its cost).
-
-        With a `cache`: the tokens are written to cache rows `rows` (B,) (default: the first B rows)
-        at positions start[b] + t. `start=None` means a fresh prefill from position 0 (plain causal
-        attention over the new tokens); a `start` tensor continues each row after its cached prefix and
-        needs `kv_len`, a host-side bound on max(start) + T, so attention reads only live cache positions.
-        With `groups` (see `Groups`) the sequences continue prompts held in shared cache rows instead:
-        start[b] counts the tokens sequence b already generated and kv_len bounds plen + (start + T) * stride.
-        Log-probs are computed `logits_chunk` tokens at a time and only where a target is given (ids < 0
-        in `targets` give log-prob 0 and no head work); see `TargetLogps`.
+        cache: a view of a KV cache (see sample.KVCache) that gives the tokens' positions, stores their keys and
+        values and says what each attends to; without one the T tokens attend causally among themselves.
+        last (B,): one position per row whose logits alone are wanted -> (B, V) (a prefill needs only the last
+        prompt token's, and the other T-1 rows of the head would be most of its cost).
+        Log-probs are computed `logits_chunk` rows at a time and only where a target is given (ids < 0 in
+        `targets` give log-prob 0 and no head work); see `TargetLogps`.
         """
         B, T = tokens.shape
-        device = tokens.device
-        steps = torch.arange(T, device=device)
-        mask = write = read = None
-        if groups is not None:
-            g = groups
-            positions = (g.plen + start)[:, None] + steps  # (B, T) positions in the sequence
-            write = (g.slots, g.plen[:, None] + (start[:, None] + steps) * g.stride + g.members[:, None])
-            flat = g.slots * g.stride + g.members  # (B,) each sequence's place in the member grid
-            inv = torch.zeros(cache.rows * g.stride, dtype=torch.long, device=device)
-            inv[flat] = torch.arange(B, device=device)
-            n_sub = g.n_slots * g.stride
-            inv = inv[:n_sub]  # the sequence in each place of the attended rows (0 for empty places)
-            mask = self._group_mask(g.plen[inv], start[inv], g.n_slots, g.stride, T, kv_len)
-            read = ("groups", inv, flat.clamp(max=n_sub - 1), g.n_slots, g.stride, kv_len)
-        else:
-            positions = steps.expand(B, T) if start is None else start[:, None] + steps  # (B, T)
-            if cache is not None:
-                # a ragged batch is right-padded; the padding of a row that continues after a long prefix can
-                # reach past its slot. Its keys are never read (the mask hides them and decoding overwrites
-                # them), so they all land on the slot's last position, which no prompt token occupies.
-                wpos = positions.clamp(max=cache.max_len - 1)
-                write = (torch.arange(B, device=device) if rows is None else rows, wpos)
-                if start is not None:
-                    # key position j is visible to the query at position p iff j <= p
-                    mask = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
-                    mask = mask[:, None]  # (B, 1, T, S)
-                    read = ("rows", rows, kv_len)
-        h = self.tok_embeddings(tokens)
+        positions = torch.arange(T, device=tokens.device).expand(B, T) if cache is None else cache.positions
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
         cos, sin = self.rope(positions, h.dtype)
-        kw = dict(cache=cache, write=write, read=read, mask=mask, backend=self.attn_backend)
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, layer=i, use_reentrant=False, **kw)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, cache, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, layer=i, **kw)
+                h = layer(h, cos, sin, cache)
         if last is not None:
-            h = h[torch.arange(B, device=device), last]  # (B, D)
+            h = h[torch.arange(B, device=tokens.device), last]  # (B, dim)
         h = self.norm(h)
         if targets is None:
             return self.output(h).float()
-        return self._target_logps(h, targets, logits_chunk)
+        return self._target_logps(h, targets)
 
-    def _group_mask(self, plen, start, n_slots, stride, T, kv_len):
-        """(n_slots, 1, stride * T * qpk, kv_len) bool: the query of member j at step start + t sees its row's
-        prompt and its own tokens up to itself (index plen + s * stride + j with s <= start + t)."""
-        device = plen.device
-        rel = torch.arange(kv_len, device=device) - plen.view(n_slots, stride, 1, 1)
-        j = torch.arange(stride, device=device).view(1, stride, 1, 1)
-        s = start.view(n_slots, stride, 1, 1) + torch.arange(T, device=device).view(1, 1, T, 1)
-        vis = (rel < 0) | ((rel % stride == j) & (rel.div(stride, rounding_mode="floor") <= s))
-        qpk = self.args.n_heads // self.args.n_kv_heads
-        return vis[:, :, :, None].expand(n_slots, stride, T, qpk, kv_len).reshape(n_slots, 1, -1, kv_len)
-
-    def _target_logps(self, h, targets, chunk):
+    def _target_logps(self, h, targets):
         """Log-probs of `targets` (B, T) under the head; only the rows with a target (ids >= 0) reach the head."""
         B, T, D = h.shape
         targets = targets.reshape(B * T)
-        keep = (targets >= 0).nonzero().squeeze(-1)
-        lp = TargetLogps.apply(h.reshape(B * T, D)[keep], self.output.weight, targets[keep], chunk,
+        keep = (targets >= 0).nonzero().squeeze(-1)  # a host sync, once per training forward
+        lp = TargetLogps.apply(h.reshape(B * T, D)[keep], self.output.weight, targets[keep], self.logits_chunk,
                                self.activation_checkpointing)
         return torch.zeros(B * T, dtype=lp.dtype, device=h.device).index_copy(0, keep, lp).view(B, T)
 

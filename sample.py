@@ -1,10 +1,12 @@
 """
 Batched KV-cache generation, and the stage that turns prompts into responses.
 
-The engine (`generate`) prefills each distinct prompt once into one cache slot that its n samples share
-(prefix sharing: the prompt is stored once and read once per decode step, see model.Groups), keeps many rows
-of different lengths in flight, and hands a finished row to waiting work (continuous batching). Sampling draws its random numbers from (seed, sample, step) alone, so a request's
-output does not depend on what it is batched with, and a resumed run reproduces an uninterrupted one.
+The engine (`generate`) prefills each distinct prompt once into one cache slot that all its samples share:
+the prompt is stored once, and the samples' new tokens are interleaved after it, so a decode step reads the
+prompt once per slot however many samples it has. Many rows of different lengths decode together, and a row
+that finishes hands its place to waiting work (continuous batching). Sampling draws its random numbers from
+(seed, sample, step) alone, so a request's output does not depend on what it is batched with, and a resumed
+run draws what an uninterrupted one would.
 
     python sample.py --prompts data/prompts.jsonl --out runs/x/responses.jsonl --n-responses 4 --max-new-tokens 256
     python sample.py --model DIR --prompts p.jsonl --out r.jsonl --n-responses 7 --temperature 0.8 --top-p 0.95 --seed 0
@@ -13,14 +15,152 @@ output does not depend on what it is batched with, and a resumed run reproduces 
 import argparse
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from common import (ShardWriter, add_engine_args, check_flags, check_prompt_fields, engine_rules, file_digest,
                     finish_stage, init_distributed, load_model, model_fingerprint, print0, read_jsonl, sampling_rules,
                     stable_seed, start_stage)
-from model import Groups, KVCache
+from model import attention
+
+# -----------------------------------------------------------------------------
+# The KV cache: its layout, and the view each forward gets of it
+
+
+class KVCache:
+    """Preallocated keys and values, (layers, slots, Hkv, S, D): one slot per prompt in flight.
+
+    A slot holds a prompt at positions [0, plen). In the grouped layout the new tokens of the prompt's samples
+    follow it interleaved: token s of member j (its j-th sample) at index plen + s * stride + j. The model never
+    sees this layout: each forward gets a view (`fresh`, `extend`, `grouped`) that knows where the new keys go
+    and which cached keys each query may read. Anything written beyond what a view reads is harmless: it is
+    masked out until overwritten.
+    """
+
+    def __init__(self, n_layers, slots, n_kv_heads, max_len, head_dim, device=None, dtype=torch.float32):
+        shape = (n_layers, slots, n_kv_heads, max_len, head_dim)  # (L, G, Hkv, S, D)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slots, self.max_len = slots, max_len
+        self.qpk = None  # query heads per key/value head, set by for_model (the grouped view stacks them)
+
+    @classmethod
+    def for_model(cls, model, slots, max_len):
+        a, w = model.args, model.tok_embeddings.weight
+        cache = cls(a.n_layers, slots, a.n_kv_heads, max_len, a.head_dim, w.device, w.dtype)
+        cache.qpk = a.n_heads // a.n_kv_heads
+        return cache
+
+    def copy_slots(self, src, dst, length):
+        """Copy the first `length` positions of slots `src` into slots `dst` (a prefix shared by prompts)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def store(self, layer, slots, index, k, v):
+        """k, v (B, T, Hkv, D) of this step into slot slots[b] at positions index[b, t]."""
+        self.k[layer][slots[:, None], :, index] = k  # k[l, slots[b], :, index[b, t]] = k[b, t]
+        self.v[layer][slots[:, None], :, index] = v
+
+    def fresh(self, slots, T):
+        return FreshView(self, slots, T)
+
+    def extend(self, slots, start, T, kv_len):
+        return ExtendView(self, slots, start, T, kv_len)
+
+    def grouped(self, slots, members, plen, start, T, stride, n_slots, kv_len):
+        return GroupedView(self, slots, members, plen, start, T, stride, n_slots, kv_len)
+
+    def nbytes(self):
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class FreshView:
+    """A prefill from position 0: sequence b (right-padded to T) goes into slot slots[b] at positions 0..T-1,
+    and attends causally to its own new tokens only (the slot's old contents are never read), so flash
+    attention can serve it."""
+
+    def __init__(self, cache, slots, T):
+        self.cache, self.slots = cache, slots
+        self.positions = torch.arange(T, device=slots.device).expand(len(slots), T)  # (B, T)
+
+    def attend(self, layer, q, k, v, backend):
+        self.cache.store(layer, self.slots, self.positions, k, v)
+        return attention(q, k, v, backend=backend)
+
+
+class ExtendView:
+    """Each sequence continues the prefix cached in its slot: token t of sequence b sits at position
+    start[b] + t and sees the slot's positions up to its own. kv_len, a host-side bound on max(start) + T,
+    limits attention to the live part of the slots without a device sync."""
+
+    def __init__(self, cache, slots, start, T, kv_len):
+        self.cache, self.slots, self.kv_len = cache, slots, kv_len
+        self.positions = start[:, None] + torch.arange(T, device=start.device)  # (B, T)
+        # a ragged batch is right-padded; a short row's padding after a long prefix can run past the slot.
+        # Padding keys are never read (the mask hides them, decoding overwrites them), so they all go to
+        # the slot's last position, which no prompt token occupies (a slot has room for new tokens).
+        self.index = self.positions.clamp(max=cache.max_len - 1)
+        # key position j is visible to the query at position p iff j <= p: (B, 1, T, S)
+        self.mask = (torch.arange(kv_len, device=start.device) <= self.positions[:, :, None])[:, None]
+
+    def attend(self, layer, q, k, v, backend):
+        self.cache.store(layer, self.slots, self.index, k, v)
+        kc = self.cache.k[layer][self.slots, :, :self.kv_len]  # (B, Hkv, S, D)
+        vc = self.cache.v[layer][self.slots, :, :self.kv_len]
+        return attention(q, kc.transpose(1, 2), vc.transpose(1, 2), mask=self.mask, backend="sdpa")
+
+
+class GroupedView:
+    """Sequences continuing prompts held once per slot, their tokens interleaved after it (see KVCache).
+
+    Sequence b is member members[b] of slot slots[b], whose prompt has plen[b] tokens; it has generated
+    start[b] tokens before this step's T. The queries of all members of a slot, and of all query heads that
+    share a key/value head, are stacked into one query block, so each cached prompt key is read once per slot.
+    Only slots [0, n_slots) are attended: a sequence whose slot lies beyond is idle (it writes into that
+    scratch slot and its output is meaningless), which lets a compiled decode step keep static shapes.
+    """
+
+    def __init__(self, cache, slots, members, plen, start, T, stride, n_slots, kv_len):
+        device = slots.device
+        self.cache, self.stride, self.n_slots, self.kv_len, self.T = cache, stride, n_slots, kv_len, T
+        steps = start[:, None] + torch.arange(T, device=device)  # (B, T): the step of each new token
+        self.positions = plen[:, None] + steps  # rotary positions: the prompt, then the sample's own tokens
+        self.slots, self.index = slots, plen[:, None] + steps * stride + members[:, None]
+        # the member grid: place slot * stride + member of each sequence; `inv` says which sequence fills
+        # each place of the attended slots (empty places borrow sequence 0: their queries are discarded)
+        self.flat = slots * stride + members  # (B,)
+        n_places = n_slots * stride
+        inv = torch.zeros(cache.slots * stride, dtype=torch.long, device=device)
+        inv[self.flat] = torch.arange(len(slots), device=device)
+        self.inv = inv[:n_places]
+        self.flat = self.flat.clamp(max=n_places - 1)  # idle sequences read some place; ignored
+        self.mask = self._mask(plen[self.inv], start[self.inv], cache.qpk)
+
+    def _mask(self, plen, start, qpk):
+        """(n_slots, 1, stride * T * qpk, kv_len) bool: the query of member j at step s sees its slot's prompt
+        and its own tokens up to step s, i.e. index plen + s' * stride + j for s' <= s."""
+        G, M, T, device = self.n_slots, self.stride, self.T, plen.device
+        rel = torch.arange(self.kv_len, device=device) - plen.view(G, M, 1, 1)  # (G, M, 1, S)
+        j = torch.arange(M, device=device).view(1, M, 1, 1)
+        s = start.view(G, M, 1, 1) + torch.arange(T, device=device).view(1, 1, T, 1)  # (G, M, T, 1)
+        vis = (rel < 0) | ((rel % M == j) & (rel.div(M, rounding_mode="floor") <= s))  # (G, M, T, S)
+        return vis[:, :, :, None].expand(G, M, T, qpk, self.kv_len).reshape(G, 1, M * T * qpk, self.kv_len)
+
+    def attend(self, layer, q, k, v, backend):
+        self.cache.store(layer, self.slots, self.index, k, v)
+        B, T, H, D = q.shape
+        G, M, Hkv = self.n_slots, self.stride, k.size(2)
+        # (B, T, H, D) -> per place of the member grid -> (G, M, T, Hkv, qpk, D) -> (G, Hkv, M * T * qpk, D):
+        # for each slot and key/value head, one block of every query that reads its keys
+        qg = q[self.inv].view(G, M, T, Hkv, H // Hkv, D).permute(0, 3, 1, 2, 4, 5).reshape(G, Hkv, -1, D)
+        kc, vc = self.cache.k[layer][:G, :, :self.kv_len], self.cache.v[layer][:G, :, :self.kv_len]  # (G, Hkv, S, D)
+        y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=self.mask)  # (G, Hkv, M * T * qpk, D)
+        # and back: (G, Hkv, M, T, qpk, D) -> (G, M, T, Hkv, qpk, D) -> one row per place, then per sequence
+        y = y.view(G, Hkv, M, T, H // Hkv, D).permute(0, 2, 3, 1, 4, 5).reshape(G * M, T, H, D)
+        return y[self.flat]
+
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -98,193 +238,80 @@ def sample_next_token(logits, temperature, top_p, top_k, uniform):
     return torch.where(temperature > 0, tokens, greedy)
 
 
-def decode_one_token(model, tokens, cache, start, kv_len, groups):
-    """One decode step: tokens (B,), each the start[b]-th new token of its sequence in `groups` -> logits (B, V)."""
-    return model(tokens[:, None], cache=cache, start=start, kv_len=kv_len, groups=groups)[:, -1]
+def decode_one_token(model, tokens, view):
+    """One decode step: tokens (B,), each the newest token of its sequence, fed at the places `view` gives
+    -> logits (B, V) of the token after it."""
+    return model(tokens[:, None], cache=view)[:, -1]
 
 
 # -----------------------------------------------------------------------------
 # The engine
 
 
-@torch.no_grad()
-def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tokens=8192, compile=False,
-             on_done=None, progress=None):
-    """Run all `requests`; returns one list of `n` Completions per request (also passed to `on_done(i, list)`
-    as each request finishes).
+@dataclass
+class Row:
+    """One sample in flight: the single record of where it lives in the cache and how far it has got."""
+    request: int  # index of its Request
+    sample: int  # which of the request's n samples
+    slot: int  # the cache slot holding its prompt
+    member: int  # its column among the slot's samples in the interleaved layout
+    plen: int  # the prompt's length
+    key: int  # its random stream (sample_key)
+    tokens: list = field(default_factory=list)  # generated so far; len(tokens) is the next sampling step
+    logps: list = field(default_factory=list)
 
-    max_rows: sequences decoded together; max_cache_tokens: bound on the KV cache size in tokens (it is
-    preallocated); prefill_tokens: bound on the tokens of one prefill batch. progress: a tqdm bar to update
-    with finished samples.
 
-    The cache has one row (slot) per prompt in flight: the prompt, then its samples' new tokens interleaved
-    (see model.Groups), so a prompt is prefilled once, stored once and read once per decode step however
-    many samples it has. A slot is given back when its last sample finishes.
-    """
+def plan_cache(requests, max_rows, max_cache_tokens):
+    """(B rows decoded together, M samples per slot, G slots, S positions per slot) within the budgets.
+
+    A slot holds the longest prompt plus M interleaved samples of the most new tokens; a request with more
+    than M samples is split into units of at most M samples, each with a slot of its own."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
-    if not requests:
-        return []
-    device = model.tok_embeddings.weight.device
-    max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    if max_len > model.args.max_seq_len:
-        raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the model's context ({model.args.max_seq_len})")
-    total = sum(r.n for r in requests)
     P, N = max(len(r.prompt) for r in requests), max(r.max_new_tokens for r in requests)
     if max_cache_tokens < P + N:
         raise ValueError(f"a cache slot needs {P + N} tokens (the longest prompt + the most new tokens), "
                          f"more than --max-cache-tokens {max_cache_tokens}")
-    B = min(max_rows, total)
-    # samples per slot (a request with more is split into units of at most M), then slots within the budget
+    B = min(max_rows, sum(r.n for r in requests))
     M = max(1, min(B, max(r.n for r in requests), (max_cache_tokens - P) // N))
-    S = P + M * N  # cache positions per slot
-    pending = deque((i, s, min(M, r.n - s)) for i, r in enumerate(requests) for s in range(0, r.n, M))
-    G = max(1, min(len(pending), B, max_cache_tokens // S))
-    B = min(B, G * M)
-    cache = KVCache.for_model(model, rows=G + 1, max_len=S)  # slot G: scratch for idle rows
-    step_fn = decode_one_token
-    if compile:  # static shapes: always all B rows, all G slots and the whole cache length
-        step_fn = torch.compile(decode_one_token, dynamic=False)
-
-    results = [[None] * r.n for r in requests]
-    left = [r.n for r in requests]
-    n_stop = max([len(r.stop_ids) for r in requests] + [1])
-    # per-row state: tensors for the step, lists for the host-side bookkeeping
-    cur = torch.zeros(B, dtype=torch.long, device=device)  # last sampled token, fed at the next step
-    pos = torch.zeros(B, dtype=torch.long, device=device)  # its position in the sequence
-    gen = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated so far (the sampling step)
-    keys = torch.zeros(B, dtype=torch.long, device=device)
-    temp, top_p = torch.zeros(B, device=device), torch.ones(B, device=device)
-    top_k = torch.zeros(B, dtype=torch.long, device=device)
-    stops = torch.full((B, n_stop), -1, dtype=torch.long, device=device)
-    slot = torch.full((B,), G, dtype=torch.long, device=device)  # the cache slot of each row (G: idle)
-    member = torch.zeros(B, dtype=torch.long, device=device)
-    plen = torch.zeros(B, dtype=torch.long, device=device)  # the prompt length held in that slot
-    state = dict(cur=cur, pos=pos, gen=gen, keys=keys, temp=temp, top_p=top_p, top_k=top_k, stops=stops,
-                 slot=slot, member=member, plen=plen)  # every per-row tensor, by name (_compact moves them)
-    owner = [None] * B  # (request, sample) of each busy row
-    host = {"pos": [0] * B, "plen": [0] * B, "slot": [G] * B, "tokens": [[] for _ in range(B)],
-            "logps": [[] for _ in range(B)]}
-    free = list(range(B))
-    free_slots, slot_live = list(range(G)), [0] * G  # slot_live: unfinished samples in each slot
-    want_logps = any(r.logprobs for r in requests)
-
-    def finish_tokens(rows, rows_t, logits):
-        """Sample the next token of `rows` (also as the index tensor `rows_t`) from `logits`, record it,
-        retire finished rows."""
-        u = uniform_from_keys(keys[rows_t], gen[rows_t])
-        nxt = sample_next_token(logits, temp[rows_t], top_p[rows_t], top_k[rows_t], u)
-        is_stop = (nxt[:, None] == stops[rows_t]).any(-1)
-        lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1).tolist() if want_logps else None
-        cur[rows_t], gen[rows_t] = nxt, gen[rows_t] + 1
-        for j, (b, tok, stop) in enumerate(zip(rows, nxt.tolist(), is_stop.tolist())):  # one host sync
-            i, s = owner[b]
-            r = requests[i]
-            if not stop:
-                host["tokens"][b].append(tok)
-                if r.logprobs:
-                    host["logps"][b].append(lp[j])
-            if stop or len(host["tokens"][b]) >= r.max_new_tokens:
-                results[i][s] = Completion(host["tokens"][b], "stop" if stop else "length",
-                                           host["logps"][b] if r.logprobs else None)
-                g = host["slot"][b]
-                slot_live[g] -= 1
-                if slot_live[g] == 0:
-                    free_slots.append(g)
-                owner[b], host["tokens"][b], host["logps"][b] = None, [], []
-                host["pos"][b], host["plen"][b], host["slot"][b] = 0, 0, G
-                pos[b], plen[b], slot[b], member[b] = 0, 0, G, 0
-                free.append(b)
-                left[i] -= 1
-                if progress is not None:
-                    progress.update(1)
-                if left[i] == 0 and on_done is not None:
-                    on_done(i, results[i])
-
-    def admit():
-        """Prefill as many waiting units as fit, each prompt once into its own slot; shared prefixes of
-        different prompts are prefilled once and copied."""
-        units, budget = [], prefill_tokens
-        free.sort()  # lowest rows and slots first, so live ones stay packed at the front
-        free_slots.sort()
-        while (pending and free_slots and pending[0][2] <= len(free)
-               and (not units or len(requests[pending[0][0]].prompt) <= budget)):
-            i, s0, count = pending.popleft()
-            units.append((i, s0, free_slots.pop(0), [free.pop(0) for _ in range(count)]))
-            budget -= len(requests[i].prompt)
-        if not units:
-            return
-        # 1. prompts that share a prefix with others: prefill each distinct prefix once, copy it to the rest
-        groups = {}
-        for u, (i, _, _, _) in enumerate(units):
-            L0 = requests[i].shared_prefix
-            if 0 < L0 < len(requests[i].prompt):
-                groups.setdefault(tuple(requests[i].prompt[:L0]), []).append(u)
-        start = [0] * len(units)
-        if groups:
-            heads = [units[us[0]][2] for us in groups.values()]
-            model(_pad(list(groups), device), cache=cache, rows=torch.tensor(heads, device=device),
-                  last=torch.zeros(len(heads), dtype=torch.long, device=device))
-            for head, (prefix, us) in zip(heads, groups.items()):
-                others = [units[u][2] for u in us[1:]]
-                if others:
-                    cache.copy_rows(torch.tensor([head], device=device), torch.tensor(others, device=device), len(prefix))
-                for u in us:
-                    start[u] = len(prefix)
-        # 2. the rest of each prompt (all of it where nothing is shared), ragged and right-padded;
-        #    logits of each prompt's last token only: (U, V)
-        slots_t = torch.tensor([g for _, _, g, _ in units], device=device)
-        rest = [requests[i].prompt[start[u]:] for u, (i, _, _, _) in enumerate(units)]
-        last = torch.tensor([len(r) - 1 for r in rest], device=device)
-        if groups:
-            kv_len = max(len(requests[i].prompt) for i, _, _, _ in units)
-            logits = model(_pad(rest, device), cache=cache, rows=slots_t, start=torch.tensor(start, device=device),
-                           kv_len=kv_len, last=last)
-        else:  # plain prefill from position 0: causal attention over the new tokens only
-            logits = model(_pad(rest, device), cache=cache, rows=slots_t, last=last)
-        rows, row_logits = [], []
-        for u, (i, s0, g, slots) in enumerate(units):
-            r, L = requests[i], len(requests[i].prompt)
-            slot_live[g] = len(slots)
-            for k, b in enumerate(slots):
-                owner[b] = (i, s0 + k)
-                host["pos"][b], host["plen"][b], host["slot"][b] = L, L, g
-                keys[b] = sample_key(r.seed, s0 + k)
-                temp[b], top_p[b], top_k[b], pos[b], gen[b] = r.temperature, r.top_p, r.top_k, L, 0
-                slot[b], member[b], plen[b] = g, k, L
-                stops[b] = -1
-                if r.stop_ids:
-                    stops[b, :len(r.stop_ids)] = torch.tensor(list(r.stop_ids))
-                rows.append(b)
-                row_logits.append(u)
-        finish_tokens(rows, torch.tensor(rows, device=device), logits[torch.tensor(row_logits, device=device)])
-
-    while pending or any(o is not None for o in owner):
-        if pending and free and free_slots:
-            admit()
-        busy = [b for b in range(B) if owner[b] is not None]
-        if not busy:
-            continue
-        # decode the first W rows; idle rows inside that range write to the scratch slot and are ignored
-        if compile:
-            W, kv_len, n_slots = B, S, G
-        else:
-            W = busy[-1] + 1
-            kv_len = max(host["plen"][b] + (host["pos"][b] - host["plen"][b] + 1) * M for b in busy)
-            n_slots = max(host["slot"][b] for b in busy) + 1
-        grp = Groups(slot[:W], member[:W], plen[:W], M, n_slots)
-        logits = step_fn(model, cur[:W], cache, pos[:W] - plen[:W], kv_len, grp)
-        busy_t = torch.tensor(busy, device=device)
-        pos[busy_t] += 1
-        for b in busy:
-            host["pos"][b] += 1
-        finish_tokens(busy, busy_t, logits[busy_t])
-        if not pending and not compile:
-            _compact(cache, owner, state, host, free, free_slots, G)
-    return results
+    units = sum(-(-r.n // M) for r in requests)
+    G = max(1, min(units, B, max_cache_tokens // (P + M * N)))
+    return min(B, G * M), M, G, P + M * N
 
 
-def _pad(seqs, device):
+def prefill(model, cache, prompts, slots, shared):
+    """Prefill each prompt into its slot -> logits of each prompt's last token (U, V).
+
+    A prompt whose first shared[u] tokens other prompts share (the rubric and question of K judge prompts)
+    gets that prefix prefilled once per distinct prefix, copied to the other slots, and then the rest."""
+    device = cache.k.device
+    groups = {}
+    for u, (p, n) in enumerate(zip(prompts, shared)):
+        if 0 < n < len(p):
+            groups.setdefault(tuple(p[:n]), []).append(u)
+    start = [0] * len(prompts)
+    if groups:
+        heads = torch.tensor([slots[us[0]] for us in groups.values()], device=device)
+        prefixes = list(groups)
+        model(pad(prefixes, device), cache=cache.fresh(heads, max(map(len, prefixes))),
+              last=torch.zeros(len(prefixes), dtype=torch.long, device=device))
+        for head, (prefix, us) in zip(heads.tolist(), groups.items()):
+            if len(us) > 1:
+                cache.copy_slots(torch.tensor([head], device=device), torch.tensor([slots[u] for u in us[1:]],
+                                                                                   device=device), len(prefix))
+            for u in us:
+                start[u] = len(prefix)
+    rest = [p[n:] for p, n in zip(prompts, start)]
+    tokens, slots_t = pad(rest, device), torch.tensor(slots, device=device)
+    last = torch.tensor([len(r) - 1 for r in rest], device=device)  # only the last token's logits are needed
+    if groups:
+        view = cache.extend(slots_t, torch.tensor(start, device=device), tokens.size(1), max(map(len, prompts)))
+    else:  # plain prefill from position 0: causal attention over the new tokens only
+        view = cache.fresh(slots_t, tokens.size(1))
+    return model(tokens, cache=view, last=last)
+
+
+def pad(seqs, device):
     """Right-pad token lists into a (B, T) tensor (pad id 0: padded positions are never attended to)."""
     out = torch.zeros(len(seqs), max(len(q) for q in seqs), dtype=torch.long)
     for b, q in enumerate(seqs):
@@ -292,63 +319,189 @@ def _pad(seqs, device):
     return out.to(device)
 
 
-def _compact(cache, owner, state, host, free, free_slots, G):
-    """At the tail (nothing waiting), move live rows to the lowest row indices and their prompts' slots to the
-    lowest slots when either is sparse, so the decode batch and the attended cache shrink as samples finish."""
-    live = [b for b in range(len(owner)) if owner[b] is not None]
-    if live and live[-1] + 1 > 2 * len(live):
-        device = state["pos"].device
-        src, dst = torch.tensor(live, device=device), torch.arange(len(live), device=device)
-        for t in state.values():
-            t[dst] = t[src]
-        rest = len(owner) - len(live)
-        owner[:] = [owner[b] for b in live] + [None] * rest
-        for key, idle in (("pos", 0), ("plen", 0), ("slot", G)):
-            host[key][:] = [host[key][b] for b in live] + [idle] * rest
-        for key in ("tokens", "logps"):
-            host[key][:] = [host[key][b] for b in live] + [[] for _ in range(rest)]
-        for key, idle in (("slot", G), ("member", 0), ("plen", 0), ("pos", 0)):
-            state[key][len(live):] = idle
-        free[:] = list(range(len(live), len(owner)))
-        live = list(range(len(live)))
-    used = sorted({host["slot"][b] for b in live})
-    if used and used[-1] + 1 > 2 * len(used):
-        device = cache.k.device
-        src, dst = torch.tensor(used, device=device), torch.arange(len(used), device=device)
-        cache.k[:, dst] = cache.k[:, src]
-        cache.v[:, dst] = cache.v[:, src]
-        new = {g: n for n, g in enumerate(used)}
-        for b in live:
-            host["slot"][b] = new[host["slot"][b]]
-        state["slot"][torch.tensor(live, device=device)] = torch.tensor([host["slot"][b] for b in live], device=device)
-        free_slots[:] = list(range(len(used), G))
+def sample_rows(logits, rows, requests):
+    """The next token of each row from its logits (R, V) -> (tokens, log-probs or None) as host lists."""
+    device = logits.device
+    reqs = [requests[r.request] for r in rows]
+    u = uniform_from_keys(torch.tensor([r.key for r in rows], device=device),
+                          torch.tensor([len(r.tokens) for r in rows], device=device))
+    nxt = sample_next_token(logits, torch.tensor([q.temperature for q in reqs], device=device),
+                            torch.tensor([q.top_p for q in reqs], device=device),
+                            torch.tensor([q.top_k for q in reqs], device=device), u)
+    lp = None
+    if any(q.logprobs for q in reqs):
+        lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
+    # the step's host sync: the host must see the tokens to tell which rows stop and what to feed next
+    return nxt.tolist(), lp
 
 
 @torch.no_grad()
-def next_token_logprobs(model, prefix, continuations, candidates, max_rows=64):
-    """Log-probs of the `candidates` token ids right after prefix + each continuation -> (len(conts), len(cands)).
+def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tokens=8192, compile=False):
+    """Run all `requests`, yielding (request index, its n Completions) as each request finishes.
 
-    The shared prefix is prefilled once and held once; the continuations run together as its members.
-    Used for the `expected` score modes (the distribution of the digit after `Score: `).
+    max_rows: sequences decoded together; max_cache_tokens: bound on the KV cache size in tokens (it is
+    preallocated); prefill_tokens: bound on the prompt tokens of one prefill. The cache has one slot per prompt
+    unit in flight (see KVCache); a slot is given back when its last sample finishes.
     """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    if not requests:
+        return
+    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    if longest > model.args.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens = {longest} exceeds the model's context ({model.args.max_seq_len})")
+    B, M, G, S = plan_cache(requests, max_rows, max_cache_tokens)
+    cache = KVCache.for_model(model, slots=G + 1, max_len=S)  # slot G: scratch for idle rows
+    step_fn = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
+    eng = Engine(requests, B, M, G)
+    while eng.pending or eng.live():
+        yield from eng.admit(model, cache, prefill_tokens)
+        busy = eng.live()
+        if not busy:
+            continue
+        # decode the first W rows; empty rows among them write to the scratch slot and are ignored. Compiled,
+        # every shape is the largest one (all rows, slots and positions), so one graph serves every step.
+        W, n_slots, kv_len = (B, G, S) if compile else eng.bounds(busy)
+        logits = step_fn(model, eng.feed(W, cache.k.device), eng.view(cache, W, n_slots, kv_len))
+        yield from eng.record(busy, *sample_rows(logits[busy], [eng.rows[b] for b in busy], requests))
+        if not eng.pending and not compile:
+            eng.compact(cache)
+
+
+class Engine:
+    """The engine's bookkeeping: a Row (or None) per decode row, the waiting units, the slots in use, and
+    the finished samples of each request. Every tensor of a step is derived from the rows."""
+
+    def __init__(self, requests, B, M, G):
+        self.requests, self.M, self.G = requests, M, G
+        self.rows = [None] * B
+        # units of at most M samples of one request: (request, first sample, count)
+        self.pending = deque((i, s, min(M, r.n - s)) for i, r in enumerate(requests) for s in range(0, r.n, M))
+        self.free_slots, self.slot_live = list(range(G)), [0] * G  # slot_live: unfinished samples per slot
+        self.results = [[None] * r.n for r in requests]
+        self.left = [r.n for r in requests]
+
+    def live(self):
+        return [b for b, r in enumerate(self.rows) if r is not None]
+
+    def admit(self, model, cache, budget):
+        """Prefill as many waiting units as fit (a free slot, enough free rows, the prefill budget), sample their
+        first tokens; yields the requests this finishes (a first token can already end one)."""
+        free = [b for b, r in enumerate(self.rows) if r is None]  # lowest first, so live rows stay packed
+        self.free_slots.sort()
+        units = []
+        while (self.pending and self.free_slots and self.pending[0][2] <= len(free)
+               and (not units or len(self.requests[self.pending[0][0]].prompt) <= budget)):
+            i, s0, count = self.pending.popleft()
+            units.append((i, s0, self.free_slots.pop(0), [free.pop(0) for _ in range(count)]))
+            budget -= len(self.requests[i].prompt)
+        if not units:
+            return
+        reqs = [self.requests[i] for i, *_ in units]
+        logits = prefill(model, cache, [r.prompt for r in reqs], [g for _, _, g, _ in units], [r.shared_prefix for r in reqs])
+        new, which = [], []
+        for u, (i, s0, g, bs) in enumerate(units):
+            self.slot_live[g] = len(bs)
+            for j, b in enumerate(bs):
+                self.rows[b] = Row(i, s0 + j, g, j, len(reqs[u].prompt), sample_key(reqs[u].seed, s0 + j))
+                new.append(b)
+                which.append(u)
+        rows = [self.rows[b] for b in new]
+        yield from self.record(new, *sample_rows(logits[torch.tensor(which, device=logits.device)], rows, self.requests))
+
+    def bounds(self, busy):
+        """Host-side sizes of an eager step: rows up to the last busy one, slots up to the highest in use, and
+        cache positions up to the furthest member token (the token fed now is number len(tokens) - 1)."""
+        rows = [self.rows[b] for b in busy]
+        return busy[-1] + 1, max(r.slot for r in rows) + 1, max(r.plen + len(r.tokens) * self.M for r in rows)
+
+    def feed(self, W, device):
+        """The token each of the first W rows feeds now: its newest (0 for an empty row)."""
+        return torch.tensor([r.tokens[-1] if r else 0 for r in self.rows[:W]], device=device)
+
+    def view(self, cache, W, n_slots, kv_len):
+        rows, d = self.rows[:W], cache.k.device
+        t = lambda f, idle: torch.tensor([f(r) if r else idle for r in rows], device=d)  # noqa: E731
+        # the fed token is the one sampled last, number len(tokens) - 1: its key goes to that step's place
+        return cache.grouped(t(lambda r: r.slot, self.G), t(lambda r: r.member, 0), t(lambda r: r.plen, 0),
+                             t(lambda r: len(r.tokens) - 1, 0), 1, self.M, n_slots, kv_len)
+
+    def record(self, rows, tokens, logps):
+        """Append each row's sampled token, or finish the row (a stop token, or its length limit); yields
+        (request, completions) for every request whose last sample finished."""
+        for k, (b, tok) in enumerate(zip(rows, tokens)):
+            r = self.rows[b]
+            req = self.requests[r.request]
+            stop = tok in req.stop_ids
+            if not stop:
+                r.tokens.append(tok)
+                if req.logprobs:
+                    r.logps.append(logps[k])
+            if stop or len(r.tokens) >= req.max_new_tokens:
+                self.results[r.request][r.sample] = Completion(r.tokens, "stop" if stop else "length",
+                                                               r.logps if req.logprobs else None)
+                self.rows[b] = None
+                self.slot_live[r.slot] -= 1
+                if self.slot_live[r.slot] == 0:
+                    self.free_slots.append(r.slot)
+                self.left[r.request] -= 1
+                if self.left[r.request] == 0:
+                    yield r.request, self.results[r.request]
+
+    def compact(self, cache):
+        """At the tail (nothing waiting), pack live rows at the lowest row indices and their slots at the lowest
+        slots once either is sparse, so the decode batch and the attended cache shrink as samples finish."""
+        live = [r for r in self.rows if r is not None]
+        if live and self.live()[-1] + 1 > 2 * len(live):
+            self.rows = live + [None] * (len(self.rows) - len(live))
+        used = sorted({r.slot for r in live})
+        if used and used[-1] + 1 > 2 * len(used):
+            src, dst = torch.tensor(used, device=cache.k.device), torch.arange(len(used), device=cache.k.device)
+            cache.k[:, dst], cache.v[:, dst] = cache.k[:, src], cache.v[:, src]
+            new = {g: n for n, g in enumerate(used)}
+            for r in live:
+                r.slot = new[r.slot]
+            self.slot_live = [self.slot_live[g] for g in used] + [0] * (self.G - len(used))
+            self.free_slots = list(range(len(used), self.G))
+
+
+def complete(model, requests, **kw):
+    """Every request's completions, in request order (for callers that want them all at once)."""
+    done = dict(generate(model, requests, **kw))
+    return [done[i] for i in range(len(requests))]
+
+
+def common_prefix(seqs):
+    """The length of the longest prefix that all token lists share."""
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
+@torch.no_grad()
+def next_token_logprobs(model, prompts, continuations, candidates, max_rows=64):
+    """Log-probs of the `candidates` token ids right after prompts[j] + continuations[j] -> (J, len(cands)).
+
+    The prompts' common prefix is prefilled once and held once; the rest of each prompt and its continuation
+    run together as members of that slot. Used for the `expected` score and verdict modes (the distribution
+    of the digit after `Score: `, of the letter after `Winner: ...`)."""
     device = model.tok_embeddings.weight.device
-    out = []
-    for c0 in range(0, len(continuations), max_rows):
-        conts = continuations[c0:c0 + max_rows]
-        n, L, T = len(conts), len(prefix), max(len(c) for c in conts)
+    L = common_prefix(prompts)
+    prefix, out = prompts[0][:L], []
+    for c0 in range(0, len(prompts), max_rows):
+        exts = [p[L:] + c for p, c in zip(prompts[c0:c0 + max_rows], continuations[c0:c0 + max_rows])]
+        n, T = len(exts), max(len(e) for e in exts)
         if L + T > model.args.max_seq_len:
-            raise ValueError(f"prefix + continuation = {L + T} tokens exceeds the model's context ({model.args.max_seq_len})")
-        cache = KVCache.for_model(model, rows=1, max_len=L + n * T)
-        if L > 0:
-            model(torch.tensor([prefix], device=device), cache=cache, rows=torch.tensor([0], device=device),
-                  last=torch.tensor([L - 1], device=device))
-        ext = torch.zeros(n, T, dtype=torch.long)
-        for j, c in enumerate(conts):
-            ext[j, :len(c)] = torch.tensor(c)
+            raise ValueError(f"prompt + continuation = {L + T} tokens exceeds the model's context ({model.args.max_seq_len})")
+        cache = KVCache.for_model(model, slots=1, max_len=L + n * T)
         zeros = torch.zeros(n, dtype=torch.long, device=device)
-        grp = Groups(zeros, torch.arange(n, device=device), torch.full((n,), L, device=device), n, 1)
-        logits = model(ext.to(device), cache=cache, start=zeros, kv_len=L + n * T, groups=grp)
-        last = torch.tensor([len(c) - 1 for c in conts], device=device)
+        if L > 0:
+            model(torch.tensor([prefix], device=device), cache=cache.fresh(zeros[:1], L), last=zeros[:1] + L - 1)
+        view = cache.grouped(zeros, torch.arange(n, device=device), zeros + L, zeros, T, n, 1, L + n * T)
+        logits = model(pad(exts, device), cache=view)  # (n, T, V)
+        last = torch.tensor([len(e) - 1 for e in exts], device=device)
         logps = torch.log_softmax(logits[torch.arange(n, device=device), last], -1)
         out.append(logps[:, torch.tensor(candidates, device=device)].cpu())
     return torch.cat(out)
@@ -383,10 +536,13 @@ def run_stage(args, model, tok, model_path, rank, world):
                                 max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
                                 seed=stable_seed(args.seed, p["id"])))
     print0(f"{n_use} prompts, {len(done)} already done, {len(todo)} on rank {rank}")
+    from tqdm import tqdm
     writer = ShardWriter(args.out, rank)
     counts = {"samples": 0, "tokens": 0, "duplicates": 0, "length_stops": 0}
-
-    def on_done(i, comps):
+    bar = tqdm(total=len(requests) * args.n, desc=f"sample[{rank}]", unit="sample", disable=rank != 0 or not requests)
+    t0 = time.time()
+    for i, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
+                             compile=args.compile):
         p = prompts[todo[i]]
         texts, reasons, ntoks = [], [], []
         for c in comps:
@@ -400,18 +556,12 @@ def run_stage(args, model, tok, model_path, rank, world):
             reasons.append(c.finish_reason)
             ntoks.append(len(c.tokens))
         counts["samples"] += len(comps)
-        rec = {"id": p["id"], "prompt": p["prompt"], **({"system": p["system"]} if p.get("system") else {}),
-               "responses": texts, "finish_reasons": reasons, "num_tokens": ntoks, "model": model_path,
-               "seed": args.seed, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-               "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
-        writer.write(rec)
+        writer.write({"id": p["id"], "prompt": p["prompt"], **({"system": p["system"]} if p.get("system") else {}),
+                      "responses": texts, "finish_reasons": reasons, "num_tokens": ntoks, "model": model_path,
+                      "seed": args.seed, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                      "top_k": args.top_k, "max_new_tokens": args.max_new_tokens})
+        bar.update(len(comps))
         bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.time() - t0, 1e-9):.0f}")
-
-    from tqdm import tqdm
-    t0 = time.time()
-    bar = tqdm(total=len(requests) * args.n, desc=f"sample[{rank}]", unit="sample", disable=rank != 0 or not requests)
-    generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens, compile=args.compile,
-             on_done=on_done, progress=bar)
     bar.close()
     writer.close()
     dt = time.time() - t0

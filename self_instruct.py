@@ -18,7 +18,7 @@ import time
 
 from common import (TEMPLATES, ShardWriter, add_engine_args, done_records, init_distributed, load_model, load_template,
                     merge_shards, read_jsonl, render, stable_seed)
-from sample import Request, generate
+from sample import Request, complete
 
 LABEL = re.compile(r"^\s*(?:\*\*)?\s*(?:new\s+)?(?:request|task|instruction|prompt)\s*\d*\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*", re.I)
 BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
@@ -130,7 +130,7 @@ def main(argv=None):
             requests.append(Request(tok.encode_prompt(render(template, examples=examples)), n=1,
                                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                     stop_ids=tuple(tok.stop_ids), seed=stable_seed(args.seed, f"call{c}")))
-        outs = generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens)
+        outs = complete(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens)
         for c, comps in zip(calls, outs):  # in call order, so a resumed run decides exactly as this one
             text = parse_request(tok.decode(comps[0].tokens))
             why = check(text, index, args.max_overlap)

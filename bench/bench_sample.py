@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import parse_dtype  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from sample import Request, generate  # noqa: E402
+from sample import Request, complete  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 SHORT = ["Write a haiku about the sea.", "What is the boiling point of water?", "Give me a tip for studying.",
@@ -52,7 +52,7 @@ def run_ours(model, prompts, n, new_tokens, compile=False, share=True):
                 for i, p in enumerate(prompts) for k in range(n)]
     sync()
     t0 = time.perf_counter()
-    out = generate(model, reqs, max_rows=len(prompts) * n, compile=compile)
+    out = complete(model, reqs, max_rows=len(prompts) * n, compile=compile)
     sync()
     dt = time.perf_counter() - t0
     ntok = sum(len(c.tokens) for r in out for c in r)

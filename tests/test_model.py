@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_args, tiny_model
 
-from model import Groups, KVCache, ModelArgs, Transformer, hf_name
+from model import ModelArgs, Transformer, hf_name
 
 # -----------------------------------------------------------------------------
 # A naive float64 reference: explicit loops over heads, repeated KV heads, complex-number rotary,
@@ -113,86 +113,6 @@ def test_llama3_scaling_changes_frequencies():
                                rtol=1e-6, atol=0)
 
 
-def test_kv_cache_matches_full_forward_with_ragged_rows():
-    """Prefill rows of different lengths (right-padded), then decode each at its own position:
-    logits must equal a full forward of each row's sequence. Guards the per-row position/mask logic."""
-    torch.manual_seed(1)
-    model = tiny_model(n_kv_heads=2)
-    lengths = [5, 9, 3]
-    seqs = [torch.randint(0, 97, (L + 6,)) for L in lengths]  # prompt + 6 decode steps each
-    B, Tp = len(lengths), max(lengths)
-    cache = KVCache.for_model(model, rows=B, max_len=32)
-    prompt = torch.zeros(B, Tp, dtype=torch.long)
-    for b, L in enumerate(lengths):
-        prompt[b, :L] = seqs[b][:L]
-    with torch.no_grad():
-        logits = model(prompt, cache=cache)
-        got = [[logits[b, L - 1]] for b, L in enumerate(lengths)]
-        pos = torch.tensor(lengths)
-        for step in range(6):
-            tok = torch.stack([seqs[b][lengths[b] + step] for b in range(B)])[:, None]
-            out = model(tok, cache=cache, start=pos, kv_len=int(pos.max()) + 1)
-            for b in range(B):
-                got[b].append(out[b, 0])
-            pos = pos + 1
-        for b, L in enumerate(lengths):
-            full = model(seqs[b][None])[0]
-            want = full[L - 1: L + 6]
-            assert (torch.stack(got[b]) - want).abs().max().item() < 1e-5
-
-
-def test_cache_rows_subset_and_multi_token_extension():
-    """Prefill into chosen cache rows, copy a prefix to other rows, and extend some rows by several tokens
-    at once (as the judge's `Score: ` probe does): logits equal full forwards."""
-    torch.manual_seed(2)
-    model = tiny_model()
-    a, b = torch.randint(0, 97, (7,)), torch.randint(0, 97, (4,))
-    cache = KVCache.for_model(model, rows=4, max_len=24)
-    with torch.no_grad():
-        model(a[None], cache=cache, rows=torch.tensor([2]))
-        cache.copy_rows(torch.tensor([2]), torch.tensor([0, 3]), 7)
-        ext = torch.stack([b, b.flip(0)])  # rows 0 and 3 continue differently
-        out = model(ext, cache=cache, rows=torch.tensor([0, 3]), start=torch.tensor([7, 7]), kv_len=11)
-        for i, cont in enumerate([b, b.flip(0)]):
-            full = model(torch.cat([a, cont])[None])[0, 7:]
-            assert (out[i] - full).abs().max().item() < 1e-5
-
-
-def test_grouped_rows_share_one_prompt_copy():
-    """Sequences continuing prompts held once per cache row (`Groups`): two rows with different prompt
-    lengths, members at different steps, an empty member place, an idle sequence pointing at a scratch row,
-    one-token steps and a several-token extension. Every logit equals a full forward of prompt + own tokens."""
-    torch.manual_seed(4)
-    model = tiny_model(n_heads=4, n_kv_heads=2)
-    prompts = [torch.randint(0, 97, (6,)), torch.randint(0, 97, (9,))]
-    stride, steps = 3, 5
-    # (row, member): row 0 has members 0 and 2 (place 1 stays empty), row 1 has member 1 only
-    seqs = [(0, 0), (0, 2), (1, 1)]
-    own = [torch.randint(0, 97, (steps + 3,)) for _ in seqs]
-    cache = KVCache.for_model(model, rows=3, max_len=9 + stride * (steps + 3))  # row 2: scratch
-    idle = 2  # an idle sequence in the batch: writes to the scratch row, output ignored
-    with torch.no_grad():
-        model(torch.stack([torch.cat([prompts[0], torch.zeros(3, dtype=torch.long)]), prompts[1]]),
-              cache=cache, rows=torch.tensor([0, 1]))
-        slots = torch.tensor([g for g, _ in seqs] + [idle])
-        members = torch.tensor([j for _, j in seqs] + [0])
-        plen = torch.tensor([len(prompts[g]) for g, _ in seqs] + [0])
-        grp = Groups(slots, members, plen, stride, n_slots=2)
-        got = [[] for _ in seqs]
-        for s in range(steps):  # one token at a time, each sequence at its own step s
-            tok = torch.stack([o[s] for o in own] + [torch.tensor(5)])[:, None]
-            start = torch.full((4,), s)
-            out = model(tok, cache=cache, start=start, kv_len=9 + stride * (s + 1), groups=grp)
-            for b in range(len(seqs)):
-                got[b].append(out[b, 0])
-        ext = torch.stack([o[steps:] for o in own] + [torch.zeros(3, dtype=torch.long)])  # 3 tokens at once
-        out = model(ext, cache=cache, start=torch.full((4,), steps), kv_len=9 + stride * (steps + 3), groups=grp)
-        for b, (g, _) in enumerate(seqs):
-            got[b].extend(out[b])
-            full = model(torch.cat([prompts[g], own[b]])[None])[0, len(prompts[g]):]
-            assert (torch.stack(got[b]) - full).abs().max().item() < 1e-5
-
-
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept-logits", "recomputed-logits"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_target_logps_equal_full_log_softmax_with_grads(recompute, tied):
@@ -206,7 +126,8 @@ def test_target_logps_equal_full_log_softmax_with_grads(recompute, tied):
     targets[0, :4] = -100  # ignored positions give 0
     targets[2, 9:] = -1
     upstream = torch.randn(3, 11)
-    lp = model(tokens, targets=targets, logits_chunk=5)
+    model.logits_chunk = 5
+    lp = model(tokens, targets=targets)
     (lp * upstream).sum().backward()
     g_chunk = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

@@ -20,7 +20,7 @@ import judge
 import meta_judge
 import sample
 import train_dpo
-from sample import Request, generate
+from sample import Request, complete
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def test_engine_admits_shared_and_unshared_prompts_together():
     lone = torch.randint(3, 97, (40,), generator=g).tolist()
     reqs = [Request(prefix + t, n=2, temperature=0.0, max_new_tokens=3, shared_prefix=len(prefix)) for t in tails]
     reqs.append(Request(lone, n=1, temperature=0.0, max_new_tokens=3))
-    out = generate(model, reqs, max_rows=8)
+    out = complete(model, reqs, max_rows=8)
     for r, comps in zip(reqs, out):
         assert all(c.tokens == greedy_reference(model, r.prompt, 3) for c in comps)
 
@@ -80,7 +80,7 @@ def test_zero_max_rows_is_an_error_not_a_hang(tmp_path, tiny_ckpt):
     signal.alarm(20)
     try:
         with pytest.raises(ValueError, match="max_rows"):
-            generate(tiny_model(), [Request([1, 2, 3], max_new_tokens=2)], max_rows=0)
+            complete(tiny_model(), [Request([1, 2, 3], max_new_tokens=2)], max_rows=0)
         with pytest.raises(SystemExit, match="--max-rows"):
             sample.main(["--model", tiny_ckpt, "--prompts", prompts_file(tmp_path / "p.jsonl"),
                          "--out", str(tmp_path / "r.jsonl"), "--max-rows", "0"])
@@ -446,9 +446,9 @@ def test_float64_sampling_is_identical_across_batch_shapes():
     g = torch.Generator().manual_seed(2)
     ps = [torch.randint(3, 97, (k,), generator=g).tolist() for k in (4, 9, 2, 13, 6, 7)]
     mk = lambda i, p: Request(p, n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=i)  # noqa: E731
-    crowd = generate(model, [mk(i, p) for i, p in enumerate(ps)], max_rows=16)
+    crowd = complete(model, [mk(i, p) for i, p in enumerate(ps)], max_rows=16)
     for rows in (1, 2, 5):
-        other = generate(model, [mk(i, p) for i, p in enumerate(ps)], max_rows=rows)
+        other = complete(model, [mk(i, p) for i, p in enumerate(ps)], max_rows=rows)
         assert [[c.tokens for c in r] for r in other] == [[c.tokens for c in r] for r in crowd]
 
 

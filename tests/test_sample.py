@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from sample import Request, generate, next_token_logprobs, sample_next_token, uniform_from_keys
+from sample import KVCache, Request, complete, next_token_logprobs, plan_cache, sample_next_token, uniform_from_keys
 
 
 def greedy_reference(model, prompt, max_new, stop_ids=()):
@@ -31,7 +31,7 @@ def test_greedy_equals_full_forward_decoding_mixed_lengths(max_rows):
     model = tiny_model(seed=11)
     ps = prompts(0, [3, 11, 6, 1, 17, 8])
     reqs = [Request(p, n=1, temperature=0.0, max_new_tokens=9 + i) for i, p in enumerate(ps)]
-    out = generate(model, reqs, max_rows=max_rows)
+    out = complete(model, reqs, max_rows=max_rows)
     for p, r, comps in zip(ps, reqs, out):
         want, _ = greedy_reference(model, p, r.max_new_tokens)
         assert comps[0].tokens == want
@@ -47,7 +47,7 @@ def test_stop_tokens_end_each_row_on_its_own():
         ref, _ = greedy_reference(model, p, 6)
         stops.append(ref[2])
     reqs = [Request(p, temperature=0.0, max_new_tokens=20, stop_ids=(s,)) for p, s in zip(ps, stops)]
-    out = generate(model, reqs, max_rows=4)
+    out = complete(model, reqs, max_rows=4)
     for p, s, comps in zip(ps, stops, out):
         want, reason = greedy_reference(model, p, 20, stop_ids=(s,))
         assert comps[0].tokens == want and comps[0].finish_reason == reason == "stop"
@@ -59,11 +59,11 @@ def test_output_does_not_depend_on_batch_company():
     model = tiny_model(seed=13)
     ps = prompts(2, [5, 14, 3, 9, 7])
     mk = lambda p, i: Request(p, n=3, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=100 + i)
-    crowd = generate(model, [mk(p, i) for i, p in enumerate(ps)], max_rows=5)
+    crowd = complete(model, [mk(p, i) for i, p in enumerate(ps)], max_rows=5)
     for i, p in enumerate(ps):
-        alone = generate(model, [mk(p, i)], max_rows=2)[0]
+        alone = complete(model, [mk(p, i)], max_rows=2)[0]
         assert [c.tokens for c in alone] == [c.tokens for c in crowd[i]]
-    again = generate(model, [mk(p, i) for i, p in enumerate(ps)], max_rows=16)
+    again = complete(model, [mk(p, i) for i, p in enumerate(ps)], max_rows=16)
     assert [[c.tokens for c in r] for r in again] == [[c.tokens for c in r] for r in crowd]
     # different samples of one request differ (same prompt, shared prefix, independent streams)
     assert len({tuple(c.tokens) for c in crowd[1]}) > 1
@@ -72,15 +72,15 @@ def test_output_does_not_depend_on_batch_company():
 def test_seed_changes_samples():
     model = tiny_model(seed=14)
     p = prompts(3, [6])[0]
-    a = generate(model, [Request(p, n=2, temperature=1.0, max_new_tokens=10, seed=1)])[0]
-    b = generate(model, [Request(p, n=2, temperature=1.0, max_new_tokens=10, seed=2)])[0]
+    a = complete(model, [Request(p, n=2, temperature=1.0, max_new_tokens=10, seed=1)])[0]
+    b = complete(model, [Request(p, n=2, temperature=1.0, max_new_tokens=10, seed=2)])[0]
     assert [c.tokens for c in a] != [c.tokens for c in b]
 
 
 def test_logprobs_match_full_forward():
     model = tiny_model(seed=15)
     p = prompts(4, [7])[0]
-    comp = generate(model, [Request(p, n=2, temperature=1.0, max_new_tokens=6, seed=3, logprobs=True)])[0]
+    comp = complete(model, [Request(p, n=2, temperature=1.0, max_new_tokens=6, seed=3, logprobs=True)])[0]
     for c in comp:
         seq = torch.tensor([p + c.tokens])
         with torch.no_grad():
@@ -113,7 +113,7 @@ def test_next_token_logprobs_match_full_forward():
     model = tiny_model(seed=16)
     prefix = prompts(5, [9])[0]
     conts = prompts(6, [1, 4, 7])
-    got = next_token_logprobs(model, prefix, conts, candidates=[5, 6, 7], max_rows=2)
+    got = next_token_logprobs(model, [prefix] * len(conts), conts, candidates=[5, 6, 7], max_rows=2)
     for j, c in enumerate(conts):
         with torch.no_grad():
             full = torch.log_softmax(model(torch.tensor([prefix + c]))[0, -1], -1)
@@ -123,9 +123,9 @@ def test_next_token_logprobs_match_full_forward():
 def test_budget_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        generate(model, [Request([1] * 250, max_new_tokens=10)])
+        complete(model, [Request([1] * 250, max_new_tokens=10)])
     with pytest.raises(ValueError, match="max-cache-tokens"):
-        generate(model, [Request([1] * 20, max_new_tokens=10)], max_cache_tokens=16)
+        complete(model, [Request([1] * 20, max_new_tokens=10)], max_cache_tokens=16)
 
 
 def test_truncated_candidates_equal_full_sort():
@@ -158,10 +158,10 @@ def test_shared_prefix_gives_same_outputs():
     mk = lambda shared, t, i, temp: Request(prefix + t, n=2, temperature=temp, max_new_tokens=8, seed=i,
                                             shared_prefix=len(prefix) if shared else 0)
     for temp in (0.0, 1.0):
-        shared = generate(model, [mk(True, t, i, temp) for i, t in enumerate(tails)], max_rows=6)
-        plain = generate(model, [mk(False, t, i, temp) for i, t in enumerate(tails)], max_rows=6)
+        shared = complete(model, [mk(True, t, i, temp) for i, t in enumerate(tails)], max_rows=6)
+        plain = complete(model, [mk(False, t, i, temp) for i, t in enumerate(tails)], max_rows=6)
         assert [[c.tokens for c in r] for r in shared] == [[c.tokens for c in r] for r in plain]
-    for t, r in zip(tails, generate(model, [mk(True, t, i, 0.0) for i, t in enumerate(tails)])):
+    for t, r in zip(tails, complete(model, [mk(True, t, i, 0.0) for i, t in enumerate(tails)])):
         assert r[0].tokens == greedy_reference(model, prefix + t, 8)[0]
 
 
@@ -169,6 +169,103 @@ def test_compiled_decode_step_gives_the_same_tokens():
     """The compile path (static shapes: all rows, whole cache length) must decode exactly like eager."""
     model = tiny_model(seed=3)
     reqs = [Request(prompts(9, [k + 1])[0], n=2, temperature=0.0, max_new_tokens=6) for k in range(3)]
-    eager = generate(model, reqs, max_rows=4)
-    compiled = generate(model, reqs, max_rows=4, compile=True)
+    eager = complete(model, reqs, max_rows=4)
+    compiled = complete(model, reqs, max_rows=4, compile=True)
     assert [[c.tokens for c in r] for r in eager] == [[c.tokens for c in r] for r in compiled]
+
+
+# -----------------------------------------------------------------------------
+# The KV cache views against full forwards, and the cache plan
+
+
+def test_fresh_then_extend_matches_full_forward_with_ragged_rows():
+    """Prefill rows of different lengths (right-padded, `fresh`), then decode each at its own position
+    (`extend`): logits equal a full forward of each row's sequence. Guards per-row positions and the mask."""
+    torch.manual_seed(1)
+    model = tiny_model(n_kv_heads=2)
+    lengths = [5, 9, 3]
+    seqs = [torch.randint(0, 97, (L + 6,)) for L in lengths]  # prompt + 6 decode steps each
+    B, Tp = len(lengths), max(lengths)
+    cache = KVCache.for_model(model, slots=B, max_len=32)
+    slots = torch.arange(B)
+    prompt = torch.zeros(B, Tp, dtype=torch.long)
+    for b, L in enumerate(lengths):
+        prompt[b, :L] = seqs[b][:L]
+    with torch.no_grad():
+        logits = model(prompt, cache=cache.fresh(slots, Tp))
+        got = [[logits[b, L - 1]] for b, L in enumerate(lengths)]
+        pos = torch.tensor(lengths)
+        for step in range(6):
+            tok = torch.stack([seqs[b][lengths[b] + step] for b in range(B)])[:, None]
+            out = model(tok, cache=cache.extend(slots, pos, 1, int(pos.max()) + 1))
+            for b in range(B):
+                got[b].append(out[b, 0])
+            pos = pos + 1
+        for b, L in enumerate(lengths):
+            want = model(seqs[b][None])[0][L - 1: L + 6]
+            assert (torch.stack(got[b]) - want).abs().max().item() < 1e-5
+
+
+def test_slot_subset_copy_and_multi_token_extension():
+    """Prefill into a chosen slot, copy its prefix to other slots, and extend two of them by several tokens
+    at once (as a shared prefix is continued): logits equal full forwards."""
+    torch.manual_seed(2)
+    model = tiny_model()
+    a, b = torch.randint(0, 97, (7,)), torch.randint(0, 97, (4,))
+    cache = KVCache.for_model(model, slots=4, max_len=24)
+    with torch.no_grad():
+        model(a[None], cache=cache.fresh(torch.tensor([2]), 7))
+        cache.copy_slots(torch.tensor([2]), torch.tensor([0, 3]), 7)
+        ext = torch.stack([b, b.flip(0)])  # slots 0 and 3 continue differently
+        out = model(ext, cache=cache.extend(torch.tensor([0, 3]), torch.tensor([7, 7]), 4, 11))
+        for i, cont in enumerate([b, b.flip(0)]):
+            full = model(torch.cat([a, cont])[None])[0, 7:]
+            assert (out[i] - full).abs().max().item() < 1e-5
+
+
+def test_grouped_view_shares_one_prompt_copy():
+    """Sequences continuing prompts held once per slot (`grouped`): two slots with different prompt lengths,
+    members at different steps, an empty member place, an idle sequence pointing at a scratch slot, one-token
+    steps and a several-token extension. Every logit equals a full forward of prompt + own tokens."""
+    torch.manual_seed(4)
+    model = tiny_model(n_heads=4, n_kv_heads=2)
+    prompts = [torch.randint(0, 97, (6,)), torch.randint(0, 97, (9,))]
+    stride, steps = 3, 5
+    # (slot, member): slot 0 has members 0 and 2 (place 1 stays empty), slot 1 has member 1 only
+    seqs = [(0, 0), (0, 2), (1, 1)]
+    own = [torch.randint(0, 97, (steps + 3,)) for _ in seqs]
+    cache = KVCache.for_model(model, slots=3, max_len=9 + stride * (steps + 3))  # slot 2: scratch
+    with torch.no_grad():
+        model(torch.stack([torch.cat([prompts[0], torch.zeros(3, dtype=torch.long)]), prompts[1]]),
+              cache=cache.fresh(torch.tensor([0, 1]), 9))
+        slots = torch.tensor([g for g, _ in seqs] + [2])  # the last sequence is idle
+        members = torch.tensor([j for _, j in seqs] + [0])
+        plen = torch.tensor([len(prompts[g]) for g, _ in seqs] + [0])
+        got = [[] for _ in seqs]
+        for s in range(steps):  # one token at a time, each sequence at its own step s
+            tok = torch.stack([o[s] for o in own] + [torch.tensor(5)])[:, None]
+            view = cache.grouped(slots, members, plen, torch.full((4,), s), 1, stride, 2, 9 + stride * (s + 1))
+            out = model(tok, cache=view)
+            for b in range(len(seqs)):
+                got[b].append(out[b, 0])
+        ext = torch.stack([o[steps:] for o in own] + [torch.zeros(3, dtype=torch.long)])  # 3 tokens at once
+        view = cache.grouped(slots, members, plen, torch.full((4,), steps), 3, stride, 2, 9 + stride * (steps + 3))
+        out = model(ext, cache=view)
+        for b, (g, _) in enumerate(seqs):
+            got[b].extend(out[b])
+            full = model(torch.cat([prompts[g], own[b]])[None])[0, len(prompts[g]):]
+            assert (torch.stack(got[b]) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("shapes,max_rows,budget,want", [
+    # (prompt length, n, max new tokens) per request -> (rows B, samples per slot M, slots G, positions S)
+    ([(10, 4, 5)] * 3, 64, 1 << 20, (12, 4, 3, 30)),  # everything fits: one slot per request
+    ([(10, 4, 5)] * 3, 64, 100, (12, 4, 3, 30)),  # 3 slots of 30 positions fit in 100
+    ([(10, 4, 5)] * 3, 64, 50, (4, 4, 1, 30)),  # room for one slot: requests take turns
+    ([(10, 4, 5)] * 3, 6, 1 << 20, (6, 4, 3, 30)),  # 6 rows: tails of two units can live beside a third
+    ([(10, 7, 5)], 64, 30, (4, 4, 1, 30)),  # 7 samples but only 4 fit a slot: units of 4 and 3
+    ([(8, 1, 3), (20, 2, 6)], 64, 1 << 20, (3, 2, 2, 32)),  # the longest prompt and the most new tokens size a slot
+])
+def test_plan_cache(shapes, max_rows, budget, want):
+    reqs = [Request(list(range(L)), n=n, max_new_tokens=N) for L, n, N in shapes]
+    assert plan_cache(reqs, max_rows, budget) == want
