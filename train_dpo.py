@@ -44,24 +44,34 @@ def sequence_logps(model, tokens, loss_mask):
 LOSSES = ("sigmoid", "ipo", "hinge")
 
 
-def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
-    """Per-pair loss and implicit rewards beta * (log pi - log ref) of chosen and rejected.
+def preference_loss(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, weight=None, loss="sigmoid",
+                    beta=0.1, label_smoothing=0.0, nll_coef=0.0):
+    """Per-pair loss of every variant, and the implicit rewards beta * (log pi - log ref) of both sides.
 
-    sigmoid: -log sigmoid(beta h) (DPO), with label smoothing eps: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
-    ipo:     (h - 1/(2 beta))^2 (pass length-normalised log-probs, as IPO defines h per token)
-    hinge:   max(0, 1 - beta h)
-    where h = (chosen - ref_chosen) - (rejected - ref_rejected).
+    chosen, rejected (B,): summed log-probs of the responses under the policy; ref_*: under the reference;
+    n_* (B,): their token counts. With the log-ratio margin h = (chosen - ref_chosen) - (rejected - ref_rejected):
+      sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (DPO; eps = label_smoothing: cDPO)
+      ipo      (h' - 1 / (2 beta))^2, h' the same margin of per-token log-probs (IPO defines it per token)
+      hinge    max(0, 1 - beta h)                                              (SLiC)
+    nll_coef adds nll_coef * (-chosen / n_chosen), the length-normalised NLL of the chosen response (DPO+NLL,
+    as IRPO trains), and `weight` scales each pair's whole loss (ScPO's vote margin).
     """
-    h = (chosen - ref_chosen) - (rejected - ref_rejected)
-    if loss_type == "sigmoid":
-        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        loss = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        loss = torch.relu(1 - beta * h)
+    if loss == "ipo":
+        h = (chosen - ref_chosen) / n_chosen.clamp(min=1) - (rejected - ref_rejected) / n_rejected.clamp(min=1)
+        losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown loss {loss_type!r}")
-    return loss, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+        h = (chosen - ref_chosen) - (rejected - ref_rejected)
+        if loss == "sigmoid":
+            losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        elif loss == "hinge":
+            losses = torch.relu(1 - beta * h)
+        else:
+            raise ValueError(f"unknown loss {loss!r}")
+    if nll_coef:
+        losses = losses + nll_coef * (-chosen / n_chosen.clamp(min=1))
+    if weight is not None:
+        losses = losses * weight
+    return losses, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
 
 
 def lr_at(step, total, warmup, lr, schedule, min_ratio=0.0):
@@ -249,40 +259,20 @@ def train(args):
         raise SystemExit(f"--pairs: no usable pairs in {', '.join(args.pairs)} ({data_counts})")
     work = args.out.rstrip("/") + ".train"
     os.makedirs(work, exist_ok=True)
+    # bf16 compute with fp32 master weights on GPUs: autocast on one GPU, FSDP2's mixed precision on several
     bf16 = device.type == "cuda" and args.dtype in ("auto", "bfloat16")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and world == 1 else \
         (lambda: torch.autocast("cpu", enabled=False))
     model = build_model(args.model, device, world, bf16, args.activation_checkpointing, args.compile)
-
-    # reference log-probs: cached by content, or an online frozen copy
-    ref_model, ref_path = None, args.ref or args.model
-    if args.ref_mode == "precomputed":
-        cache = os.path.join(work, f"ref_logps-{ref_cache_key(args.pairs, ref_path, examples, args)}.pt")
-        if os.path.exists(cache):
-            ref_logps = torch.load(cache)
-            print0(f"reference log-probs from {cache}")
-        else:
-            t0 = time.time()
-            src = model if ref_path == args.model else build_model(ref_path, device, world, bf16)
-            ref_logps = compute_ref_logps(src, examples, args.micro_batch_size, world, rank, device, autocast)
-            del src
-            if rank == 0:
-                torch.save(ref_logps, cache + ".tmp")
-                os.replace(cache + ".tmp", cache)
-            print0(f"reference log-probs of {len(examples)} pairs in {time.time() - t0:.1f}s -> {cache}")
-    else:
-        ref_model = build_model(ref_path, device, world, bf16).eval()
-        ref_model.requires_grad_(False)
-
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    ref = reference(args, model, examples, work, world, rank, device, bf16, autocast)
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms do not
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * total)
-    step, key = 0, run_key(args)
-    state_dir = os.path.join(work, "state")
+    step, key, state_dir = 0, run_key(args), os.path.join(work, "state")
     if args.resume and os.path.exists(os.path.join(state_dir, "trainer.json")):
         step = load_state(state_dir, model, opt, key)
         print0(f"resumed at step {step} from {state_dir}")
@@ -291,73 +281,38 @@ def train(args):
     metrics_f = open_metrics(os.path.join(work, "metrics.jsonl"), step) if rank == 0 else None
     model.train()
     t_last, tokens_seen = time.time(), 0
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        batches = make_batches(examples, args.batch_size, args.seed, epoch)
-        for b in range(step - epoch * steps_per_epoch, len(batches)):
-            if args.stop_after is not None and step >= args.stop_after:
-                break
-            idx = batches[b]
-            lr = lr_at(step, total, warmup, args.lr, args.schedule, args.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            sums = torch.zeros(8, device=device)  # loss, acc, margin, r_c, r_r, lp_c, lp_r, tokens
-            for batch, w in rank_slices(idx, world, args.micro_batch_size)[rank]:
-                tokens, mask = collate(examples, batch, device)
-                n = len(batch)
-                with autocast():
-                    logps, lengths = sequence_logps(model, tokens, mask)
-                    if ref_model is not None:
-                        with torch.no_grad():
-                            ref, _ = sequence_logps(ref_model, tokens, mask)
-                        ref_c, ref_r = ref[:n].float(), ref[n:].float()
-                    else:
-                        ref_c, ref_r = ref_logps[batch, 0].to(device), ref_logps[batch, 1].to(device)
-                logps = logps.float()
-                pc, pr = logps[:n], logps[n:]
-                if args.loss == "ipo":  # IPO compares per-token log-prob ratios
-                    lc, lr_ = lengths[:n].clamp(min=1), lengths[n:].clamp(min=1)
-                    losses, rc, rr = dpo_loss(pc / lc, pr / lr_, ref_c / lc, ref_r / lr_, args.beta, "ipo")
-                else:
-                    losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, args.beta, args.loss, args.label_smoothing)
-                if args.nll_coef:  # DPO+NLL: length-normalised NLL of the chosen response
-                    losses = losses + args.nll_coef * (-pc / lengths[:n].clamp(min=1))
-                weights = torch.tensor([examples[i]["weight"] for i in batch], device=device) * w
-                # the optimizer step uses the mean over the global batch; FSDP averages over ranks
-                (losses * weights).sum().mul(world / len(idx)).backward()
-                with torch.no_grad():
-                    sums += w * torch.stack([losses.sum(), (rc > rr).float().sum(), (rc - rr).sum(), rc.sum(), rr.sum(),
-                                             pc.sum(), pr.sum(), mask.sum().float()])
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-            loss = (sums[0] / len(idx)).item()
-            if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
-                raise SystemExit(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm.item()}; "
-                                 "lower --lr or check the pairs")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += int(sums[7].item())
-            m = {"step": step, "epoch": epoch, "loss": loss, "reward_acc": (sums[1] / len(idx)).item(),
-                 "margin": (sums[2] / len(idx)).item(), "chosen_reward": (sums[3] / len(idx)).item(),
-                 "rejected_reward": (sums[4] / len(idx)).item(), "chosen_logps": (sums[5] / len(idx)).item(),
-                 "rejected_logps": (sums[6] / len(idx)).item(), "grad_norm": grad_norm.item(), "lr": lr}
-            if step % args.log_every == 0 or step == total:
-                dt = time.time() - t_last
-                m["tokens_per_s"] = round(tokens_seen / max(dt, 1e-9), 1)
-                t_last, tokens_seen = time.time(), 0
-                print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
-            if metrics_f:
-                metrics_f.write(json.dumps(m) + "\n")
-                metrics_f.flush()
-            if args.save_every and step % args.save_every == 0:
-                save_state(state_dir, model, opt, step, world, rank, key)
-        if args.stop_after is not None and step >= args.stop_after:
+    batches = {}
+    while step < total and (args.stop_after is None or step < args.stop_after):
+        epoch = step // steps_per_epoch
+        if epoch not in batches:  # an epoch's batches, drawn once (the same on every rank)
+            batches = {epoch: make_batches(examples, args.batch_size, args.seed, epoch)}
+        idx = batches[epoch][step - epoch * steps_per_epoch]
+        lr = lr_at(step, total, warmup, args.lr, args.schedule, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        m = train_step(model, ref, examples, idx, args, world, rank, device, autocast)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        if not math.isfinite(m["loss"]) or not math.isfinite(grad_norm):
+            raise SystemExit(f"step {step}: non-finite loss {m['loss']} or gradient norm {grad_norm}; "
+                             "lower --lr or check the pairs")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += m.pop("tokens")
+        m = {"step": step, "epoch": epoch, **m, "grad_norm": grad_norm, "lr": lr}
+        if step % args.log_every == 0 or step == total:
+            m["tokens_per_s"] = round(tokens_seen / max(time.time() - t_last, 1e-9), 1)
+            t_last, tokens_seen = time.time(), 0
+            print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+        if metrics_f:
+            metrics_f.write(json.dumps(m) + "\n")
+            metrics_f.flush()
+        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
             save_state(state_dir, model, opt, step, world, rank, key)
-            print0(f"stopped after step {step}; state in {state_dir} (continue with --resume)")
-            return {"steps": step, "stopped": True}
+    if step < total:
+        print0(f"stopped after step {step}; state in {state_dir} (continue with --resume)")
+        return {"steps": step, "stopped": True}
     state = full_state(model, world)
     if rank == 0:
         try:
@@ -369,6 +324,66 @@ def train(args):
     barrier(world)
     print0(f"train_dpo | steps {step} | pairs {len(examples)} | saved {args.out}")
     return {"steps": step, "pairs": len(examples), **data_counts}
+
+
+def reference(args, model, examples, work, world, rank, device, bf16, autocast):
+    """ref(tokens, mask, batch) -> reference log-probs of the batch's chosen and rejected responses: looked up
+    from log-probs computed once up front (cached in `work` by content), or from a frozen model in memory."""
+    ref_path = args.ref or args.model
+    if args.ref_mode == "online":
+        ref_model = build_model(ref_path, device, world, bf16).eval().requires_grad_(False)
+
+        def online(tokens, mask, batch):
+            with torch.no_grad():
+                logps, _ = sequence_logps(ref_model, tokens, mask)
+            return logps[:len(batch)].float(), logps[len(batch):].float()
+        return online
+    cache = os.path.join(work, f"ref_logps-{ref_cache_key(args.pairs, ref_path, examples, args)}.pt")
+    if os.path.exists(cache):
+        table = torch.load(cache)
+        print0(f"reference log-probs from {cache}")
+    else:
+        t0 = time.time()
+        src = model if ref_path == args.model else build_model(ref_path, device, world, bf16)
+        table = compute_ref_logps(src, examples, args.micro_batch_size, world, rank, device, autocast)
+        if rank == 0:
+            torch.save(table, cache + ".tmp")
+            os.replace(cache + ".tmp", cache)
+        print0(f"reference log-probs of {len(examples)} pairs in {time.time() - t0:.1f}s -> {cache}")
+    return lambda tokens, mask, batch: (table[batch, 0].to(device), table[batch, 1].to(device))
+
+
+METRICS = ("loss", "reward_acc", "margin", "chosen_reward", "rejected_reward", "chosen_logps", "rejected_logps", "tokens")
+
+
+def train_step(model, ref, examples, idx, args, world, rank, device, autocast):
+    """Forward and backward of the global batch `idx` (this rank's share, in micro-batches) -> its metrics,
+    means over the batch's pairs (and its token count), the same on every rank."""
+    sums = dict.fromkeys(METRICS, 0.0)
+    for batch, w in rank_slices(idx, world, args.micro_batch_size)[rank]:
+        tokens, mask = collate(examples, batch, device)
+        n = len(batch)
+        with autocast():
+            logps, lengths = sequence_logps(model, tokens, mask)  # chosen rows first, then rejected
+            ref_c, ref_r = ref(tokens, mask, batch)
+        pc, pr = logps.float()[:n], logps.float()[n:]
+        weight = torch.tensor([examples[i]["weight"] for i in batch], device=device)
+        losses, rc, rr = preference_loss(pc, pr, ref_c, ref_r, lengths[:n], lengths[n:], weight, args.loss,
+                                         args.beta, args.label_smoothing, args.nll_coef)
+        # the step follows the mean over the global batch, and FSDP averages gradients over the ranks; w = 0
+        # marks a dummy micro-batch that only keeps this rank's collectives in step with the others
+        (losses.sum() * w * world / len(idx)).backward()
+        with torch.no_grad():
+            for k, v in (("loss", losses), ("reward_acc", (rc > rr).float()), ("margin", rc - rr),
+                         ("chosen_reward", rc), ("rejected_reward", rr), ("chosen_logps", pc), ("rejected_logps", pr),
+                         ("tokens", mask.float())):
+                sums[k] = sums[k] + w * v.sum()
+    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in METRICS])
+    if world > 1:
+        torch.distributed.all_reduce(vec)
+    out = {k: (v / len(idx)).item() for k, v in zip(METRICS, vec)}
+    out["tokens"] = int(vec[-1].item())
+    return out
 
 
 def run_key(args):

@@ -27,7 +27,7 @@ from common import parse_dtype  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from common import keep_freed_memory  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from train_dpo import collate, dpo_loss, sequence_logps  # noqa: E402
+from train_dpo import collate, preference_loss, sequence_logps  # noqa: E402
 
 FILLER = ("The quick answer depends on several things, and it helps to take them one at a time so that nothing "
           "important is missed along the way. ")
@@ -79,8 +79,8 @@ def child(args):
     ref = torch.zeros(n, device=args.device)
 
     def step():
-        logps, _ = fn(model, tokens, mask)
-        loss, _, _ = dpo_loss(logps[:n].float(), logps[n:].float(), ref, ref, beta=0.1)
+        logps, lengths = fn(model, tokens, mask)
+        loss, _, _ = preference_loss(logps[:n].float(), logps[n:].float(), ref, ref, lengths[:n], lengths[n:])
         loss.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

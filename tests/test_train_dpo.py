@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_checkpoint, tiny_model
 
 import train_dpo
-from train_dpo import dpo_loss, lr_at, sequence_logps
+from train_dpo import lr_at, preference_loss, sequence_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,29 +20,41 @@ def sig(x):
     return 1 / (1 + math.exp(-x))
 
 
-def test_dpo_loss_closed_forms():
+def loss_of(*logps, lengths=(1, 1), weight=None, **kw):
+    one = lambda x: torch.tensor([float(x)])  # noqa: E731
+    return preference_loss(*map(one, logps), one(lengths[0]), one(lengths[1]),
+                           None if weight is None else one(weight), **kw)
+
+
+def test_preference_loss_closed_forms():
     # policy chosen -10, rejected -14, reference -11 and -12: h = (-10 + 11) - (-14 + 12) = 3
-    args = [torch.tensor([-10.0]), torch.tensor([-14.0]), torch.tensor([-11.0]), torch.tensor([-12.0])]
-    beta = 0.5
-    loss, rc, rr = dpo_loss(*args, beta=beta)
+    lp = (-10, -14, -11, -12)
+    loss, rc, rr = loss_of(*lp, beta=0.5)
     assert loss.item() == pytest.approx(-math.log(sig(1.5)), rel=1e-6)
     assert rc.item() == pytest.approx(0.5) and rr.item() == pytest.approx(-1.0)
-    loss, _, _ = dpo_loss(*args, beta=beta, label_smoothing=0.1)
+    loss, _, _ = loss_of(*lp, beta=0.5, label_smoothing=0.1)
     assert loss.item() == pytest.approx(-0.9 * math.log(sig(1.5)) - 0.1 * math.log(sig(-1.5)), rel=1e-6)
-    loss, _, _ = dpo_loss(*args, beta=beta, loss_type="ipo")
-    assert loss.item() == pytest.approx((3 - 1 / (2 * beta)) ** 2)  # (3 - 1)^2 = 4
-    loss, _, _ = dpo_loss(*args, beta=beta, loss_type="hinge")
+    loss, _, _ = loss_of(*lp, beta=0.5, loss="ipo")
+    assert loss.item() == pytest.approx((3 - 1 / (2 * 0.5)) ** 2)  # one token each: (3 - 1)^2 = 4
+    # IPO per token: chosen 4 tokens (+1 / 4), rejected 2 tokens (-2 / 2): h' = 0.25 + 1 = 1.25
+    loss, _, _ = loss_of(*lp, lengths=(4, 2), beta=0.5, loss="ipo")
+    assert loss.item() == pytest.approx((1.25 - 1) ** 2)
+    loss, _, _ = loss_of(*lp, beta=0.5, loss="hinge")
     assert loss.item() == pytest.approx(0.0)  # 1 - 1.5 < 0
-    loss, _, _ = dpo_loss(*args, beta=0.1, loss_type="hinge")
+    loss, _, _ = loss_of(*lp, beta=0.1, loss="hinge")
     assert loss.item() == pytest.approx(0.7)  # 1 - 0.3
+    # DPO+NLL: + coef * (10 / 5 tokens); the weight scales the whole pair
+    loss, _, _ = loss_of(*lp, lengths=(5, 3), beta=0.5, nll_coef=0.5, weight=0.25)
+    assert loss.item() == pytest.approx(0.25 * (-math.log(sig(1.5)) + 0.5 * 10 / 5), rel=1e-6)
     with pytest.raises(ValueError, match="unknown loss"):
-        dpo_loss(*args, beta=beta, loss_type="kto")
+        loss_of(*lp, loss="kto")
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_gradients_push_chosen_up_and_rejected_down(loss_type):
     c, r = torch.tensor([-10.0], requires_grad=True), torch.tensor([-12.0], requires_grad=True)
-    loss, _, _ = dpo_loss(c, r, torch.tensor([-10.0]), torch.tensor([-12.0]), beta=0.1, loss_type=loss_type)
+    n = torch.tensor([3.0])
+    loss, _, _ = preference_loss(c, r, torch.tensor([-10.0]), torch.tensor([-12.0]), n, n, beta=0.1, loss=loss_type)
     loss.sum().backward()
     assert c.grad.item() < 0 < r.grad.item()  # descending the loss raises chosen, lowers rejected
 
