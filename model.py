@@ -1,7 +1,7 @@
 """
-A Llama-compatible Transformer (Llama 2/3/3.1/3.2, SmolLM, any `LlamaForCausalLM` folder), its KV cache,
-and reading/writing Hugging Face checkpoint folders. No distributed code lives here: train_dpo.py applies
-FSDP2 from the outside.
+A Llama-compatible Transformer (Llama 2/3/3.1/3.2, SmolLM, any `LlamaForCausalLM` folder) and reading and
+writing Hugging Face checkpoint folders. The model knows nothing of parallelism (train_dpo.py applies FSDP2
+from the outside) nor of the generation engine's cache layout (sample.py hands each forward a cache view).
 
     python model.py --model checkpoints/smollm2-135m-instruct          # print the config and a parameter count
     python -c "from model import Transformer; m = Transformer.from_pretrained('DIR'); print(m.args)"
@@ -33,6 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class ModelArgs:
+    # the defaults are SmolLM2-135M's shape (the embedded model); a checkpoint's config.json sets them all
     dim: int = 576
     n_layers: int = 30
     n_heads: int = 9
@@ -50,6 +51,8 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
         """Build from an HF `LlamaForCausalLM` config dict; refuse what this code cannot run faithfully."""
+        # anything this code would compute differently from transformers is an error naming the field:
+        # a model that loads and quietly computes something else is the worst outcome
         def refuse(key, why):
             raise ValueError(f"{where}: cannot run this model: `{key}` = {cfg.get(key)!r} ({why})")
 
@@ -95,6 +98,7 @@ class ModelArgs:
 
     def to_hf_config(self, dtype: torch.dtype) -> dict:
         """The config.json to write: the original one (ids, extra keys) with our fields on top."""
+        # the source's own keys (token ids, generation defaults) stay, so a trained folder reads like the original
         cfg = dict(self.hf_config)
         for stale in ("rope_parameters", "rope_scaling", "dtype", "torch_dtype", "transformers_version"):
             cfg.pop(stale, None)
@@ -145,7 +149,10 @@ class RMSNorm(nn.Module):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate-half rotary embedding of HF checkpoints: pairs are (i, i + D/2). x (B, T, H, D), cos/sin (B, T, 1, D)."""
+    """Rotary embedding, x (B, T, H, D), cos/sin (B, T, 1, D)."""
+    # HF checkpoints rotate the pairs (i, i + D/2) of each head ("rotate half"), not adjacent pairs (2i, 2i+1)
+    # as the original Llama code and llama.cpp do; the two conventions differ by a permutation of the rows of
+    # wq and wk, so a checkpoint read with the wrong one gives a model that runs but is quietly worse
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -157,6 +164,8 @@ def attention(q, k, v, mask=None, backend="auto"):
     rows sit at different positions). backend: "auto" uses flash-attn when it is installed and the
     tensors are 16-bit on a GPU, otherwise SDPA; "flash" or "sdpa" forces one.
     """
+    # flash-attn takes (B, T, H, D) and grouped heads as they are, but only 16-bit CUDA tensors, and it has no
+    # arbitrary mask: it serves training and fresh prefills, SDPA everything that reads a cache under a mask
     flash_ok = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if backend == "flash" and not flash_ok:
         raise RuntimeError("attention backend 'flash' needs the flash-attn package and 16-bit CUDA tensors")
@@ -164,7 +173,8 @@ def attention(q, k, v, mask=None, backend="auto"):
         if mask is not None:
             raise RuntimeError("the flash backend supports causal attention without an explicit mask only")
         return flash_attn_func(q, k, v, causal=True)  # GQA handled inside; (B, T, H, D)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, S, D)
+    # grouped-query attention without repeating keys and values H / Hkv times in memory
     gqa = q.size(1) != k.size(1)
     if mask is None:
         # S > T without a mask would mean "continue after a prefix"; that case always passes a mask
@@ -190,9 +200,10 @@ class Attention(nn.Module):
         """x (B, T, dim). Without a cache, causal attention over these T tokens (training, full forwards);
         with one, the cache view stores this step's keys and values and attends as its layout says."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # keys are rotated before they are cached: a cached key never needs its position again
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             y = attention(q, k, v, backend=self.backend)
@@ -209,6 +220,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
 
     def forward(self, x):
+        # SwiGLU: a silu-gated linear unit, w2(silu(w1 x) * w3 x)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -221,6 +233,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x, cos, sin, cache=None):
+        # pre-norm residual block; the explicit arguments (no **kwargs) are what FSDP2, activation
+        # checkpointing and torch.compile each see of a block
         x = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -235,12 +249,14 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
+        if args.tie_embeddings:  # small models (SmolLM, Llama-3.2-1B) share the embedding with the head
             self.output.weight = self.tok_embeddings.weight
+        # derived from the config, never stored in a checkpoint: not persistent, recomputed on every load
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def init_weights(self, std=0.02, seed=None):
         """Random initialisation for tests and benchmarks (real runs load a checkpoint)."""
+        # normal(0, std) weights and unit norms; a seeded CPU generator makes the same model on any device
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             with torch.no_grad():
@@ -252,9 +268,10 @@ class Transformer(nn.Module):
         return self
 
     def rope(self, positions, dtype):
-        """cos/sin (B, T, 1, D) for integer positions (B, T); computed in fp32 as HF does."""
+        """cos/sin (B, T, 1, D) for integer positions (B, T)."""
+        # in fp32 whatever the model's dtype, as HF does: a bf16 angle at position 3000 is off by whole radians
         angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # (B, T, 1, D): each half its own pair
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @property
@@ -277,28 +294,34 @@ class Transformer(nn.Module):
         `targets` give log-prob 0 and no head work); see `TargetLogps`.
         """
         B, T = tokens.shape
+        # a cache view knows where each row's tokens sit (after its prompt, or interleaved with other samples)
         positions = torch.arange(T, device=tokens.device).expand(B, T) if cache is None else cache.positions
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         cos, sin = self.rope(positions, h.dtype)
         for layer in self.layers:
+            # recompute each block in backward instead of keeping its activations; only when a backward will
+            # follow (the reference pass and generation run without grad and keep nothing anyway)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, cache, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, cache)
-        if last is not None:
+        if last is not None:  # the norm and head act per position, so pick the positions first
             h = h[torch.arange(B, device=tokens.device), last]  # (B, dim)
         h = self.norm(h)
         if targets is None:
-            return self.output(h).float()
+            return self.output(h).float()  # fp32 logits: sampling and log-softmax in 16 bits lose the tail
         return self._target_logps(h, targets)
 
     def _target_logps(self, h, targets):
         """Log-probs of `targets` (B, T) under the head; only the rows with a target (ids >= 0) reach the head."""
         B, T, D = h.shape
         targets = targets.reshape(B * T)
-        keep = (targets >= 0).nonzero().squeeze(-1)  # a host sync, once per training forward
+        # prompt and padding positions have no target: skipping them saves most of the head's work on pairs with
+        # long prompts (judge pairs); finding them is a host sync, once per training forward
+        keep = (targets >= 0).nonzero().squeeze(-1)
         lp = TargetLogps.apply(h.reshape(B * T, D)[keep], self.output.weight, targets[keep], self.logits_chunk,
                                self.activation_checkpointing)
+        # scatter back: 0 where there was no target (its log-prob must not count, nor get a gradient)
         return torch.zeros(B * T, dtype=lp.dtype, device=h.device).index_copy(0, keep, lp).view(B, T)
 
     def num_params(self):
@@ -314,7 +337,9 @@ class Transformer(nn.Module):
         dtype None keeps the stored dtype; device None is the CPU.
         """
         args = read_hf_config(path)
-        with torch.device("meta"):  # no memory until the real tensors arrive
+        # built on the meta device, so no memory is spent on a random initialisation that the checkpoint's
+        # tensors replace anyway (assign=True adopts them as the parameters, in their device and dtype)
+        with torch.device("meta"):
             model = cls(args)
         state = read_hf_state(path, model, device=device, dtype=dtype)
         model.load_state_dict(state, assign=True, strict=True)
@@ -338,6 +363,8 @@ def read_hf_state(path, model, device=None, dtype=None) -> dict:
 
     args = model.args
     files = _weight_files(path)
+    # every tensor is checked against the shape config.json implies before it is used: a wrong shape would
+    # otherwise surface as a broadcasting error deep in a forward, or worse, not at all
     expected = {hf_name(k): p for k, p in model.state_dict(keep_vars=True).items()}
     if args.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -355,7 +382,7 @@ def read_hf_state(path, model, device=None, dtype=None) -> dict:
                     if tuple(t.shape) != tuple(expected[key].shape):
                         raise ValueError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, "
                                          f"config.json implies {tuple(expected[key].shape)}")
-                    state[ours[key]] = t.to(device=device, dtype=dtype or t.dtype)
+                    state[ours[key]] = t.to(device=device, dtype=dtype or t.dtype)  # one tensor in memory at a time
         except SafetensorError as e:  # a truncated or corrupt file: say which one
             raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     missing = sorted(set(expected) - {hf_name(k) for k in state})
@@ -382,9 +409,10 @@ def save_hf(state_dict, args: ModelArgs, path, tokenizer_dir=None, max_shard_byt
     state = {}
     for k, t in state_dict.items():
         if k == "output.weight" and args.tie_embeddings:
-            continue
+            continue  # stored once, under the embedding's name, as HF does for tied models
         state[hf_name(k)] = t.detach().to("cpu").contiguous()
-    # greedy sharding in the HF order of names
+    # greedy sharding in the HF order of names; one file when it fits, else shards plus the index that maps
+    # each tensor to its file (what transformers and vLLM read)
     shards, cur, cur_bytes = [], {}, 0
     for k in sorted(state):
         nbytes = state[k].numel() * state[k].element_size()
@@ -432,6 +460,8 @@ class TargetLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, recompute):
+        # chunks of rows bound the fp32 logits alive at once to (chunk, V): at V = 128k a full (N, V) tensor
+        # would be gigabytes for one batch
         out, lses, kept = [], [], []
         for i in range(0, h.size(0), chunk):
             logits = F.linear(h[i:i + chunk], weight).float()  # fp32: a 16-bit log-softmax loses too much
@@ -451,7 +481,9 @@ class TargetLogps(torch.autograd.Function):
         for c, i in enumerate(range(0, h.size(0), ctx.chunk)):
             hc, tc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk]
             logits = ctx.kept[c] if ctx.kept[c] is not None else F.linear(hc, weight).float()
-            ctx.kept[c] = None
+            ctx.kept[c] = None  # freed as soon as its chunk is done
+            # log p(target) = logit[target] - lse, so d/d logits = onehot(target) - softmax; the upstream
+            # gradient scales each row, and the chain rule through h @ weight.T gives grad_h and grad_w
             p = logits.sub_(lse[i:i + ctx.chunk, None]).exp_()  # softmax, in place
             p.scatter_add_(-1, tc[:, None], -torch.ones_like(p[:, :1]))  # softmax - onehot
             p = p.mul_(-grad[i:i + ctx.chunk, None].float()).to(h.dtype)  # d loss / d logits
@@ -495,6 +527,7 @@ def _read_json(folder, name):
 
 
 def _weight_files(path):
+    # one model.safetensors, or the shards the index names (each must exist: a missing one is named)
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]

@@ -39,19 +39,16 @@ class KVCache:
     masked out until overwritten.
     """
 
-    def __init__(self, n_layers, slots, n_kv_heads, max_len, head_dim, device=None, dtype=torch.float32):
+    def __init__(self, n_layers, slots, n_kv_heads, max_len, head_dim, qpk=1, device=None, dtype=torch.float32):
         shape = (n_layers, slots, n_kv_heads, max_len, head_dim)  # (L, G, Hkv, S, D)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.slots, self.max_len = slots, max_len
-        self.qpk = None  # query heads per key/value head, set by for_model (the grouped view stacks them)
+        self.slots, self.max_len, self.qpk = slots, max_len, qpk  # qpk: query heads per key/value head
 
     @classmethod
     def for_model(cls, model, slots, max_len):
         a, w = model.args, model.tok_embeddings.weight
-        cache = cls(a.n_layers, slots, a.n_kv_heads, max_len, a.head_dim, w.device, w.dtype)
-        cache.qpk = a.n_heads // a.n_kv_heads
-        return cache
+        return cls(a.n_layers, slots, a.n_kv_heads, max_len, a.head_dim, a.n_heads // a.n_kv_heads, w.device, w.dtype)
 
     def copy_slots(self, src, dst, length):
         """Copy the first `length` positions of slots `src` into slots `dst` (a prefix shared by prompts)."""
@@ -60,6 +57,7 @@ class KVCache:
 
     def store(self, layer, slots, index, k, v):
         """k, v (B, T, Hkv, D) of this step into slot slots[b] at positions index[b, t]."""
+        # advanced indexing on (slot, position) with the heads sliced: one scatter per layer and tensor
         self.k[layer][slots[:, None], :, index] = k  # k[l, slots[b], :, index[b, t]] = k[b, t]
         self.v[layer][slots[:, None], :, index] = v
 
@@ -71,9 +69,6 @@ class KVCache:
 
     def grouped(self, slots, members, plen, start, T, stride, n_slots, kv_len):
         return GroupedView(self, slots, members, plen, start, T, stride, n_slots, kv_len)
-
-    def nbytes(self):
-        return 2 * self.k.numel() * self.k.element_size()
 
 
 class FreshView:
@@ -87,6 +82,7 @@ class FreshView:
 
     def attend(self, layer, q, k, v, backend):
         self.cache.store(layer, self.slots, self.positions, k, v)
+        # the new tokens are all there is to see: plain causal attention over them, the cache only stores
         return attention(q, k, v, backend=backend)
 
 
@@ -107,6 +103,7 @@ class ExtendView:
 
     def attend(self, layer, q, k, v, backend):
         self.cache.store(layer, self.slots, self.index, k, v)
+        # gathers each row's slot (a copy): fine for prefills after a shared prefix; decoding uses `grouped`
         kc = self.cache.k[layer][self.slots, :, :self.kv_len]  # (B, Hkv, S, D)
         vc = self.cache.v[layer][self.slots, :, :self.kv_len]
         return attention(q, kc.transpose(1, 2), vc.transpose(1, 2), mask=self.mask, backend="sdpa")
@@ -149,6 +146,7 @@ class GroupedView:
         return vis[:, :, :, None].expand(G, M, T, qpk, self.kv_len).reshape(G, 1, M * T * qpk, self.kv_len)
 
     def attend(self, layer, q, k, v, backend):
+        # keys first: a member's query at step s must see its own key of step s
         self.cache.store(layer, self.slots, self.index, k, v)
         B, T, H, D = q.shape
         G, M, Hkv = self.n_slots, self.stride, k.size(2)
@@ -187,6 +185,11 @@ class Completion:
     logprobs: list[float] | None = None
 
 
+# Counter-based randomness: the uniform that picks token `step` of a sample is a hash of (the sample's key, step).
+# No generator state is shared between rows, so what a sample draws cannot depend on which rows it is batched
+# with, on the rank that runs it, or on where a killed run stopped; and it costs one hash per row per step.
+
+
 def _mix64(x: torch.Tensor) -> torch.Tensor:
     """SplitMix64 finaliser on int64 tensors (wrapping multiplies; masked shifts make them logical)."""
     x = x ^ ((x >> 30) & 0x3FFFFFFFF)
@@ -213,9 +216,13 @@ def sample_next_token(logits, temperature, top_p, top_k, uniform):
 
     Inverse-CDF sampling over the sorted, truncated distribution; temperature 0 rows take the argmax.
     """
+    # inverse CDF: the token whose cumulative probability first exceeds u; one uniform per row, so the draw is a
+    # deterministic function of (logits, u) and the counter-based u makes the whole sample reproducible
     greedy = logits.argmax(-1)
     V = logits.size(-1)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    # (the bool() and int() below are host syncs; on a GPU they wait for the step's logits, which the host must
+    # see right after anyway to tell which rows stopped)
     if bool(((top_p >= 1) & (top_k <= 0)).all()):
         # no truncation: inverse-CDF sampling works in any order, so skip sorting altogether
         cdf = probs.cumsum(-1)
@@ -241,6 +248,7 @@ def sample_next_token(logits, temperature, top_p, top_k, uniform):
 def decode_one_token(model, tokens, view):
     """One decode step: tokens (B,), each the newest token of its sequence, fed at the places `view` gives
     -> logits (B, V) of the token after it."""
+    # the one function worth compiling (generate(compile=True)): everything else is bookkeeping on the host
     return model(tokens[:, None], cache=view)[:, -1]
 
 
@@ -268,13 +276,17 @@ def plan_cache(requests, max_rows, max_cache_tokens):
     than M samples is split into units of at most M samples, each with a slot of its own."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    # every slot has the same size, so any unit fits any free slot and the cache is one preallocated tensor
     P, N = max(len(r.prompt) for r in requests), max(r.max_new_tokens for r in requests)
     if max_cache_tokens < P + N:
         raise ValueError(f"a cache slot needs {P + N} tokens (the longest prompt + the most new tokens), "
                          f"more than --max-cache-tokens {max_cache_tokens}")
     B = min(max_rows, sum(r.n for r in requests))
+    # as many samples per slot as the largest request has (the whole point: one prompt copy for all of them),
+    # unless the rows or the cache budget cannot hold that many
     M = max(1, min(B, max(r.n for r in requests), (max_cache_tokens - P) // N))
-    units = sum(-(-r.n // M) for r in requests)
+    units = sum(-(-r.n // M) for r in requests)  # ceil(n / M) units per request
+    # no more slots than units, than rows (each live slot holds a live row) or than the budget allows
     G = max(1, min(units, B, max_cache_tokens // (P + M * N)))
     return min(B, G * M), M, G, P + M * N
 
@@ -285,22 +297,25 @@ def prefill(model, cache, prompts, slots, shared):
     A prompt whose first shared[u] tokens other prompts share (the rubric and question of K judge prompts)
     gets that prefix prefilled once per distinct prefix, copied to the other slots, and then the rest."""
     device = cache.k.device
+    # group the units by their shared prefix (a prefix as long as the whole prompt is nothing to share)
     groups = {}
     for u, (p, n) in enumerate(zip(prompts, shared)):
         if 0 < n < len(p):
             groups.setdefault(tuple(p[:n]), []).append(u)
     start = [0] * len(prompts)
     if groups:
-        heads = torch.tensor([slots[us[0]] for us in groups.values()], device=device)
+        heads = [slots[us[0]] for us in groups.values()]
         prefixes = list(groups)
-        model(pad(prefixes, device), cache=cache.fresh(heads, max(map(len, prefixes))),
+        model(pad(prefixes, device), cache=cache.fresh(torch.tensor(heads, device=device), max(map(len, prefixes))),
               last=torch.zeros(len(prefixes), dtype=torch.long, device=device))
-        for head, (prefix, us) in zip(heads.tolist(), groups.items()):
+        # the first unit of each group holds the prefilled prefix; the others get a copy (cheaper than a forward)
+        for head, (prefix, us) in zip(heads, groups.items()):
             if len(us) > 1:
                 cache.copy_slots(torch.tensor([head], device=device), torch.tensor([slots[u] for u in us[1:]],
                                                                                    device=device), len(prefix))
             for u in us:
                 start[u] = len(prefix)
+    # then every prompt's remaining tokens in one ragged batch (all of it where nothing was shared)
     rest = [p[n:] for p, n in zip(prompts, start)]
     tokens, slots_t = pad(rest, device), torch.tensor(slots, device=device)
     last = torch.tensor([len(r) - 1 for r in rest], device=device)  # only the last token's logits are needed
@@ -323,6 +338,7 @@ def sample_rows(logits, rows, requests):
     """The next token of each row from its logits (R, V) -> (tokens, log-probs or None) as host lists."""
     device = logits.device
     reqs = [requests[r.request] for r in rows]
+    # the step counter of a row is its number of tokens so far: the first token (from the prefill) is step 0
     u = uniform_from_keys(torch.tensor([r.key for r in rows], device=device),
                           torch.tensor([len(r.tokens) for r in rows], device=device))
     nxt = sample_next_token(logits, torch.tensor([q.temperature for q in reqs], device=device),
@@ -351,7 +367,9 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     if longest > model.args.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {longest} exceeds the model's context ({model.args.max_seq_len})")
     B, M, G, S = plan_cache(requests, max_rows, max_cache_tokens)
-    cache = KVCache.for_model(model, slots=G + 1, max_len=S)  # slot G: scratch for idle rows
+    # one slot more than planned: empty rows inside a decode batch write their (ignored) keys there, so a step
+    # never needs to know which rows are live and the compiled step keeps one shape
+    cache = KVCache.for_model(model, slots=G + 1, max_len=S)
     step_fn = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
     eng = Engine(requests, B, M, G)
     while eng.pending or eng.live():
@@ -364,6 +382,8 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
         W, n_slots, kv_len = (B, G, S) if compile else eng.bounds(busy)
         logits = step_fn(model, eng.feed(W, cache.k.device), eng.view(cache, W, n_slots, kv_len))
         yield from eng.record(busy, *sample_rows(logits[busy], [eng.rows[b] for b in busy], requests))
+        # compaction moves rows and slots, so it waits until nothing more can be admitted (the tail of the run,
+        # when rows finish one by one); compiled, shapes never shrink and there is nothing to gain
         if not eng.pending and not compile:
             eng.compact(cache)
 
@@ -389,6 +409,8 @@ class Engine:
         first tokens; yields the requests this finishes (a first token can already end one)."""
         free = [b for b, r in enumerate(self.rows) if r is None]  # lowest first, so live rows stay packed
         self.free_slots.sort()
+        # first come, first served: a unit waits until a slot and all the rows of its samples are free, and a
+        # prefill takes units until their prompts fill the budget (at least one, however long)
         units = []
         while (self.pending and self.free_slots and self.pending[0][2] <= len(free)
                and (not units or len(self.requests[self.pending[0][0]].prompt) <= budget)):
@@ -432,7 +454,7 @@ class Engine:
         for k, (b, tok) in enumerate(zip(rows, tokens)):
             r = self.rows[b]
             req = self.requests[r.request]
-            stop = tok in req.stop_ids
+            stop = tok in req.stop_ids  # a stop token ends the sample and is not part of it
             if not stop:
                 r.tokens.append(tok)
                 if req.logprobs:
@@ -440,7 +462,7 @@ class Engine:
             if stop or len(r.tokens) >= req.max_new_tokens:
                 self.results[r.request][r.sample] = Completion(r.tokens, "stop" if stop else "length",
                                                                r.logps if req.logprobs else None)
-                self.rows[b] = None
+                self.rows[b] = None  # its row is free at once; its slot when its last sibling finishes
                 self.slot_live[r.slot] -= 1
                 if self.slot_live[r.slot] == 0:
                     self.free_slots.append(r.slot)
@@ -451,6 +473,8 @@ class Engine:
     def compact(self, cache):
         """At the tail (nothing waiting), pack live rows at the lowest row indices and their slots at the lowest
         slots once either is sparse, so the decode batch and the attended cache shrink as samples finish."""
+        # a factor-2 rule: repacking costs a little, so it happens only when it at least halves the work; moving a
+        # row is free (its state is its Row record), moving a slot copies its cache
         live = [r for r in self.rows if r is not None]
         if live and self.live()[-1] + 1 > 2 * len(live):
             self.rows = live + [None] * (len(self.rows) - len(live))
@@ -499,6 +523,8 @@ def next_token_logprobs(model, prompts, continuations, candidates, max_rows=64):
         zeros = torch.zeros(n, dtype=torch.long, device=device)
         if L > 0:
             model(torch.tensor([prefix], device=device), cache=cache.fresh(zeros[:1], L), last=zeros[:1] + L - 1)
+        # the n continuations are the n members of slot 0, each T tokens long (right-padded: a member's padding
+        # comes after its last real token, so it never changes what that token sees)
         view = cache.grouped(zeros, torch.arange(n, device=device), zeros + L, zeros, T, n, 1, L + n * T)
         logits = model(pad(exts, device), cache=view)  # (n, T, V)
         last = torch.tensor([len(e) - 1 for e in exts], device=device)
