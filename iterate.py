@@ -1,19 +1,25 @@
 """
 The main job: whole iterations of Meta-Rewarding (or Self-Rewarding), M_t -> M_{t+1}, stage by stage:
-prompts -> responses -> judgments + actor pairs -> meta-judgments + judge pairs -> DPO -> evaluation -> report.
+prompts -> responses -> judgments + actor pairs -> meta-judgments + judge pairs -> DPO -> evaluation -> report;
+with --sft-data, an iteration 0 first (SFT of the seed model on EFT and IFT data, see eft.py).
 
     python iterate.py --run-dir runs/demo                                   # the demo preset, embedded model, CPU
     python iterate.py --run-dir runs/sr --method self-rewarding --iterations 3
-    torchrun --nproc_per_node 8 iterate.py --preset paper --model /models/Llama-3-8B-Instruct --run-dir runs/paper
+    torchrun --nproc_per_node 8 iterate.py --preset paper --model /models/Llama-3-8B-Instruct \
+        --sft-data runs/eft/eft.jsonl --prompts pool.jsonl --run-dir runs/paper
+    python iterate.py --preset paper --model DIR --prompts pool.jsonl --dry-run      # every stage's command line
 
-Each iteration writes runs/<name>/iter<t>/ (file formats in the README) and records finished stages in its
+Each iteration writes <run-dir>/iter<t>/ (file formats in the README) and records finished stages in its
 manifest.json; re-running the same command continues where a killed run stopped and does nothing once all
 is done. Per-iteration schedules are comma lists, the last value repeating: --rho 0,0.32,0.32,0.4.
+Every stage is a script (sample.py, judge.py, meta_judge.py, train_dpo.py, evaluate.py) run in this process
+with the command line --dry-run prints; --sample-args, --judge-args, ... add any of that script's flags.
 """
 import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import time
 
@@ -22,31 +28,63 @@ import judge
 import meta_judge
 import sample
 import train_dpo
-from common import barrier, check_flags, init_distributed, lock_folder, print0, read_jsonl, resolve_model, write_jsonl
+from common import (barrier, check_flags, check_prompt_fields, init_distributed, lock_folder, model_fingerprint, print0,
+                    read_jsonl, resolve_model, write_jsonl)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# Presets fill every flag the user leaves unset. `paper`: Wu et al. 2024 (Meta-Rewarding; figures partly from
-# secondary sources) and Yuan et al. 2024 (Self-Rewarding), for a Llama-3-8B-Instruct-class model on a GPU node.
+# Presets fill every flag the user leaves unset; every value is a flag. A trailing "?" in a comment marks a
+# value that no primary source confirms (a secondary source, a guess where the paper is silent, or ours).
 PRESETS = {
-    "demo": dict(iterations=2, prompts_per_iter="6", n_responses=4, n_judgments=3, temperature=0.8, top_p=0.95,
-                 max_new_tokens=96, judge_max_new_tokens=64, meta_max_new_tokens=48, score_mode="expected",
-                 verdict_mode="expected", rho="0", judge_pairs_iters="1,2", max_chosen_judgment_chars=None,
-                 beta=0.1, lr=1e-5, epochs=2, batch_size=4, micro_batch_size=2, max_len=1024,
-                 eval_prompts_n=12, eval_max_new_tokens=96, max_rows=32),
-    "paper": dict(iterations=4, prompts_per_iter="0", n_responses=7, n_judgments=11, temperature=0.8, top_p=0.95,
-                  max_new_tokens=1024, judge_max_new_tokens=512, meta_max_new_tokens=512, score_mode="parse",
-                  verdict_mode="parse", rho="0,0.32,0.32,0.4", judge_pairs_iters="1,2", max_chosen_judgment_chars=1000,
-                  beta=0.1, lr=5e-7, epochs=1, batch_size=32, micro_batch_size=2, max_len=4096,
-                  eval_prompts_n=0, eval_max_new_tokens=1024, max_rows=256),
+    # the embedded 135M model on a laptop CPU: the machinery end to end in minutes (expected score modes: the
+    # model cannot write a parseable score)
+    # and a system prompt asking for brevity, so that most answers end within 128 tokens (a cut one never wins)
+    "demo": dict(method="meta-rewarding", iterations=2, prompts_per_iter="6", n_responses=4, n_judgments=3,
+                 system_prompt="Answer briefly, in at most three sentences.",
+                 temperature=0.8, top_p=0.95, max_new_tokens=128, judge_max_new_tokens=64, meta_max_new_tokens=48,
+                 score_mode="expected", verdict_mode="expected", rho="0", judge_pairs_iters="1,2",
+                 max_chosen_chars="0", max_chosen_judgment_chars="0", beta=0.1, lr=1e-5, epochs=2, batch_size=4,
+                 micro_batch_size=2, max_len=1024, select="last", val_prompts_n=0, eval_prompts_n=12,
+                 eval_max_new_tokens=96, max_rows=32, sft_lr=1e-5, sft_epochs=1, sft_batch_size=4),
+    # Meta-Rewarding (Wu et al. 2024) on a Llama-3-8B-Instruct-class model, iteration 0 = SFT on EFT data
+    "paper": dict(method="meta-rewarding", iterations=4,
+                  prompts_per_iter="5000",  # fresh prompts per iteration, from a pool of 20,000
+                  n_responses=7, n_judgments=11, temperature=0.8, top_p=0.95,
+                  max_new_tokens=1024, judge_max_new_tokens=512, meta_max_new_tokens=512,  # ?
+                  score_mode="parse", verdict_mode="parse",
+                  rho="0,0.32,0.32,0.4",  # ? (secondary source)
+                  judge_pairs_iters="1,2",  # judge pairs, and so meta-judging, in iterations 1-2 only
+                  max_chosen_chars="2500,0",  # ? chosen response at most 2,500 characters in iteration 1
+                  max_chosen_judgment_chars="1100,1000",  # ? chosen judgment caps in iterations 1 and 2
+                  beta=0.1, batch_size=32, lr=5e-6, epochs=10,  # ? lr, batch and epochs (secondary source)
+                  micro_batch_size=2, max_len=4096,
+                  select="val", val_prompts_n=200,  # ? the criterion is not published: ours, see README
+                  eval_prompts_n=0, eval_max_new_tokens=1024, max_rows=256,
+                  sft_lr=5.5e-6, sft_epochs=2, sft_batch_size=16),  # ? Self-Rewarding's SFT values, as recalled
+    # Self-Rewarding (Yuan et al. 2024) with its own settings; iteration 0 = SFT on IFT + EFT
+    "self-rewarding-paper": dict(method="self-rewarding", iterations=2,
+                                 prompts_per_iter="0",  # ? it made new prompts each iteration: pass a pool per run
+                                 n_responses=4, n_judgments=3, temperature=0.7, top_p=0.9,
+                                 max_new_tokens=1024, judge_max_new_tokens=512, meta_max_new_tokens=512,  # ?
+                                 score_mode="parse", verdict_mode="parse", rho="0", judge_pairs_iters="",
+                                 max_chosen_chars="0", max_chosen_judgment_chars="0",
+                                 beta=0.1, lr=1e-6, batch_size=16, epochs=1,  # ? epochs
+                                 micro_batch_size=2, max_len=4096, select="last", val_prompts_n=0,
+                                 eval_prompts_n=0, eval_max_new_tokens=1024, max_rows=256,
+                                 sft_lr=5.5e-6, sft_epochs=2, sft_batch_size=16),  # ? epochs
 }
-SELF_REWARDING_PAPER = dict(n_responses=4, n_judgments=3, temperature=0.7, top_p=0.9)
+# flags that only some presets give a value: the rest run without them
+OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1}}  # Self-Rewarding: lr 1e-6 decaying to 1e-7
 
 
 def schedule(value, t):
     """The value of a comma-list schedule for iteration t (1-based); the last entry repeats."""
     items = [x.strip() for x in str(value).split(",") if x.strip()]
     return items[min(t, len(items)) - 1]
+
+
+def in_schedule(iters, t):
+    return str(t) in [x.strip() for x in str(iters).split(",")]
 
 
 def load_manifest(d):
@@ -66,83 +104,146 @@ def save_manifest(d, manifest):
     os.replace(tmp, os.path.join(d, "manifest.json"))
 
 
+# -----------------------------------------------------------------------------
+# The plan: which stages iteration t runs, each as a script's command line
+
+
+def prompt_slices(args):
+    """Each iteration's prompts: the pool shuffled once by the run seed and cut into consecutive slices, so no
+    prompt is used in two iterations (0 prompts per iteration: the whole pool, every iteration). With
+    --select val the first --val-prompts-n of a slice are held out of training, to choose the checkpoint.
+    -> [(training prompts, validation prompts)] per iteration; a pool too small is an error now."""
+    pool = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
+    order = list(range(len(pool)))
+    random.Random(args.seed).shuffle(order)
+    held = args.val_prompts_n if args.select == "val" else 0
+    slices, start = [], 0
+    need = sum(int(schedule(args.prompts_per_iter, t)) for t in range(1, args.iterations + 1))
+    if need > len(pool):
+        raise SystemExit(f"--prompts {args.prompts}: {len(pool)} prompts, but {args.iterations} iterations of "
+                         f"--prompts-per-iter {args.prompts_per_iter} need {need} different ones; add prompts or lower it")
+    for t in range(1, args.iterations + 1):
+        n = int(schedule(args.prompts_per_iter, t))
+        picked = order if n == 0 else order[start:start + n]
+        start += n
+        if held >= len(picked):
+            raise SystemExit(f"--val-prompts-n {held}: iteration {t} has only {len(picked)} prompts")
+        slices.append(([pool[i] for i in picked[held:]], [pool[i] for i in picked[:held]]))
+    return slices
+
+
 def engine_flags(args):
     return ["--max-rows", str(args.max_rows), "--dtype", args.dtype]
 
 
-# -----------------------------------------------------------------------------
-# The stages of iteration t: each is a script's command line, run in this process
-
-
 def plan(args, t, model_in):
-    """[(stage name, script module or None for the loop's own stages, argv)] of iteration t."""
+    """[(stage name, script module or None for the loop's own stages, argv)] of iteration t >= 1."""
     d = os.path.join(args.run, f"iter{t}")
     f = lambda name: os.path.join(d, name)  # noqa: E731
     seed = str(args.seed * 1000 + t)
+    extra = lambda s: shlex.split(s or "")  # noqa: E731
     stages = [("prompts", None, []),
               ("responses", sample, ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f("responses.jsonl"),
                                      "--n-responses", str(args.n_responses), "--temperature", str(args.temperature),
                                      "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
-                                     "--seed", seed] + engine_flags(args))]
+                                     "--seed", seed] + engine_flags(args) + extra(args.sample_args))]
     judging = ["--judge-fn", args.judge_fn] if args.judge_fn else []
-    stages.append(("judgments", judge, ["--model", model_in, "--responses", f("responses.jsonl"), "--out",
-                                        f("judgments.jsonl"), "--pairs", f("actor_pairs.jsonl"),
-                                        "--n-judgments", str(args.n_judgments), "--score-mode", args.score_mode,
-                                        "--temperature", str(args.temperature), "--top-p", str(args.top_p),
-                                        "--max-new-tokens", str(args.judge_max_new_tokens), "--rho", schedule(args.rho, t),
-                                        "--seed", seed] + judging + engine_flags(args)))
+    cap = schedule(args.max_chosen_chars, t)
+    stages.append(("judgments", judge, [
+        "--model", model_in, "--responses", f("responses.jsonl"), "--out", f("judgments.jsonl"),
+        "--pairs", f("actor_pairs.jsonl"), "--n-judgments", str(args.n_judgments), "--score-mode", args.score_mode,
+        "--temperature", str(args.judge_temperature), "--top-p", str(args.judge_top_p),
+        "--max-new-tokens", str(args.judge_max_new_tokens), "--rho", schedule(args.rho, t), "--truncated", args.truncated,
+        "--seed", seed] + (["--max-chosen-chars", cap] if cap != "0" else []) + judging + engine_flags(args)
+        + extra(args.judge_args)))
     pair_files = [f("actor_pairs.jsonl")]
-    if args.method == "meta-rewarding":
-        cap = ["--max-chosen-chars", str(args.max_chosen_judgment_chars)] if args.max_chosen_judgment_chars else []
+    # the meta-judge runs only where its pairs are trained on: it is the costliest stage (N(N-1) battles)
+    if args.method == "meta-rewarding" and in_schedule(args.judge_pairs_iters, t):
+        cap = schedule(args.max_chosen_judgment_chars, t)
         stages.append(("meta_judgments", meta_judge, [
             "--model", model_in, "--judgments", f("judgments.jsonl"), "--out", f("meta_judgments.jsonl"),
-            "--pairs", f("judge_pairs.jsonl"), "--verdict-mode", args.verdict_mode, "--temperature", str(args.temperature),
-            "--top-p", str(args.top_p), "--max-new-tokens", str(args.meta_max_new_tokens), "--seed", seed] + cap + engine_flags(args)))
-        if str(t) in args.judge_pairs_iters.split(","):
-            pair_files.append(f("judge_pairs.jsonl"))
-    stages.append(("train", train_dpo, [
-        "--model", model_in, "--pairs", *pair_files, "--out", f("model"), "--beta", str(args.beta), "--lr", str(args.lr),
-        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--micro-batch-size",
-        str(args.micro_batch_size), "--max-len", str(args.max_len), "--seed", str(args.seed), "--save-every", "50",
-        "--resume", "--log-every", "1", "--dtype", args.dtype]))
+            "--pairs", f("judge_pairs.jsonl"), "--verdict-mode", args.verdict_mode,
+            "--temperature", str(args.judge_temperature), "--top-p", str(args.judge_top_p),
+            "--max-new-tokens", str(args.meta_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
+            + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + extra(args.meta_judge_args)))
+        pair_files.append(f("judge_pairs.jsonl"))
+    stages.append(("train", train_dpo, ["--model", model_in, "--data", *pair_files, "--out", f("model"),
+                                        "--beta", str(args.beta), "--lr", str(args.lr)] + train_flags(args)))
+    return stages + eval_and_report(args, d, model_in)
+
+
+def train_flags(args, sft=False):
+    more = ["--min-lr-ratio", str(args.min_lr_ratio)] if args.min_lr_ratio is not None else []
+    return (["--epochs", str(args.sft_epochs if sft else args.epochs), "--batch-size",
+             str(args.sft_batch_size if sft else args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
+             "--max-len", str(args.max_len), "--seed", str(args.seed), "--save-every", "50", "--resume",
+             "--log-every", "1", "--dtype", args.dtype] + ([] if sft else more) + shlex.split(args.train_args or ""))
+
+
+def plan_sft(args):
+    """Iteration 0: SFT of the seed model on --sft-data (EFT judgments and IFT replies), into iter0/model."""
+    d = os.path.join(args.run, "iter0")
+    stages = [("train", train_dpo, ["--model", args.model, "--objective", "sft", "--data", *args.sft_data, "--out",
+                                    os.path.join(d, "model"), "--lr", str(args.sft_lr)] + train_flags(args, sft=True)
+               + shlex.split(args.sft_args or ""))]
+    return stages + eval_and_report(args, d, args.model)
+
+
+def eval_and_report(args, d, model_in):
+    stages = []
     if args.eval_prompts_n >= 0:
         stages.append(("evaluate", evaluate, [
-            "--a", f("model"), "--b", model_in, "--judge", args.eval_judge, "--prompts", args.eval_prompts,
-            "--limit", str(args.eval_prompts_n), "--out-dir", f("eval"), "--max-new-tokens", str(args.eval_max_new_tokens),
-            "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens),
-            "--max-rows", str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)]))
-    stages.append(("report", None, []))
-    return stages
+            "--a", os.path.join(d, "model"), "--b", model_in, "--judge", args.eval_judge, "--prompts", args.eval_prompts,
+            "--limit", str(args.eval_prompts_n), "--out-dir", os.path.join(d, "eval"), "--max-new-tokens",
+            str(args.eval_max_new_tokens), "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
+            str(args.meta_max_new_tokens), "--max-rows", str(args.max_rows), "--dtype", args.dtype,
+            "--seed", str(args.seed)] + shlex.split(args.eval_args or "")))
+    return stages + [("report", None, [])]
 
 
-def run_stage(args, t, name, module, argv, model_in):
-    d = os.path.join(args.run, f"iter{t}")
+def iterations(args):
+    """[(t, its folder, model in, its stages)] for the whole run: iteration 0 when there is SFT data."""
+    out, model_in = [], args.model
+    if args.sft_data:
+        out.append((0, os.path.join(args.run, "iter0"), model_in, plan_sft(args)))
+        model_in = os.path.join(args.run, "iter0", "model")
+    for t in range(1, args.iterations + 1):
+        out.append((t, os.path.join(args.run, f"iter{t}"), model_in, plan(args, t, model_in)))
+        model_in = os.path.join(args.run, f"iter{t}", "model")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Running a stage; the loop's own stages
+
+
+def run_stage(args, t, d, name, module, argv, model_in):
     if name == "prompts":
         return stage_prompts(args, t, d)
     if name == "report":
         return stage_report(args, t, d)
     if name == "train":
-        return stage_train(args, argv, model_in)
+        return stage_train(args, t, d, argv, model_in)
     return module.main(argv)
 
 
 def stage_prompts(args, t, d):
-    """This iteration's prompts: the next slice of the pool, shuffled once by the run seed."""
+    """This iteration's slice of the pool (see prompt_slices), and its validation prompts if any."""
+    train, val = args.slices[t - 1]
     if int(os.environ.get("RANK", 0)) == 0:
-        pool = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt")
-        random.Random(args.seed).shuffle(pool)
-        n = int(schedule(args.prompts_per_iter, t)) or len(pool)
-        start = sum(int(schedule(args.prompts_per_iter, s)) or len(pool) for s in range(1, t)) % len(pool)
-        picked = [pool[(start + k) % len(pool)] for k in range(min(n, len(pool)))]
-        write_jsonl(os.path.join(d, "prompts.jsonl"), [{"id": p["id"], "prompt": p["prompt"], **(
-            {"system": p["system"]} if p.get("system") else {})} for p in picked])
+        def keep(p):  # the pool's own system prompt, else --system-prompt
+            system = p.get("system") or args.system_prompt
+            return {"id": p["id"], "prompt": p["prompt"], **({"system": system} if system else {})}
+        write_jsonl(os.path.join(d, "prompts.jsonl"), [keep(p) for p in train])
+        if val:
+            write_jsonl(os.path.join(d, "val_prompts.jsonl"), [keep(p) for p in val])
     barrier(args.world)
-    return {"prompts": len(read_jsonl(os.path.join(d, "prompts.jsonl")))}
+    return {"prompts": len(train), "val_prompts": len(val)}
 
 
-def stage_train(args, argv, model_in):
-    """DPO on this iteration's pair files that hold pairs; with none, the next model is this one."""
-    i, j = argv.index("--pairs") + 1, argv.index("--out")
+def stage_train(args, t, d, argv, model_in):
+    """DPO (or iteration 0's SFT) on the data files that hold records; with none, the next model is this one."""
+    i, j = argv.index("--data") + 1, argv.index("--out")
     files = [f for f in argv[i:j] if os.path.exists(f) and os.path.getsize(f) > 0]
     out = argv[j + 1]
     if not files:
@@ -151,9 +252,69 @@ def stage_train(args, argv, model_in):
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(model_in, out)
         barrier(args.world)
-        return {"steps": 0, "skipped": "no preference pairs; model copied unchanged"}
-    counts = train_dpo.main(argv[:i] + files + argv[j:])
-    return dict(counts, pair_files=[os.path.basename(f) for f in files])
+        return {"steps": 0, "skipped": "no training data; model copied unchanged"}
+    argv = argv[:i] + files + argv[j:]
+    if t >= 1 and args.select == "val" and args.epochs > 1:
+        counts = select_epoch(args, d, argv, out, model_in)
+    else:
+        counts = train_dpo.main(argv)
+    return dict(counts, data_files=[os.path.basename(f) for f in files])
+
+
+def select_epoch(args, d, argv, out, model_in):
+    """--select val: train epoch by epoch; after each, the epoch's model plays M_t on the iteration's held-out
+    validation prompts, judged by M_t in both orders. Only the best epoch so far stays on disk (an 8B model is
+    16 GB); at the end it becomes the iteration's model. Resumable: select.json records each epoch."""
+    record_f, rank0 = os.path.join(d, "select.json"), int(os.environ.get("RANK", 0)) == 0
+    load = lambda: json.load(open(record_f)) if os.path.exists(record_f) else {"trained": 0, "win_rate": {}, "best": None}  # noqa: E731
+    rec, counts = load(), {}
+    for e in range(1, args.epochs + 1):
+        if str(e) in rec["win_rate"]:
+            continue
+        if rec["trained"] < e:  # (training state is gone once the last epoch is done: never train twice)
+            counts = train_dpo.main(argv + ["--epoch-models", "--stop-after-epochs", str(e)])
+            if rank0:
+                rec["trained"] = e
+                write_json(record_f, rec)
+        folder = os.path.join(d, "select", f"epoch{e}")
+        first = os.path.join(d, "select", "epoch1")
+        if rank0 and e > 1 and not os.path.exists(os.path.join(folder, "answers_b.jsonl")):
+            os.makedirs(folder, exist_ok=True)  # M_t's answers are the same for every epoch: reuse them
+            for name in ("answers_b.jsonl", "answers_b.settings.json"):
+                shutil.copy2(os.path.join(first, name), os.path.join(folder, name))
+        barrier(args.world)
+        res = evaluate.main(["--a", f"{out}.epoch{e}", "--b", model_in, "--judge", model_in,
+                             "--prompts", os.path.join(d, "val_prompts.jsonl"), "--out-dir", folder,
+                             "--max-new-tokens", str(args.eval_max_new_tokens), "--verdict-mode", args.verdict_mode,
+                             "--judge-max-new-tokens", str(args.meta_max_new_tokens), "--max-rows", str(args.max_rows),
+                             "--dtype", args.dtype, "--seed", str(args.seed)])
+        if rank0:
+            best = rec["best"]
+            rec.setdefault("fingerprint", {})[str(e)] = model_fingerprint(f"{out}.epoch{e}")
+            if best is None or res["win_rate"] > rec["win_rate"][str(best)]:
+                if best is not None:
+                    shutil.rmtree(f"{out}.epoch{best}", ignore_errors=True)
+                rec["best"] = e
+            else:
+                shutil.rmtree(f"{out}.epoch{e}", ignore_errors=True)
+            rec["win_rate"][str(e)] = res["win_rate"]
+            write_json(record_f, rec)
+        barrier(args.world)
+        rec = load()
+    if rank0:  # the last epoch's run wrote `out`; the best epoch replaces it unless that is the last one
+        best = f"{out}.epoch{rec['best']}"
+        if rec["best"] != args.epochs and os.path.exists(best):
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(best, out)
+        shutil.rmtree(best, ignore_errors=True)
+    barrier(args.world)
+    return dict(counts, select="val", val_win_rate_by_epoch=rec["win_rate"], best_epoch=rec["best"])
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def stage_report(args, t, d):
@@ -175,53 +336,31 @@ def _dist(xs):
 
 
 def write_report(d, t, manifest):
-    """report.md of one iteration: counts, skips, failure rates, chosen vs rejected, position bias, DPO
-    curves (a PNG too where matplotlib is installed), evaluation."""
+    """report.md of one iteration: counts, skips, failure rates, chosen vs rejected, position bias, training
+    curves (a PNG too where matplotlib is installed), checkpoint selection, evaluation."""
     st = {k: v.get("counts", {}) for k, v in manifest["stages"].items()}
-    lines = [f"# Iteration {t} ({manifest.get('method')})", "",
+    lines = [f"# Iteration {t} ({'SFT' if t == 0 else manifest.get('method')})", "",
              f"Model in: `{manifest.get('model_in')}`  ", f"Model out: `{manifest.get('model_out')}`", "",
              "## Stages", "", "| stage | seconds | counts |", "|---|---|---|"]
     for name, v in manifest["stages"].items():
         counts = {k: x for k, x in v.get("counts", {}).items() if not isinstance(x, (list, dict)) or k.endswith("skips")}
         lines.append(f"| {name} | {v.get('seconds')} | {json.dumps(counts)} |")
-    pairs = _read_if(os.path.join(d, "actor_pairs.jsonl"))
-    lines += ["", "## Actor pairs: chosen vs rejected", "",
-              f"{len(pairs)} pairs; skips: {st.get('judgments', {}).get('actor_pair_skips', {})}; "
-              f"judge parse failures: {st.get('judgments', {}).get('parse_failures', 'n/a')} "
-              f"(rate {st.get('judgments', {}).get('parse_failure_rate', 'n/a')}, score mode "
-              f"{st.get('judgments', {}).get('score_mode', 'n/a')})", "",
-              "| | score | length (chars) |", "|---|---|---|",
-              f"| chosen | {_dist([p['score_chosen'] for p in pairs])} | {_dist([len(p['chosen']) for p in pairs])} |",
-              f"| rejected | {_dist([p['score_rejected'] for p in pairs])} | {_dist([len(p['rejected']) for p in pairs])} |"]
+    if "judgments" in st:
+        jd, pairs = st["judgments"], _read_if(os.path.join(d, "actor_pairs.jsonl"))
+        lines += ["", "## Actor pairs: chosen vs rejected", "",
+                  f"{len(pairs)} pairs; skips: {jd.get('actor_pair_skips', {})}; responses cut at their token limit: "
+                  f"{jd.get('truncated_responses', 'n/a')} ({jd.get('truncated', 'drop')}); judge parse failures: "
+                  f"{jd.get('parse_failures', 'n/a')} (rate {jd.get('parse_failure_rate', 'n/a')}, score mode "
+                  f"{jd.get('score_mode', 'n/a')})", "", "| | score | length (chars) |", "|---|---|---|",
+                  f"| chosen | {_dist([p['score_chosen'] for p in pairs])} | {_dist([len(p['chosen']) for p in pairs])} |",
+                  f"| rejected | {_dist([p['score_rejected'] for p in pairs])} | {_dist([len(p['rejected']) for p in pairs])} |"]
     if "meta_judgments" in st:
         m = st["meta_judgments"]
         lines += ["", "## Meta-judge", "",
                   f"{m.get('battles')} battles, unparseable verdicts {m.get('unparseable_rate')}, first-position win rate "
                   f"{m.get('first_position_win_rate')} (omega1 {m.get('omega1')}, omega2 {m.get('omega2')}); "
                   f"{m.get('judge_pairs')} judge pairs, skips {m.get('pair_skips')}"]
-    metrics = _read_if(os.path.join(d, "model.train", "metrics.jsonl"))
-    lines += ["", "## DPO", ""]
-    if metrics:
-        lines += ["| step | loss | reward acc | margin | chosen logps | rejected logps | grad norm |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {m['step']} | {m['loss']:.4f} | {m['reward_acc']:.2f} | {m['margin']:.4f} | {m['chosen_logps']:.2f} | "
-                  f"{m['rejected_logps']:.2f} | {m['grad_norm']:.3f} |" for m in metrics]
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            fig, ax = plt.subplots(1, 3, figsize=(12, 3))
-            for a, key in zip(ax, ("loss", "reward_acc", "margin")):
-                a.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker="o")
-                a.set_title(key)
-                a.set_xlabel("step")
-            fig.tight_layout()
-            fig.savefig(os.path.join(d, "dpo.png"))
-            plt.close(fig)
-            lines += ["", "![DPO curves](dpo.png)"]
-        except ImportError:
-            pass
-    else:
-        lines.append(str(st.get("train", {}).get("skipped", "no training metrics")))
+    lines += training_section(d, st.get("train", {}), "SFT" if t == 0 else "DPO")
     ev = st.get("evaluate", {})
     if ev and "win_rate" in ev:
         lines += ["", "## Evaluation: this iteration's model (A) vs its starting model (B)", "",
@@ -233,83 +372,137 @@ def write_report(d, t, manifest):
         f.write("\n".join(lines) + "\n")
 
 
+def training_section(d, train, what):
+    lines = ["", f"## {what}", ""]
+    metrics = _read_if(os.path.join(d, "model.train", "metrics.jsonl"))
+    if not metrics:
+        return lines + [str(train.get("skipped", "no training metrics"))]
+    cols = ["loss", "reward_acc", "margin", "chosen_logps", "rejected_logps", "grad_norm"] if "margin" in metrics[0] \
+        else ["loss", "grad_norm"]
+    lines += ["| step | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {m['step']} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |" for m in metrics]
+    if "val_win_rate_by_epoch" in train:
+        lines += ["", f"Checkpoint selection on held-out prompts: win rate against the starting model by epoch "
+                      f"{train['val_win_rate_by_epoch']}; epoch {train['best_epoch']} kept."]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        keys = [c for c in ("loss", "reward_acc", "margin") if c in cols]
+        fig, ax = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+        for a, key in zip(ax[0], keys):
+            a.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker="o")
+            a.set_title(key)
+            a.set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(os.path.join(d, "training.png"))
+        plt.close(fig)
+        lines += ["", "![training curves](training.png)"]
+    except ImportError:
+        pass
+    return lines
+
+
 # -----------------------------------------------------------------------------
+# The command line
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Run iterations of Meta-Rewarding / Self-Rewarding.")
     p.add_argument("--run-dir", dest="run", default=os.path.join("runs", "demo"), help="run folder (iterations go in <run-dir>/iter<t>)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults for every flag left unset")
-    p.add_argument("--method", default="meta-rewarding", choices=("meta-rewarding", "self-rewarding"), help="with or without the meta-judge")
+    p.add_argument("--method", default=None, choices=("meta-rewarding", "self-rewarding"),
+                   help="with the meta-judge, or without it (every other value the same)")
     p.add_argument("--model", default=None, help="starting model M0 (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=os.path.join(ROOT, "data", "prompts.jsonl"), help="prompt pool (JSONL id, prompt)")
-    p.add_argument("--iterations", type=int, default=None, help="iterations to run in total")
+    p.add_argument("--iterations", type=int, default=None, help="iterations to run in total (iteration 0 not counted)")
     p.add_argument("--seed", type=int, default=0, help="run seed (prompt order, sampling, data order)")
+    p.add_argument("--dry-run", action="store_true", help="print every iteration's prompts and stage command lines as JSON; run nothing")
+    s = p.add_argument_group("iteration 0 (SFT)")
+    s.add_argument("--sft-data", nargs="+", default=None, help="SFT records (eft.py's eft.jsonl, ift.jsonl): train M0 on them first")
+    s.add_argument("--sft-lr", type=float, default=None, help="SFT peak learning rate")
+    s.add_argument("--sft-epochs", type=int, default=None, help="SFT epochs")
+    s.add_argument("--sft-batch-size", type=int, default=None, help="SFT examples per optimizer step")
+    s.add_argument("--sft-args", default=None, help="more train_dpo.py flags for iteration 0")
     a = p.add_argument_group("actor")
-    a.add_argument("--prompts-per-iter", default=None, help="prompts per iteration, a schedule (0 = the whole pool)")
+    a.add_argument("--prompts-per-iter", default=None, help="fresh prompts per iteration, a schedule (0 = the whole pool each time)")
     a.add_argument("--n-responses", type=int, default=None, help="responses per prompt (K)")
-    a.add_argument("--temperature", type=float, default=None, help="sampling temperature of actor, judge and meta-judge")
-    a.add_argument("--top-p", type=float, default=None, help="nucleus mass of actor, judge and meta-judge")
+    a.add_argument("--system-prompt", default=None, help="system prompt of every actor prompt whose record has none")
+    a.add_argument("--temperature", type=float, default=None, help="actor sampling temperature")
+    a.add_argument("--top-p", type=float, default=None, help="actor nucleus mass")
     a.add_argument("--max-new-tokens", type=int, default=None, help="response length limit")
+    a.add_argument("--truncated", default="drop", choices=("drop", "keep"),
+                   help="responses and judgments cut at their token limit: in no pair (drop), or only ever rejected (keep)")
     j = p.add_argument_group("judge and meta-judge")
     j.add_argument("--n-judgments", type=int, default=None, help="judgments per response (N)")
+    j.add_argument("--judge-temperature", type=float, default=None, help="judge and meta-judge temperature (default: the actor's)")
+    j.add_argument("--judge-top-p", type=float, default=None, help="judge and meta-judge nucleus mass (default: the actor's)")
     j.add_argument("--score-mode", default=None, choices=("parse", "expected"), help="judge score mode")
     j.add_argument("--verdict-mode", default=None, choices=("parse", "expected"), help="meta-judge (and evaluation) verdict mode")
     j.add_argument("--judge-max-new-tokens", type=int, default=None, help="judgment length limit")
     j.add_argument("--meta-max-new-tokens", type=int, default=None, help="meta-judgment and evaluation verdict length limit")
     j.add_argument("--rho", default=None, help="length-control schedule, e.g. 0,0.32,0.32,0.4")
-    j.add_argument("--judge-pairs-iters", default=None, help="iterations whose DPO data include judge pairs, e.g. 1,2")
-    j.add_argument("--max-chosen-judgment-chars", type=int, default=None, help="skip judge pairs with a longer chosen judgment")
+    j.add_argument("--max-chosen-chars", default=None, help="schedule: longest chosen response in characters (0 = no cap)")
+    j.add_argument("--judge-pairs-iters", default=None, help="iterations whose DPO data include judge pairs (and so run the meta-judge)")
+    j.add_argument("--max-chosen-judgment-chars", default=None, help="schedule: longest chosen judgment in characters (0 = no cap)")
     j.add_argument("--judge-fn", default=None, metavar="MODULE:FUNC", help="replace the LLM judge by a Python scoring function (ablations)")
     t = p.add_argument_group("DPO")
     t.add_argument("--beta", type=float, default=None, help="DPO beta")
     t.add_argument("--lr", type=float, default=None, help="DPO peak learning rate")
+    t.add_argument("--min-lr-ratio", type=float, default=None, help="final learning rate as a fraction of the peak")
     t.add_argument("--epochs", type=int, default=None, help="DPO epochs per iteration")
     t.add_argument("--batch-size", type=int, default=None, help="pairs per optimizer step")
     t.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward per rank")
-    t.add_argument("--max-len", type=int, default=None, help="DPO sequence length limit")
+    t.add_argument("--max-len", type=int, default=None, help="training sequence length limit")
+    t.add_argument("--select", default=None, choices=("last", "val"),
+                   help="the iteration's model: the last epoch's, or the best on held-out prompts against M_t")
+    t.add_argument("--val-prompts-n", type=int, default=None, help="--select val: prompts of each iteration's slice held out of training")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-prompts", default=os.path.join(ROOT, "data", "eval_prompts.jsonl"), help="held-out prompts")
     e.add_argument("--eval-prompts-n", type=int, default=None, help="held-out prompts per evaluation (0 = all, -1 = no evaluation)")
     e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
     e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
-    g = p.add_argument_group("engine")
+    g = p.add_argument_group("engine and pass-through")
     g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    for stage in ("sample", "judge", "meta-judge", "train", "eval"):
+        g.add_argument(f"--{stage}-args", default=None, help=f"more flags for every {stage} stage, as one string")
     return p
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    preset = dict(PRESETS[args.preset])
-    if args.preset == "paper" and args.method == "self-rewarding":
-        preset.update(SELF_REWARDING_PAPER)
+    preset = dict(PRESETS[args.preset], **{k: v.get(args.preset) for k, v in OPTIONAL.items()})
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.judge_temperature = args.temperature if args.judge_temperature is None else args.judge_temperature
+    args.judge_top_p = args.top_p if args.judge_top_p is None else args.judge_top_p
     return args
 
 
 def check_run(args):
     """Every stage's flags for every iteration, checked by that stage's own parser before any work, so a typo
-    or a bad value fails now and not hours into a run; and the run folder's recorded settings."""
+    or a bad value fails now and not hours into a run; the prompt slices; and the run folder's recorded settings."""
     check_flags(("--iterations", args.iterations, args.iterations >= 1, "at least 1"),
-                ("--eval-prompts-n", args.eval_prompts_n, args.eval_prompts_n >= -1, ">= -1 (-1 = no evaluation)"))
+                ("--eval-prompts-n", args.eval_prompts_n, args.eval_prompts_n >= -1, ">= -1 (-1 = no evaluation)"),
+                ("--val-prompts-n", args.val_prompts_n, args.val_prompts_n >= (1 if args.select == "val" else 0),
+                 "at least 1 with --select val"))
     for flag, value, kind in (("--prompts-per-iter", args.prompts_per_iter, int), ("--rho", args.rho, float),
-                              ("--judge-pairs-iters", args.judge_pairs_iters, int)):
+                              ("--judge-pairs-iters", args.judge_pairs_iters, int),
+                              ("--max-chosen-chars", args.max_chosen_chars, int),
+                              ("--max-chosen-judgment-chars", args.max_chosen_judgment_chars, int)):
         try:
             ok = all(kind(x) >= 0 for x in str(value).split(",") if x.strip())
         except ValueError:
             ok = False
         check_flags((flag, value, ok, f"a comma list of non-negative {kind.__name__}s"))
-    model_in = args.model
-    for t in range(1, args.iterations + 1):
-        for name, module, argv in plan(args, t, model_in):
+    for _, _, _, stages in iterations(args):
+        for name, module, argv in stages:
             if module is not None:
                 module.parse_args(argv)
-        model_in = os.path.join(args.run, f"iter{t}", "model")
-    first = load_manifest(os.path.join(args.run, "iter1"))
-    old = first.get("settings")
+    args.slices = prompt_slices(args)
+    old = load_manifest(os.path.join(args.run, "iter0" if args.sft_data else "iter1")).get("settings")
     if old:
         now = json.loads(json.dumps(run_settings(args), default=str))
         diffs = [f"{k}: {old.get(k)} -> {now.get(k)}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
@@ -320,11 +513,31 @@ def check_run(args):
 
 def run_settings(args):
     """The settings a run folder is tied to (--iterations may grow: more iterations extend the run)."""
-    return {k: v for k, v in vars(args).items() if k not in ("world", "iterations")}
+    return {k: v for k, v in vars(args).items() if k not in ("world", "iterations", "slices", "dry_run")}
+
+
+def dry_run(args):
+    """The whole run as JSON: each iteration's prompt ids and every stage's full command line."""
+    scripts = {sample: "sample.py", judge: "judge.py", meta_judge: "meta_judge.py", train_dpo: "train_dpo.py",
+               evaluate: "evaluate.py"}
+    doc = {"iterations": []}
+    for t, d, model_in, stages in iterations(args):
+        train, val = args.slices[t - 1] if t >= 1 else ([], [])
+        doc["iterations"].append({
+            "iteration": t, "model_in": model_in, "prompt_ids": [p["id"] for p in train],
+            **({"val_prompt_ids": [p["id"] for p in val]} if val else {}),
+            "stages": [{"name": name, "argv": [scripts[m] if m else f"iterate.py:{name}"] + argv} for name, m, argv in stages]})
+    print(json.dumps(doc, indent=1))
+    return doc
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.dry_run:
+        args.world, args.model = 1, args.model or os.path.join(ROOT, "checkpoints", "smollm2-135m-instruct")
+        args.eval_judge = args.eval_judge or args.model
+        check_run(args)
+        return dry_run(args)
     rank, args.world, device = init_distributed()
     if args.model is None:
         args.model = resolve_model(None) if rank == 0 else None
@@ -334,34 +547,33 @@ def main(argv=None):
     check_run(args)
     lock = lock_folder(args.run) if rank == 0 else None  # a second job on this folder stops here
     settings = run_settings(args)
-    model_in, timings, ran = args.model, [], 0
-    for t in range(1, args.iterations + 1):
-        d = os.path.join(args.run, f"iter{t}")
+    timings, ran, model_out = [], 0, args.model
+    for t, d, model_in, stages in iterations(args):
         os.makedirs(d, exist_ok=True)
         manifest = load_manifest(d)
         manifest.update(iteration=t, model_in=model_in, model_out=os.path.join(d, "model"), method=args.method)
         manifest.setdefault("settings", settings)
-        for name, module, stage_argv in plan(args, t, model_in):
+        for name, module, stage_argv in stages:
             done = manifest["stages"].get(name, {})
             if done.get("done"):
                 timings.append((t, name, done.get("seconds", 0.0), "done before"))
                 continue
             print0(f"\n=== iteration {t} | {name} ===")
             t0 = time.time()
-            counts = run_stage(args, t, name, module, stage_argv, model_in)
+            counts = run_stage(args, t, d, name, module, stage_argv, model_in)
             sec = round(time.time() - t0, 1)
             manifest["stages"][name] = {"done": True, "seconds": sec, "counts": _jsonable(counts)}
             save_manifest(d, manifest)
             barrier(args.world)
             timings.append((t, name, sec, "ran"))
             ran += 1
-        model_in = os.path.join(d, "model")
+        model_out = os.path.join(d, "model")
     if ran == 0:
         print0(f"{args.run}: all {args.iterations} iteration(s) are already done; nothing to do")
     print0("\nwhere the time went (seconds):")
     for t, name, sec, how in timings:
         print0(f"  iter{t} {name:15s} {sec:8.1f}  {how}")
-    print0(f"  total {sum(x[2] for x in timings if x[3] == 'ran'):.1f}s this run | final model {model_in} | "
+    print0(f"  total {sum(x[2] for x in timings if x[3] == 'ran'):.1f}s this run | final model {model_out} | "
            f"reports {os.path.join(args.run, 'iter*', 'report.md')}")
     if lock is not None:
         lock.close()

@@ -113,14 +113,16 @@ def mean_or_none(xs):
 # Actor pairs with length control
 
 
-def select_actor_pair(responses, scores, rho, max_chosen_chars=None):
+def select_actor_pair(responses, scores, rho, max_chosen_chars=None, truncated=None, keep_truncated=False):
     """Length-controlled pair -> ((chosen, rejected) indices, None) or (None, reason).
 
     chosen = the shortest response scoring >= (1-rho) S_max + rho S_min; rejected = the longest scoring
     <= (1-rho) S_min + rho S_max. rho = 0 is best vs worst. Lengths in characters; ties broken by score,
-    then by index.
+    then by index. A response that stopped at its token limit (truncated[i]) is never chosen: by default it
+    takes part in no pair; with keep_truncated it counts for S_max, S_min and may be the rejected one.
     """
-    scored = [(i, s) for i, s in enumerate(scores) if s is not None]
+    cut = truncated or [False] * len(responses)
+    scored = [(i, s) for i, s in enumerate(scores) if s is not None and (keep_truncated or not cut[i])]
     if len(scored) < 2:
         return None, "too few scored responses"
     s_max, s_min = max(s for _, s in scored), min(s for _, s in scored)
@@ -128,7 +130,10 @@ def select_actor_pair(responses, scores, rho, max_chosen_chars=None):
         return None, "tie"
     eps = 1e-9  # thresholds are computed in floating point; S_max itself must pass its own threshold
     hi, lo = (1 - rho) * s_max + rho * s_min, (1 - rho) * s_min + rho * s_max
-    chosen = min((i for i, s in scored if s >= hi - eps), key=lambda i: (len(responses[i]), -scores[i], i))
+    top = [i for i, s in scored if s >= hi - eps and not cut[i]]
+    if not top:
+        return None, "only truncated responses score high enough"
+    chosen = min(top, key=lambda i: (len(responses[i]), -scores[i], i))
     rejected = max((i for i, s in scored if s <= lo + eps), key=lambda i: (len(responses[i]), -scores[i], -i))
     if chosen == rejected:
         return None, "chosen is rejected"
@@ -137,18 +142,20 @@ def select_actor_pair(responses, scores, rho, max_chosen_chars=None):
     return (chosen, rejected), None
 
 
-def make_actor_pairs(records, rho, max_chosen_chars=None):
+def make_actor_pairs(records, rho, max_chosen_chars=None, keep_truncated=False):
     """One pair per record where the rule gives one; returns (pairs, skip counts)."""
     pairs, skips = [], {}
     for rec in records:
-        pair, why = select_actor_pair(rec["responses"], rec["score"], rho, max_chosen_chars)
+        cut = [f == "length" for f in rec.get("finish_reasons", [])] or None
+        pair, why = select_actor_pair(rec["responses"], rec["score"], rho, max_chosen_chars, cut, keep_truncated)
         if pair is None:
             skips[why] = skips.get(why, 0) + 1
             continue
         c, r = pair
         pairs.append({"id": rec["id"], "prompt": rec["prompt"], **({"system": rec["system"]} if rec.get("system") else {}),
                       "chosen": rec["responses"][c], "rejected": rec["responses"][r],
-                      "score_chosen": rec["score"][c], "score_rejected": rec["score"][r], "kind": "actor"})
+                      "score_chosen": rec["score"][c], "score_rejected": rec["score"][r], "kind": "actor",
+                      **({"rejected_truncated": True} if cut and cut[r] else {})})
     return pairs, skips
 
 
@@ -208,12 +215,13 @@ def run_judge(args, model, tok, rank, world):
     for q, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
                              compile=args.compile):
         ri, k = owner[q]
-        got.setdefault(ri, {})[k] = [tok.decode(c.tokens) for c in comps]
+        got.setdefault(ri, {})[k] = ([tok.decode(c.tokens) for c in comps], [c.finish_reason for c in comps])
         tokens += sum(len(c.tokens) for c in comps)
         bar.update(len(comps))
         if len(got[ri]) == len(todo[ri]["responses"]):
             by_k = got.pop(ri)
-            writer.write(judged_record(todo[ri], [by_k[k] for k in range(len(by_k))], prompts.pop(ri), args, model, tok, expect))
+            out = judged_record(todo[ri], [by_k[k][0] for k in range(len(by_k))], prompts.pop(ri), args, model, tok, expect)
+            writer.write(dict(out, judgment_finish=[by_k[k][1] for k in range(len(by_k))]))
     bar.close()
     writer.close()
     dt = time.time() - t0
@@ -246,9 +254,11 @@ def finish_judge_stage(args, order, rank, world, **extra):
         barrier(world)
         return {}
     summary = summarize_judgments(merged)
+    summary.update(truncated_responses=sum(f == "length" for r in merged for f in r.get("finish_reasons", [])),
+                   truncated=args.truncated)
     summary.update(extra)
     if args.pairs:
-        pairs, skips = make_actor_pairs(merged, args.rho, args.max_chosen_chars)
+        pairs, skips = make_actor_pairs(merged, args.rho, args.max_chosen_chars, args.truncated == "keep")
         write_jsonl(args.pairs, pairs)
         summary.update(actor_pairs=len(pairs), actor_pair_skips=skips, rho=args.rho,
                        mean_chosen_chars=round(_mean([len(p["chosen"]) for p in pairs]), 1),
@@ -314,6 +324,8 @@ def build_parser():
     p = parser.add_argument_group("actor pairs")
     p.add_argument("--rho", type=float, default=0.0, help="length control in [0, 1] (0 = best vs worst)")
     p.add_argument("--max-chosen-chars", type=int, default=None, help="drop pairs whose chosen response is longer")
+    p.add_argument("--truncated", default="drop", choices=("drop", "keep"),
+                   help="responses cut at their token limit: in no pair (drop), or only ever rejected (keep)")
     add_engine_args(parser)
     return parser
 

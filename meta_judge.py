@@ -29,16 +29,16 @@ from sample import Request, common_prefix, generate
 # -----------------------------------------------------------------------------
 # Verdicts, position bias, Bradley-Terry
 
-WINNER = re.compile(r"winner\s*\**\s*[:：]\s*\**\s*(?:the\s+)?(?:judge?ment|evaluation|response|answer)?\s*\**\s*\(?([AB])\)?(?![A-Za-z0-9])",
-                    re.IGNORECASE)
+WINNER = re.compile(r"winner\s*\**\s*[:：]\s*\**\s*\[?\s*(?:the\s+)?(?:judge?ment|evaluation|response|answer)?\s*\**\s*"
+                    r"\(?([AB])\)?\s*\]?(?![A-Za-z0-9])", re.IGNORECASE)
 WINNER_MARK = re.compile(r"winner\s*\**\s*[:：]", re.IGNORECASE)
-CONFLICT = re.compile(r"^\W*(?:and|or|&|/|,)\s*(?:(?:judge?ment|evaluation|response|answer)\s+)?\(?[AB]\b", re.IGNORECASE)
+CONFLICT = re.compile(r"^\W*?(?:and|or|&|/|,|\|)\s*(?:(?:judge?ment|evaluation|response|answer)\s+)?\(?[AB]\b", re.IGNORECASE)
 
 
 def parse_winner(text):
     """"A" or "B" from the last `Winner: Judgement A|B` of a verdict (Judgment/Judgement, and Response/Answer
-    for evaluate.py; markdown and a bare letter tolerated), or None when there is none or its line names both
-    (an echo of the instructions)."""
+    for evaluate.py; markdown, brackets as in `Winner: [Judgement B]` and a bare letter tolerated), or None when
+    there is none or its line names both (an echo of the instructions, `[Judgement A | Judgement B]`)."""
     marks = list(WINNER_MARK.finditer(text))
     if not marks:
         return None
@@ -138,10 +138,14 @@ def pick_response(scores):
     return best
 
 
-def make_judge_pair(rec, max_chosen_chars=None):
-    """The judge pair of one meta-judged record -> (pair fields, None) or (None, skip reason)."""
+def make_judge_pair(rec, max_chosen_chars=None, truncated=None):
+    """The judge pair of one meta-judged record -> (pair fields, None) or (None, skip reason). A judgment cut at
+    its token limit (truncated[j] for judgment j) is never the chosen one."""
     ids, elo = rec["judgment_indices"], rec["elo"]
-    hi = max(range(len(ids)), key=lambda k: (elo[k], -k))
+    whole = [k for k in range(len(ids)) if not (truncated and truncated[ids[k]])]
+    if not whole:
+        return None, "only truncated judgments"
+    hi = max(whole, key=lambda k: (elo[k], -k))
     lo = min(range(len(ids)), key=lambda k: (elo[k], k))
     if elo[hi] - elo[lo] < 1e-6:
         return None, "elo tie"
@@ -150,7 +154,8 @@ def make_judge_pair(rec, max_chosen_chars=None):
         return None, "identical judgments"
     if max_chosen_chars is not None and len(chosen) > max_chosen_chars:
         return None, "chosen judgment over length cap"
-    return {"chosen": chosen, "rejected": rejected, "chosen_index": ids[hi], "rejected_index": ids[lo]}, None
+    return {"chosen": chosen, "rejected": rejected, "chosen_index": ids[hi], "rejected_index": ids[lo],
+            **({"rejected_truncated": True} if truncated and truncated[ids[lo]] else {})}, None
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +174,10 @@ def check_judgments_record(rec):
         return "`scores` must hold numbers or null (one list per response)"
     if len(J) != len(rec["responses"]) or len(S) != len(J) or any(len(a) != len(b) for a, b in zip(J, S)):
         return "`scores` and `judgments` must have the same shape (one list per response, one entry per judgment)"
+    F = rec.get("judgment_finish")
+    if F is not None and (not isinstance(F, list) or len(F) != len(J) or any(
+            not isinstance(f, list) or len(f) != len(j) for f, j in zip(F, J))):
+        return "`judgment_finish` must have the shape of `judgments`"
     return None
 
 
@@ -231,11 +240,14 @@ def plan_battles(args, records, tok, template, rubric, max_seq_len):
     disputed response, as one request each -> (requests, owner of each request, plan per record, skips)."""
     requests, owner, plans, skipped = [], [], {}, {}
     for k, rec in records:
-        resp = pick_response(rec["scores"])
+        scores = rec["scores"]
+        if args.truncated == "drop" and rec.get("judgment_finish"):  # a cut judgment takes part in no battle
+            scores = [[None if f == "length" else s for s, f in zip(ss, fs)] for ss, fs in zip(scores, rec["judgment_finish"])]
+        resp = pick_response(scores)
         if resp is None:
             skipped["no response with 2+ valid judgments"] = skipped.get("no response with 2+ valid judgments", 0) + 1
             continue
-        valid = [j for j, s in enumerate(rec["scores"][resp]) if s is not None]
+        valid = [j for j, s in enumerate(scores[resp]) if s is not None]
         judgments = rec["judgments"][resp]
         orders = list(itertools.permutations(valid, 2))
         prompts = [tok.encode_prompt(render(template, rubric=rubric, prompt=rec["prompt"].strip(),
@@ -292,15 +304,14 @@ def rate_and_pair(args, merged, records, template, rubric):
             skips["fewer than 2 judgments"] = skips.get("fewer than 2 judgments", 0) + 1
             continue
         rec["judgments"] = src["judgments"][rec["response_index"]]
-        pair, why = make_judge_pair(rec, args.max_chosen_chars)
+        cut = [f == "length" for f in src["judgment_finish"][rec["response_index"]]] if src.get("judgment_finish") else None
+        pair, why = make_judge_pair(rec, args.max_chosen_chars, cut)
         del rec["judgments"]
         if pair is None:
             skips[why] = skips.get(why, 0) + 1
             continue
         prompt = judge_prompt(template, rubric, src["prompt"], src["responses"][rec["response_index"]])
-        pairs.append({"id": rec["id"], "prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"],
-                      "response_index": rec["response_index"], "chosen_index": pair["chosen_index"],
-                      "rejected_index": pair["rejected_index"], "kind": "judge"})
+        pairs.append({"id": rec["id"], "prompt": prompt, **pair, "response_index": rec["response_index"], "kind": "judge"})
     write_jsonl(args.out, merged)
     if args.pairs:
         write_jsonl(args.pairs, pairs)
@@ -327,6 +338,8 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=256, help="verdict length limit")
     g.add_argument("--seed", type=int, default=0, help="run seed")
     g.add_argument("--max-chosen-chars", type=int, default=None, help="skip judge pairs whose chosen judgment is longer (paper: about 1000)")
+    g.add_argument("--truncated", default="drop", choices=("drop", "keep"),
+                   help="judgments cut at their token limit: in no battle (drop), or never the chosen one (keep)")
     add_engine_args(parser)
     return parser
 

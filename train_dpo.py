@@ -95,6 +95,27 @@ def check_pair(rec):
             return f"`{key}` must be a string"
     if rec["chosen"] == rec["rejected"]:
         return "`chosen` and `rejected` are the same text (the pair teaches nothing; drop it)"
+    return check_common(rec)
+
+
+def check_sft(rec):
+    """An SFT record: `messages` (the last an assistant turn, the target), or `prompt` with `completion`
+    (or with `chosen`, so a pair file's winners can be trained on)."""
+    if "messages" in rec:
+        ms = rec["messages"]
+        if not isinstance(ms, list) or not ms or not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                                                         and isinstance(m.get("content"), str) for m in ms):
+            return "`messages` must be a non-empty list of {role: system|user|assistant, content: string}"
+        if ms[-1]["role"] != "assistant":
+            return "the last of `messages` must be the assistant turn to train on"
+        return None
+    key = "completion" if "completion" in rec else "chosen" if "chosen" in rec else None
+    if key is None or not isinstance(rec.get("prompt"), str) or not isinstance(rec[key], str):
+        return "needs `messages`, or a string `prompt` with a string `completion` (or `chosen`)"
+    return check_common(rec)
+
+
+def check_common(rec):
     if rec.get("system") is not None and not isinstance(rec["system"], str):
         return "`system` must be a string"
     w = rec.get("weight", 1.0)
@@ -103,40 +124,56 @@ def check_pair(rec):
     return None
 
 
-def load_pairs(files, tok, max_len, truncate):
-    """Tokenized pairs from plain preference files; returns (examples, skip counts)."""
+def encode_example(rec, tok, objective):
+    """A record -> (prompt ids, [response ids]): DPO's chosen and rejected, or SFT's one target. A response that
+    stopped at its token limit (`<side>_truncated: true`) gets no end-of-turn token: it never ended."""
+    def response(text, truncated):
+        return tok.encode(text) + ([] if truncated else [tok.eot_id])
+    if objective == "dpo":
+        return tok.encode_prompt(rec["prompt"], rec.get("system")), [
+            response(rec["chosen"], rec.get("chosen_truncated")), response(rec["rejected"], rec.get("rejected_truncated"))]
+    if "messages" in rec:  # earlier turns are context, only the last (assistant) turn is trained
+        return tok.encode_chat(rec["messages"][:-1]), [response(rec["messages"][-1]["content"], rec.get("truncated"))]
+    key = "completion" if "completion" in rec else "chosen"
+    return tok.encode_prompt(rec["prompt"], rec.get("system")), [response(rec[key], rec.get(f"{key}_truncated"))]
+
+
+def load_examples(files, tok, max_len, truncate, objective="dpo"):
+    """Tokenized examples from JSONL files: preference pairs (dpo) or targets (sft); returns (examples, counts)."""
     examples, counts = [], {"truncated": 0, "skipped_too_long": 0}
     for fi, path in enumerate(files):
-        recs = read_jsonl(path, required=("prompt", "chosen", "rejected"), what="pair", check=check_pair)
+        if objective == "dpo":
+            recs = read_jsonl(path, required=("prompt", "chosen", "rejected"), what="pair", check=check_pair)
+        else:
+            recs = read_jsonl(path, required=(), what="SFT record", check=check_sft)
         for i, rec in enumerate(recs):
-            prompt = tok.encode_prompt(rec["prompt"], rec.get("system"))
-            chosen, rejected = tok.encode(rec["chosen"]) + [tok.eot_id], tok.encode(rec["rejected"]) + [tok.eot_id]
-            longest = max(len(chosen), len(rejected))
+            prompt, responses = encode_example(rec, tok, objective)
+            longest = max(map(len, responses))
             if len(prompt) + longest > max_len:
                 if truncate == "skip" or longest > max_len // 2:
                     counts["skipped_too_long"] += 1
                     continue
                 prompt = prompt[len(prompt) + longest - max_len:]  # keep the end of the prompt
                 counts["truncated"] += 1
-            examples.append({"key": f"{fi}:{recs.lines[i]}", "prompt": prompt, "chosen": chosen, "rejected": rejected,
+            examples.append({"key": f"{fi}:{recs.lines[i]}", "prompt": prompt, "responses": responses,
                              "weight": float(rec.get("weight", 1.0))})
     return examples, counts
 
 
-def make_batches(examples, batch_size, seed, epoch):
-    """Global batches of example indices: sorted by length so a batch wastes little on padding, batch order
-    shuffled per epoch. The same for every world size, so runs on 1 and N ranks see the same batches."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["prompt"]) + max(len(examples[i]["chosen"]),
-                                                        len(examples[i]["rejected"])), i))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    random.Random(seed * 1000 + epoch).shuffle(batches)
-    return batches
+def make_batches(n, batch_size, seed, epoch):
+    """The global batches of one epoch: a fresh random permutation of all n examples, cut in order. Every
+    batch is a random mixture of the files (actor and judge pairs together), and the batches are the same
+    for every world size, so runs on 1 and N ranks take the same steps."""
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def collate(examples, idx, device):
-    """Chosen rows then rejected rows, right-padded: tokens (2b, T), loss_mask (2b, T)."""
-    seqs = [(examples[i]["prompt"], examples[i]["chosen"]) for i in idx] + \
-           [(examples[i]["prompt"], examples[i]["rejected"]) for i in idx]
+    """Each example's prompt with each of its responses, response by response (DPO: every chosen row, then
+    every rejected row; SFT: the target rows), right-padded: tokens (R, T), loss_mask (R, T), 1 on responses."""
+    seqs = [(examples[i]["prompt"], examples[i]["responses"][j])
+            for j in range(len(examples[idx[0]]["responses"])) for i in idx]
     T = max(len(p) + len(r) for p, r in seqs)
     tokens = torch.zeros(len(seqs), T, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -254,9 +291,9 @@ def train(args):
         tok = Tokenizer.from_pretrained(args.model, args.chat_format)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model: {e}") from None
-    examples, data_counts = load_pairs(args.pairs, tok, args.max_len, args.truncate)
+    examples, data_counts = load_examples(args.data, tok, args.max_len, args.truncate, args.objective)
     if not examples:
-        raise SystemExit(f"--pairs: no usable pairs in {', '.join(args.pairs)} ({data_counts})")
+        raise SystemExit(f"--data: no usable examples in {', '.join(args.data)} ({data_counts})")
     work = args.out.rstrip("/") + ".train"
     os.makedirs(work, exist_ok=True)
     # bf16 compute with fp32 master weights on GPUs: autocast on one GPU, FSDP2's mixed precision on several
@@ -264,7 +301,7 @@ def train(args):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and world == 1 else \
         (lambda: torch.autocast("cpu", enabled=False))
     model = build_model(args.model, device, world, bf16, args.activation_checkpointing, args.compile)
-    ref = reference(args, model, examples, work, world, rank, device, bf16, autocast)
+    ref = reference(args, model, examples, work, world, rank, device, bf16, autocast) if args.objective == "dpo" else None
     decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms do not
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
@@ -276,21 +313,23 @@ def train(args):
     if args.resume and os.path.exists(os.path.join(state_dir, "trainer.json")):
         step = load_state(state_dir, model, opt, key)
         print0(f"resumed at step {step} from {state_dir}")
-    print0(f"{len(examples)} pairs ({data_counts}) | {total} steps of {args.batch_size} pairs | world {world} | "
-           f"loss {args.loss} beta {args.beta} | ref {args.ref_mode}")
+    what = f"loss {args.loss} beta {args.beta} | ref {args.ref_mode}" if args.objective == "dpo" else "SFT (mean target NLL)"
+    print0(f"{len(examples)} examples ({data_counts}) | {total} steps of {args.batch_size} | world {world} | {what}")
+    stop = min(total, args.stop_after or total, args.stop_after_epochs * steps_per_epoch if args.stop_after_epochs else total)
     metrics_f = open_metrics(os.path.join(work, "metrics.jsonl"), step) if rank == 0 else None
     model.train()
     t_last, tokens_seen = time.time(), 0
     batches = {}
-    while step < total and (args.stop_after is None or step < args.stop_after):
+    while step < stop:
         epoch = step // steps_per_epoch
         if epoch not in batches:  # an epoch's batches, drawn once (the same on every rank)
-            batches = {epoch: make_batches(examples, args.batch_size, args.seed, epoch)}
+            batches = {epoch: make_batches(len(examples), args.batch_size, args.seed, epoch)}
         idx = batches[epoch][step - epoch * steps_per_epoch]
         lr = lr_at(step, total, warmup, args.lr, args.schedule, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        m = train_step(model, ref, examples, idx, args, world, rank, device, autocast)
+        step_fn = train_step if args.objective == "dpo" else sft_step
+        m = step_fn(model, ref, examples, idx, args, world, rank, device, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         if not math.isfinite(m["loss"]) or not math.isfinite(grad_norm):
@@ -308,22 +347,31 @@ def train(args):
         if metrics_f:
             metrics_f.write(json.dumps(m) + "\n")
             metrics_f.flush()
-        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
+        if args.epoch_models and step % steps_per_epoch == 0:  # an HF folder of each epoch's model
+            save_model(model, world, rank, f"{args.out.rstrip('/')}.epoch{step // steps_per_epoch}", args.model)
+        if args.save_every and step % args.save_every == 0 or step == stop < total:
             save_state(state_dir, model, opt, step, world, rank, key)
     if step < total:
         print0(f"stopped after step {step}; state in {state_dir} (continue with --resume)")
         return {"steps": step, "stopped": True}
-    state = full_state(model, world)
+    save_model(model, world, rank, args.out, args.model)
     if rank == 0:
-        try:
-            save_hf(state, model.args, args.out, tokenizer_dir=args.model)
-        except OSError as e:
-            raise SystemExit(f"{args.out}: cannot write the trained model ({e.strerror or e})") from None
         metrics_f.close()
         shutil.rmtree(state_dir, ignore_errors=True)  # the model folder is the result; the state was for resuming
     barrier(world)
-    print0(f"train_dpo | steps {step} | pairs {len(examples)} | saved {args.out}")
-    return {"steps": step, "pairs": len(examples), **data_counts}
+    print0(f"train_dpo | {args.objective} | steps {step} | examples {len(examples)} | saved {args.out}")
+    return {"steps": step, "examples": len(examples), **data_counts}
+
+
+def save_model(model, world, rank, out, tokenizer_dir):
+    """The full weights as an HF folder (every rank takes part in gathering the shards; rank 0 writes)."""
+    state = full_state(model, world)
+    if rank == 0:
+        try:
+            save_hf(state, model.args, out, tokenizer_dir=tokenizer_dir)
+        except OSError as e:
+            raise SystemExit(f"{out}: cannot write the trained model ({e.strerror or e})") from None
+    barrier(world)
 
 
 def reference(args, model, examples, work, world, rank, device, bf16, autocast):
@@ -338,7 +386,7 @@ def reference(args, model, examples, work, world, rank, device, bf16, autocast):
                 logps, _ = sequence_logps(ref_model, tokens, mask)
             return logps[:len(batch)].float(), logps[len(batch):].float()
         return online
-    cache = os.path.join(work, f"ref_logps-{ref_cache_key(args.pairs, ref_path, examples, args)}.pt")
+    cache = os.path.join(work, f"ref_logps-{ref_cache_key(args.data, ref_path, examples, args)}.pt")
     if os.path.exists(cache):
         table = torch.load(cache)
         print0(f"reference log-probs from {cache}")
@@ -351,6 +399,24 @@ def reference(args, model, examples, work, world, rank, device, bf16, autocast):
             os.replace(cache + ".tmp", cache)
         print0(f"reference log-probs of {len(examples)} pairs in {time.time() - t0:.1f}s -> {cache}")
     return lambda tokens, mask, batch: (table[batch, 0].to(device), table[batch, 1].to(device))
+
+
+def sft_step(model, ref, examples, idx, args, world, rank, device, autocast):
+    """Forward and backward of the global batch `idx` for SFT: the mean NLL over all its target tokens (each
+    token counts once, however the batch is split over ranks and micro-batches) -> metrics."""
+    total = sum(len(examples[i]["responses"][0]) for i in idx)  # known on the host: exact normalisation
+    sums = torch.zeros(2, device=device)  # NLL, target tokens
+    for batch, w in rank_slices(idx, world, args.micro_batch_size)[rank]:
+        tokens, mask = collate(examples, batch, device)
+        with autocast():
+            logps, lengths = sequence_logps(model, tokens, mask)
+        weight = torch.tensor([examples[i]["weight"] for i in batch], device=device)
+        nll = -(logps.float() * weight).sum()
+        (nll * w * world / total).backward()  # FSDP averages gradients over ranks: undo it with `world`
+        sums += w * torch.stack([nll.detach(), lengths.sum().float()])
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    return {"loss": (sums[0] / total).item(), "tokens": int(sums[1].item())}
 
 
 METRICS = ("loss", "reward_acc", "margin", "chosen_reward", "rejected_reward", "chosen_logps", "rejected_logps", "tokens")
@@ -389,11 +455,11 @@ def train_step(model, ref, examples, idx, args, world, rank, device, autocast):
 def run_key(args):
     """What makes a training run this one: the output folder, the starting model and reference, the data and
     every setting that shapes the steps. Resumable state carries it, so --resume takes only its own state."""
-    keep = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "warmup_steps",
+    keep = ("objective", "loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "warmup_steps",
             "warmup_ratio", "schedule", "min_lr_ratio", "weight_decay", "grad_clip", "max_len", "truncate", "seed")
     ident = {"out": os.path.abspath(args.out), "model": model_fingerprint(args.model),
              "ref": model_fingerprint(args.ref) if args.ref else None,
-             "data": [file_digest(f) for f in args.pairs], **{k: getattr(args, k) for k in keep}}
+             "data": [file_digest(f) for f in args.data], **{k: getattr(args, k) for k in keep}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -460,10 +526,13 @@ def load_state(state_dir, model, opt, key):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="DPO (and IPO/hinge/cDPO/DPO+NLL) on preference pairs.")
+    parser = argparse.ArgumentParser(description="DPO (and IPO/hinge/cDPO/DPO+NLL) on preference pairs, or SFT.")
     # io
     parser.add_argument("--model", default=None, help="starting HF folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--pairs", nargs="+", required=True, help="JSONL files of prompt/chosen/rejected pairs")
+    parser.add_argument("--data", "--pairs", dest="data", nargs="+", required=True,
+                        help="JSONL files: prompt/chosen/rejected pairs (dpo); messages, prompt/completion or prompt/chosen records (sft)")
+    parser.add_argument("--objective", default="dpo", choices=("dpo", "sft"),
+                        help="dpo: preference pairs against a reference; sft: the mean NLL of the target tokens")
     parser.add_argument("--out", required=True, help="HF folder to write the trained model to")
     parser.add_argument("--chat-format", default=None, choices=("llama3", "chatml"), help="override the detected chat format")
     # loss
@@ -494,6 +563,8 @@ def build_parser():
     parser.add_argument("--save-every", type=int, default=0, help="save resumable state every N steps (0 = only when stopping)")
     parser.add_argument("--resume", action="store_true", help="continue from the state in <out>.train/state")
     parser.add_argument("--stop-after", type=int, default=None, help="stop (and save state) after this many steps")
+    parser.add_argument("--stop-after-epochs", type=int, default=None, help="stop (and save state) at the end of this epoch")
+    parser.add_argument("--epoch-models", action="store_true", help="also write each epoch's model as an HF folder <out>.epoch<e>")
     parser.add_argument("--log-every", type=int, default=1, help="print a line every N steps")
     return parser
 
@@ -517,6 +588,7 @@ def parse_args(argv=None):
                 ("--grad-clip", a.grad_clip, positive(a.grad_clip), "a positive number"),
                 ("--save-every", a.save_every, a.save_every >= 0, ">= 0"),
                 ("--stop-after", a.stop_after, a.stop_after is None or a.stop_after >= 1, "at least 1"),
+                ("--stop-after-epochs", a.stop_after_epochs, a.stop_after_epochs is None or a.stop_after_epochs >= 1, "at least 1"),
                 ("--log-every", a.log_every, a.log_every >= 1, "at least 1"),
                 ("--dtype", a.dtype, a.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"))
     return a

@@ -43,7 +43,7 @@ def make_examples(tok, n, response_tokens):
         body = tok.encode(FILLER * 40)
         c = body[rng.randrange(50):][:response_tokens] + [tok.eot_id]
         r = body[rng.randrange(50):][:response_tokens - rng.randrange(20)] + [tok.eot_id]
-        out.append({"prompt": p, "chosen": c, "rejected": r, "weight": 1.0})
+        out.append({"prompt": p, "responses": [c, r], "weight": 1.0})
     return out
 
 

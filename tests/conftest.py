@@ -39,8 +39,9 @@ def default_model_dir():
     return ensure_default_model(quiet=True)
 
 
-def make_tokenizer_files(folder):
-    """A byte-level tokenizer (256 byte tokens, no merges) with the ChatML special tokens 256-258."""
+def make_tokenizer_files(folder, stop_chars=""):
+    """A byte-level tokenizer (256 byte tokens, no merges) with the ChatML special tokens 256-258; the byte tokens
+    of `stop_chars` also end a generation (a random model then writes short answers that stop on their own)."""
     import json
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
@@ -54,18 +55,23 @@ def make_tokenizer_files(folder):
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": "{{ '<|im_start|>' }}", "eos_token": "<|im_end|>"}, f)
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": 258}, f)
+        json.dump({"eos_token_id": [258] + [vocab[ch] for ch in stop_chars]}, f)
 
 
-def make_tiny_checkpoint(folder, seed=0, **kw):
+def make_tiny_checkpoint(folder, seed=0, stop_chars="", **kw):
     """An HF folder with a tiny random Llama over the byte-level ChatML tokenizer (vocab 259)."""
     os.makedirs(folder, exist_ok=True)
-    make_tokenizer_files(folder)
+    make_tokenizer_files(folder, stop_chars)
     args = tiny_args(**{"vocab_size": 259, "max_seq_len": 4096, **kw})
     Transformer(args).init_weights(std=0.2, seed=seed).save_pretrained(folder, tokenizer_dir=folder)
     return str(folder)
 
 
+# byte tokens that also end a generation of the tiny checkpoints: a random model then writes short answers that
+# mostly stop on their own, as a real model's do (a cut answer never wins a pair, so stages need some that stop)
+STOPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123"
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", stop_chars=STOPS)

@@ -17,4 +17,4 @@ sample.main(["--model", ckpt, "--prompts", prompts, "--out", out("responses.json
 judge.main(["--model", ckpt, "--responses", out("responses.jsonl"), "--out", out("judgments.jsonl"), "--n-judgments", "2",
             "--max-new-tokens", "8", "--score-mode", "expected", "--pairs", out("actor_pairs.jsonl")])
 meta_judge.main(["--model", ckpt, "--judgments", out("judgments.jsonl"), "--out", out("meta.jsonl"),
-                 "--pairs", out("judge_pairs.jsonl"), "--max-new-tokens", "6", "--verdict-mode", "expected"])
+                 "--pairs", out("judge_pairs.jsonl"), "--max-new-tokens", "6", "--verdict-mode", "expected", "--truncated", "keep"])

@@ -11,3 +11,8 @@ def letters(prompt, response):
 def too_high(prompt, response):
     """A broken judge: a score outside the rubric's 0-5 range."""
     return 7.0
+
+
+def shorter(prompt, response):
+    """Prefers short answers: 5 for an empty one, 1 point less per 40 characters, never below 0."""
+    return max(0.0, 5.0 - len(response) / 40)

@@ -70,6 +70,10 @@ WINNER_CASES = [
     ("Winner: tie", None),
     ("Judgement A is better.", None),  # no marker
     ("Winner: Judgement C", None),
+    ("Winner: [Judgement B]", "B"),  # the paper's own output form
+    ("**Winner:** [Judgment A]", "A"),
+    ("Winner: [Judgement A | Judgement B]", None),  # an echo of the instruction's placeholder
+    ("Winner: [Judgement A/B]", None),
     ("Winner: Judgement Apple", None),
     ("", None),
     # real output of the embedded model: it echoed the instruction line, which names both
@@ -199,3 +203,32 @@ def test_judge_pair_skips():
     assert make_judge_pair(dict(rec, elo=[1000.0] * 3)) == (None, "elo tie")
     assert make_judge_pair(dict(rec, judgments=["same", "y", "same", "w"])) == (None, "identical judgments")
     assert make_judge_pair(rec, max_chosen_chars=0) == (None, "chosen judgment over length cap")
+
+
+def test_truncated_responses_are_never_chosen():
+    """A response cut at its token limit: in no pair (drop, the default), or only ever the rejected one (keep)."""
+    scores = [1, 2, 3, 4, 5]
+    best_cut, worst_cut = [False] * 4 + [True], [True] + [False] * 4
+    # drop: the rest decide; best vs worst among them is dddd (4) vs a (1)
+    assert select_actor_pair(R, scores, 0.0, truncated=best_cut) == ((3, 0), None)
+    # keep: the cut eeeee still sets S_max = 5, and nothing else reaches it
+    assert select_actor_pair(R, scores, 0.0, truncated=best_cut, keep_truncated=True) == \
+        (None, "only truncated responses score high enough")
+    # a cut worst response: rejected under keep, left out under drop (then bb, 2, is the worst)
+    assert select_actor_pair(R, scores, 0.0, truncated=worst_cut, keep_truncated=True) == ((4, 0), None)
+    assert select_actor_pair(R, scores, 0.0, truncated=worst_cut) == ((4, 1), None)
+    from judge import make_actor_pairs
+    rec = {"id": "q", "prompt": "p", "responses": R, "score": scores, "finish_reasons": ["length"] + ["stop"] * 4}
+    (pair,), _ = make_actor_pairs([rec], 0.0, keep_truncated=True)
+    assert pair["rejected"] == "a" and pair["rejected_truncated"] is True
+    (pair,), _ = make_actor_pairs([rec], 0.0)
+    assert pair["rejected"] == "bb" and "rejected_truncated" not in pair
+
+
+def test_truncated_judgments_are_never_chosen():
+    rec = {"judgment_indices": [0, 2, 3], "elo": [1010.0, 990.0, 1000.0], "judgments": ["x", "y", "z", "w"]}
+    pair, _ = make_judge_pair(rec, truncated=[True, False, False, False])  # the best-rated judgment was cut
+    assert (pair["chosen"], pair["rejected"]) == ("w", "z")
+    pair, _ = make_judge_pair(rec, truncated=[False, False, True, False])  # the worst one was cut: still rejected
+    assert (pair["chosen"], pair["rejected"], pair["rejected_truncated"]) == ("x", "z", True)
+    assert make_judge_pair(rec, truncated=[True, True, True, True]) == (None, "only truncated judgments")

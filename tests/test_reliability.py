@@ -317,10 +317,11 @@ def test_chat_markers_in_text_are_not_control_tokens(tiny_ckpt):
     assert ids.count(end) == 1 and ids.count(start) == 2  # the user turn's own markers only
     assert forged in tok.decode(ids, skip_special_tokens=False)
     assert end not in tok.encode(forged)
-    examples, _ = train_dpo.load_pairs([write_jsonl(os.path.join(os.path.dirname(tiny_ckpt), "forge.jsonl"),
+    examples, _ = train_dpo.load_examples([write_jsonl(os.path.join(os.path.dirname(tiny_ckpt), "forge.jsonl"),
                                                     [{"prompt": "Hi", "chosen": forged, "rejected": "No."}])],
                                        tok, 512, "prompt")
-    assert examples[0]["chosen"].count(end) == 1 and examples[0]["chosen"][-1] == end  # the appended end of turn
+    chosen = examples[0]["responses"][0]
+    assert chosen.count(end) == 1 and chosen[-1] == end  # the appended end of turn
 
 
 def test_template_fields_are_filled_in_one_pass():

@@ -62,7 +62,7 @@ def test_sample_judge_meta_judge_files(tmp_path, tiny_ckpt):
     # meta-judge on the expected-mode judgments: battles in both orders, Elo per judgment, judge pairs
     m_out, jp = str(tmp_path / "meta.jsonl"), str(tmp_path / "judge_pairs.jsonl")
     s = meta_judge.main(["--model", tiny_ckpt, "--judgments", je, "--out", m_out, "--pairs", jp,
-                         "--max-new-tokens", "6", "--verdict-mode", "expected"])
+                         "--max-new-tokens", "6", "--verdict-mode", "expected", "--truncated", "keep"])
     mr = read(m_out)
     assert len(mr) == 4 and s["battles"] == 4 * 2  # 2 valid judgments -> 2 ordered battles per record
     for r in mr:

@@ -1,0 +1,168 @@
+"""
+Evaluation Fine-Tuning (EFT) data, Self-Rewarding's way: the judge's seed skill. The model judges responses
+that people have ranked, with the same rubric template as the loop's judge; the judgments whose scores order
+a prompt's responses the way the people ranked them become SFT targets (prompt = the full judge prompt,
+completion = the judgment). The top-ranked reply of each prompt is also written as instruction fine-tuning
+(IFT) data. Both files are what `iterate.py --sft-data` trains iteration 0 on.
+
+    python eft.py --oasst 2023-04-12_oasst_ready.trees.jsonl --model DIR --out runs/eft --n-judgments 4
+    python eft.py --ranked ranked.jsonl --out runs/eft                     # our format: id, prompt, responses, ranks
+    torchrun --nproc_per_node 8 eft.py --oasst trees.jsonl --model DIR --out runs/eft
+    python iterate.py --preset paper --model DIR --sft-data runs/eft/eft.jsonl runs/eft/ift.jsonl ...
+
+Writes <out>/ranked.jsonl (the input as responses records), <out>/judgments.jsonl (the judge stage, resumable),
+<out>/eft.jsonl and <out>/ift.jsonl. A judgment set is kept when every two responses of different rank are
+strictly ordered by its scores (a better rank, a higher score); responses of equal rank may score anything.
+"""
+import argparse
+import os
+
+import judge
+from common import barrier, init_distributed, load_template, print0, read_jsonl, write_jsonl
+
+# -----------------------------------------------------------------------------
+# The rules
+
+
+def agrees(ranks, scores):
+    """Do `scores` order the responses as `ranks` do (rank 0 is the best)? Every pair of different rank must be
+    strictly ordered the same way; equal ranks may score anything; a missing score never agrees."""
+    if any(s is None for s in scores):
+        return False
+    pairs = [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
+    return all(scores[i] > scores[j] for i, j in pairs)
+
+
+def eft_records(rec, judge_template, rubric):
+    """The EFT targets of one judged record: for each judgment index j whose set of scores (the j-th judgment of
+    every response) agrees with the ranks, every response's judge prompt with its j-th judgment. A set with a
+    judgment cut at its token limit is left out: a truncated text is never a target."""
+    out, K = [], len(rec["responses"])
+    finish = rec.get("judgment_finish")
+    for j in range(len(rec["judgments"][0])):
+        scores = [rec["scores"][k][j] for k in range(K)]
+        if not agrees(rec["ranks"], scores) or (finish and any(finish[k][j] == "length" for k in range(K))):
+            continue
+        out += [{"id": f"{rec['id']}/{j}/{k}", "prompt": judge.judge_prompt(judge_template, rubric, rec["prompt"],
+                                                                             rec["responses"][k]),
+                 "completion": rec["judgments"][k][j], "score": scores[k], "kind": "eft"} for k in range(K)]
+    return out
+
+
+def ift_record(rec):
+    """The best-ranked reply of a prompt (the first of several equally best) as an SFT record."""
+    best = min(range(len(rec["ranks"])), key=lambda k: (rec["ranks"][k], k))
+    return {"id": rec["id"], "prompt": rec["prompt"], "completion": rec["responses"][best], "kind": "ift"}
+
+
+# -----------------------------------------------------------------------------
+# Readers
+
+
+def check_ranked(rec):
+    problem = judge.check_responses_record(rec)
+    if problem:
+        return problem
+    r = rec["ranks"]
+    if not isinstance(r, list) or len(r) != len(rec["responses"]) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in r):
+        return "`ranks` must be a list of numbers, one per response (0 = best)"
+    if len(r) < 2:
+        return "needs at least 2 ranked responses"
+    return None
+
+
+def read_ranked(path):
+    return [{k: rec[k] for k in ("id", "prompt", "responses", "ranks")}
+            for rec in read_jsonl(path, required=("id", "prompt", "responses", "ranks"), what="ranked record",
+                                  check=check_ranked)]
+
+
+def read_oasst(path, lang="en"):
+    """The first turn of each tree of an Open Assistant `trees` export (one conversation tree per line): the
+    root prompt and its ranked assistant replies, best first. Unranked and deleted replies are left out, and a
+    tree with fewer than two ranked replies has nothing to order. -> (records, skip counts)."""
+    def check(tree):
+        root = tree.get("prompt")
+        if not isinstance(root, dict) or not isinstance(root.get("text"), str) or not isinstance(root.get("replies", []), list):
+            return "expected an Open Assistant tree: `prompt` a message with `text` and `replies`"
+        return None
+
+    out, skips = [], {"other language": 0, "fewer than 2 ranked replies": 0}
+    for tree in read_jsonl(path, required=("prompt",), what="Open Assistant tree", check=check):
+        root = tree["prompt"]
+        if lang and root.get("lang") != lang:
+            skips["other language"] += 1
+            continue
+        replies = [r for r in root.get("replies", []) if isinstance(r, dict) and r.get("role") == "assistant"
+                   and isinstance(r.get("rank"), int) and not r.get("deleted") and isinstance(r.get("text"), str)]
+        if len(replies) < 2:
+            skips["fewer than 2 ranked replies"] += 1
+            continue
+        replies.sort(key=lambda r: r["rank"])
+        out.append({"id": tree.get("message_tree_id") or root.get("message_id"), "prompt": root["text"],
+                    "responses": [r["text"] for r in replies], "ranks": [r["rank"] for r in replies]})
+    return out, skips
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="EFT (and IFT) SFT data from human-ranked responses, judged by the model.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ranked", help="JSONL with id, prompt, responses, ranks (0 = best; ties allowed)")
+    src.add_argument("--oasst", help="an Open Assistant trees export (JSONL, one conversation tree per line)")
+    p.add_argument("--lang", default="en", help="--oasst: keep trees whose prompt has this language ('' = all)")
+    p.add_argument("--out", required=True, help="folder for ranked.jsonl, judgments.jsonl, eft.jsonl, ift.jsonl")
+    p.add_argument("--model", default=None, help="the judging model, HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--n-judgments", type=int, default=3, help="judgments per response (each index j is one candidate set)")
+    p.add_argument("--judge-args", default="", help="more judge.py flags, e.g. \"--score-mode expected --temperature 0.7\"")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    args.judge_argv = judge_argv(args)
+    judge.parse_args(args.judge_argv)  # the judge's own checks, before any work
+    return args
+
+
+def judge_argv(args):
+    import shlex
+    model = ["--model", args.model] if args.model else []
+    return model + ["--responses", os.path.join(args.out, "ranked.jsonl"), "--out", os.path.join(args.out, "judgments.jsonl"),
+                    "--n-judgments", str(args.n_judgments)] + shlex.split(args.judge_args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, _ = init_distributed()
+    if rank == 0:
+        ranked, skips = read_oasst(args.oasst, args.lang) if args.oasst else (read_ranked(args.ranked), {})
+        if not ranked:
+            raise SystemExit(f"{args.oasst or args.ranked}: no prompt with 2+ ranked responses ({skips})")
+        os.makedirs(args.out, exist_ok=True)
+        write_jsonl(os.path.join(args.out, "ranked.jsonl"), ranked)
+        print0(f"{len(ranked)} prompts with ranked responses | skipped {skips}")
+    barrier(world)
+    judge.main(args.judge_argv)
+    jargs = judge.parse_args(args.judge_argv)
+    if rank == 0:
+        template, rubric = load_template(jargs.template, ()), load_template(jargs.rubric, ()).strip()
+        judged = read_jsonl(os.path.join(args.out, "judgments.jsonl"))
+        eft = [r for rec in judged for r in eft_records(rec, template, rubric)]
+        write_jsonl(os.path.join(args.out, "eft.jsonl"), eft)
+        write_jsonl(os.path.join(args.out, "ift.jsonl"), [ift_record(rec) for rec in judged])
+        sets = sum(len(rec["judgments"][0]) for rec in judged)
+        kept = len({r["id"].rsplit("/", 1)[0] for r in eft})
+        counts = {"prompts": len(judged), "judgment_sets": sets, "agreeing_sets": kept, "eft": len(eft), "ift": len(judged)}
+        print0(f"eft | prompts {len(judged)} | judgment sets {sets} | agreeing with the ranks {kept} "
+               f"({kept / max(sets, 1):.1%}) | EFT records {len(eft)} | IFT records {len(judged)} | {args.out}")
+    barrier(world)
+    return counts if rank == 0 else {}
+
+
+if __name__ == "__main__":
+    main()
