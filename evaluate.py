@@ -19,10 +19,11 @@ import time
 
 import numpy as np
 
+import lift
 import sample
 from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
-                    sampling_rules, start_stage)
+                    sampling_rules, start_stage, write_jsonl)
 from judge import probe_candidates, probe_logprobs
 from meta_judge import WINNER_MARK, parse_winner
 from sample import Request, generate
@@ -54,6 +55,32 @@ def bootstrap_ci(outcomes, n_boot=2000, seed=0):
     scores = (o > 0) + 0.5 * (o == 0)
     means = scores[rng.integers(0, len(o), size=(n_boot, len(o)))].mean(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def bootstrap_mean_ci(values, n_boot=2000, seed=0):
+    """95% percentile interval of the mean of per-prompt values (prompts resampled with replacement); for a
+    paired difference pass the per-prompt differences."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def spearman(x, y):
+    """Spearman rank correlation (ties get their average rank); nan when either side is constant."""
+    def ranks(a):
+        a = np.asarray(a, dtype=float)
+        order = a.argsort(kind="stable")
+        r = np.empty(len(a))
+        r[order] = np.arange(len(a), dtype=float)
+        for v in np.unique(a):  # average the ranks of tied values
+            r[a == v] = r[a == v].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def length_controlled_win_rate(outcomes, len_a, len_b, l2=1e-3, iters=50):
@@ -138,12 +165,42 @@ def compare(args, prompts, ans_a, ans_b, out):
 def evaluate(args):
     t0 = time.time()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
-    prompts = prompts[:args.limit or None]
-    args.judge = resolve_model(args.judge)
+    if args.metric == "winrate":
+        args.judge = resolve_model(args.judge)
     if args.out_dir is None:
         args.out_dir = default_out_dir(args)
     os.makedirs(args.out_dir, exist_ok=True)
+    res = evaluate_length(args, rank, world) if args.metric == "length" else evaluate_winrate(args, rank, world)
+    res.update(out_dir=args.out_dir, seconds=round(time.time() - t0, 1))
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+            json.dump(res, f, indent=2)
+    print0("evaluate | " + summary_line(res))
+    return res
+
+
+def summary_line(res):
+    if res["metric"] == "length":
+        parts = []
+        for side in ("a", "b"):
+            for w in ("instructed", "paraphrased") if side in res else ():
+                r = res[side][w]
+                parts.append(f"{side.upper()} {w} violations {r['violation_rate']:.3f} {r['violation_ci95']} "
+                             f"spearman {r['spearman_limit_words']}")
+            if side in res:
+                parts.append(f"{side.upper()} unlimited {res[side]['plain']['mean_words']} words, empty {res[side]['plain']['empty_rate']}")
+        if "instructed_violation_diff" in res:
+            parts.append(f"A - B {res['instructed_violation_diff']}")
+        return " | ".join(parts) + f" | {res['seconds']}s"
+    return (f"A wins {res['wins']} ties {res['ties']} losses {res['losses']} | win rate {res['win_rate']:.3f} "
+            f"{res['win_rate_ci95']} | LC win rate {res['lc_win_rate']:.3f} | chars A {res['mean_chars_a']} B "
+            f"{res['mean_chars_b']} | unparseable {res['unparseable_verdicts']}/{2 * res['prompts']} | {res['seconds']}s")
+
+
+def evaluate_winrate(args, rank, world):
+    """--metric winrate: A and B answer every prompt; the judge compares them in both orders."""
+    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
+    prompts = prompts[:args.limit or None]
     ans_a = answers(args.a, os.path.join(args.out_dir, "answers_a.jsonl"), args)
     ans_b = answers(args.b, os.path.join(args.out_dir, "answers_b.jsonl"), args)
     cfile = os.path.join(args.out_dir, "comparisons.jsonl")
@@ -156,25 +213,82 @@ def evaluate(args):
     lb = [len(ans_b[str(r["id"])]) for r in recs]
     lo, hi = bootstrap_ci(outcomes, args.bootstrap, args.seed)
     verdicts = [r[o] for r in recs for o in ("a_first", "b_first")]
-    res = {"a": args.a, "b": args.b, "judge": args.judge, "prompts": len(recs),
-           "wins": sum(o > 0 for o in outcomes), "ties": sum(o == 0 for o in outcomes),
-           "losses": sum(o < 0 for o in outcomes), "win_rate": round(win_rate(outcomes), 4),
-           "win_rate_ci95": [round(lo, 4), round(hi, 4)],
-           "lc_win_rate": round(length_controlled_win_rate(outcomes, la, lb), 4),
-           "mean_chars_a": round(float(np.mean(la)), 1), "mean_chars_b": round(float(np.mean(lb)), 1),
-           "unparseable_verdicts": sum(v["parsed"] is None for v in verdicts), "verdict_mode": args.verdict_mode,
-           "out_dir": args.out_dir, "seconds": round(time.time() - t0, 1)}
-    if rank == 0:
-        with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-            json.dump(res, f, indent=2)
     if args.export_alpaca_eval and rank == 0:
         export = [{"instruction": p["prompt"], "output": ans_a[str(p["id"])], "generator": args.generator_name or args.a}
                   for p in prompts]
         with open(args.export_alpaca_eval, "w", encoding="utf-8") as f:
             json.dump(export, f, indent=2, ensure_ascii=False)
-    print0(f"evaluate | A wins {res['wins']} ties {res['ties']} losses {res['losses']} | win rate {res['win_rate']:.3f} "
-          f"[{lo:.3f}, {hi:.3f}] | LC win rate {res['lc_win_rate']:.3f} | chars A {res['mean_chars_a']} B {res['mean_chars_b']} | "
-          f"unparseable {res['unparseable_verdicts']}/{len(verdicts)} | {res['seconds']}s")
+    return {"metric": "winrate", "a": args.a, "b": args.b, "judge": args.judge, "prompts": len(recs),
+            "wins": sum(o > 0 for o in outcomes), "ties": sum(o == 0 for o in outcomes),
+            "losses": sum(o < 0 for o in outcomes), "win_rate": round(win_rate(outcomes), 4),
+            "win_rate_ci95": [round(lo, 4), round(hi, 4)],
+            "lc_win_rate": round(length_controlled_win_rate(outcomes, la, lb), 4),
+            "mean_chars_a": round(float(np.mean(la)), 1), "mean_chars_b": round(float(np.mean(lb)), 1),
+            "unparseable_verdicts": sum(v["parsed"] is None for v in verdicts), "verdict_mode": args.verdict_mode}
+
+
+def length_variants(prompts, limits, template, paraphrase):
+    """Every held-out prompt asked with each word limit (the training wording and a paraphrase) and without
+    one -> prompt records for sample.py, each naming its prompt, limit and wording."""
+    rows = []
+    for p in prompts:
+        sys_ = {"system": p["system"]} if p.get("system") else {}
+        for n in limits:
+            for wording, t in (("instructed", template), ("paraphrased", paraphrase)):
+                rows.append({"id": f"{p['id']}@{n}{'~p' if wording == 'paraphrased' else ''}", "base": str(p["id"]),
+                             "limit": n, "wording": wording, "prompt": lift.instruct(p["prompt"], n, t), **sys_})
+        rows.append({"id": f"{p['id']}@plain", "base": str(p["id"]), "limit": None, "wording": "plain",
+                     "prompt": p["prompt"], **sys_})
+    return rows
+
+
+def length_report(rows, answers, n_boot, seed):
+    """The length metrics of one model's answers: per wording, the violation rate (words > limit) with its
+    bootstrap interval over prompts, the mean of words / limit and the Spearman correlation of limit and words;
+    and of the answers without a limit, the mean word count and the share of empty answers."""
+    words = {r["id"]: lift.count_words(answers[r["id"]]) for r in rows}
+    out = {}
+    for wording in ("instructed", "paraphrased"):
+        rs = [r for r in rows if r["wording"] == wording]
+        per_prompt = {}
+        for r in rs:
+            per_prompt.setdefault(r["base"], []).append(words[r["id"]] > r["limit"])
+        rates = [float(np.mean(v)) for v in per_prompt.values()]
+        lo, hi = bootstrap_mean_ci(rates, n_boot, seed)
+        out[wording] = {"violation_rate": round(float(np.mean(rates)), 4), "violation_ci95": [round(lo, 4), round(hi, 4)],
+                        "words_over_limit": round(float(np.mean([words[r["id"]] / r["limit"] for r in rs])), 3),
+                        "spearman_limit_words": round(spearman([r["limit"] for r in rs], [words[r["id"]] for r in rs]), 4),
+                        "per_prompt": per_prompt}
+    plain = [words[r["id"]] for r in rows if r["wording"] == "plain"]
+    out["plain"] = {"mean_words": round(float(np.mean(plain)), 1), "empty_rate": round(float(np.mean([w == 0 for w in plain])), 4)}
+    return out
+
+
+def evaluate_length(args, rank, world):
+    """--metric length: violation rates of A (and B) on held-out prompts with word limits; with B, the paired
+    difference A - B with its bootstrap interval. No judge is needed: word counts are arithmetic."""
+    prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)[:args.limit or None]
+    limits = [int(x) for x in args.limits.split(",")]
+    rows = length_variants(prompts, limits, load_template(args.lift_template, ("max_words", "prompt")),
+                           load_template(args.paraphrase_template, ("max_words", "prompt")))
+    pfile = os.path.join(args.out_dir, "length_prompts.jsonl")
+    if rank == 0:
+        write_jsonl(pfile, rows)
+    barrier(world)
+    sub = argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0})
+    res = {"metric": "length", "limits": limits, "prompts": len(prompts)}
+    for side, model in (("a", args.a), ("b", args.b)):
+        if model:
+            res[side] = dict(model=model, **length_report(rows, answers(model, os.path.join(args.out_dir, f"answers_{side}.jsonl"), sub),
+                                                          args.bootstrap, args.seed))
+    for wording in ("instructed", "paraphrased") if args.b else ():
+        a, b = res["a"][wording]["per_prompt"], res["b"][wording]["per_prompt"]
+        diffs = [float(np.mean(a[k])) - float(np.mean(b[k])) for k in a]
+        lo, hi = bootstrap_mean_ci(diffs, args.bootstrap, args.seed)
+        res[f"{wording}_violation_diff"] = {"a_minus_b": round(float(np.mean(diffs)), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    for side in ("a", "b"):
+        for wording in ("instructed", "paraphrased"):
+            res.get(side, {}).get(wording, {}).pop("per_prompt", None)
     return res
 
 
@@ -182,17 +296,20 @@ def default_out_dir(args):
     """runs/eval/<a>_vs_<b>-<key>: the key hashes the models' weights and every setting that shapes the result,
     so two models that share a folder name (every trained model is `model`) never share answers."""
     name = lambda p: os.path.basename(os.path.normpath(p)) or "model"  # noqa: E731
-    ident = [model_fingerprint(args.a), model_fingerprint(args.b), model_fingerprint(args.judge),
+    fp = lambda p: model_fingerprint(p) if p else None  # noqa: E731
+    ident = [args.metric, args.limits, fp(args.a), fp(args.b), fp(args.judge),
              file_digest(args.prompts), args.limit, args.temperature, args.top_p, args.max_new_tokens, args.seed,
              file_digest(args.template), args.verdict_mode, args.judge_max_new_tokens, args.dtype]
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:10]
-    return os.path.join("runs", "eval", f"{name(args.a)}_vs_{name(args.b)}-{key}")
+    return os.path.join("runs", "eval", f"{name(args.a)}_vs_{name(args.b or 'none')}-{key}")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Pairwise win rate of checkpoint A against checkpoint B.")
     parser.add_argument("--a", required=True, help="HF folder of the model under test")
-    parser.add_argument("--b", required=True, help="HF folder of the baseline")
+    parser.add_argument("--b", default=None, help="HF folder of the baseline (needed for the win rate)")
+    parser.add_argument("--metric", default="winrate", choices=("winrate", "length"),
+                        help="winrate: A vs B judged pairwise; length: word-limit violations (LIFT), no judge")
     parser.add_argument("--judge", default=None, help="HF folder of the judge (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--prompts", default=DEFAULT_EVAL, help="held-out prompts (JSONL with id, prompt, optional system)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
@@ -212,6 +329,11 @@ def build_parser():
     j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     j.add_argument("--export-alpaca-eval", default=None, metavar="FILE", help="write A's answers as AlpacaEval model outputs (instruction, output, generator)")
     j.add_argument("--generator-name", default=None, help="`generator` field of the export (default: the --a path)")
+    m = parser.add_argument_group("--metric length")
+    m.add_argument("--limits", default="10,20,40", help="word limits each prompt is asked with")
+    m.add_argument("--lift-template", default=os.path.join(TEMPLATES, "lift.txt"), help="the length instruction ({max_words}, {prompt})")
+    m.add_argument("--paraphrase-template", default=os.path.join(TEMPLATES, "lift_paraphrase.txt"),
+                   help="the same instruction in other words (is the limit understood, or the phrase memorised?)")
     return parser
 
 
@@ -219,7 +341,13 @@ def parse_args(argv=None):
     a = build_parser().parse_args(argv)
     check_flags(("--limit", a.limit, a.limit >= 0, ">= 0 (0 = all)"), ("--bootstrap", a.bootstrap, a.bootstrap >= 1, "at least 1"),
                 ("--judge-max-new-tokens", a.judge_max_new_tokens, a.judge_max_new_tokens >= 1, "at least 1"),
-                ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"), *sampling_rules(a))
+                ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"),
+                ("--b", a.b, a.b is not None or a.metric != "winrate", "given: the win rate compares A with B"), *sampling_rules(a))
+    try:
+        ok = all(int(x) >= 1 for x in a.limits.split(","))
+    except ValueError:
+        ok = False
+    check_flags(("--limits", a.limits, ok, "a comma list of positive integers"))
     return a
 
 

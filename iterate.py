@@ -25,6 +25,7 @@ import time
 
 import evaluate
 import judge
+import lift
 import meta_judge
 import sample
 import train_dpo
@@ -73,8 +74,14 @@ PRESETS = {
                                  eval_prompts_n=0, eval_max_new_tokens=1024, max_rows=256,
                                  sft_lr=5.5e-6, sft_epochs=2, sft_batch_size=16),  # ? epochs
 }
-# flags that only some presets give a value: the rest run without them
-OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1}}  # Self-Rewarding: lr 1e-6 decaying to 1e-7
+PRESETS["lift-demo"] = dict(
+    # LIFT on the embedded model, judge-free (word counts are arithmetic, so even a 135M model gets a real signal)
+    PRESETS["demo"], method="lift", iterations=1, prompts_per_iter="48", n_responses=4, system_prompt=None,
+    temperature=1.0, top_p=0.95, max_new_tokens=96, lr=1e-5, epochs=2, batch_size=8, micro_batch_size=4,
+    eval_prompts_n=20, eval_max_new_tokens=80, lift_per_prompt=3, truncated="keep")
+# flags that only some presets give a value: the rest take the default given here
+OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
+            "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}}
 
 
 def schedule(value, t):
@@ -147,6 +154,13 @@ def plan(args, t, model_in):
                                      "--n-responses", str(args.n_responses), "--temperature", str(args.temperature),
                                      "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
                                      "--seed", seed] + engine_flags(args) + extra(args.sample_args))]
+    if args.method == "lift":  # judge-free: length-instructed pairs straight from the responses
+        stages.append(("lift_pairs", lift, ["--responses", f("responses.jsonl"), "--out", f("lift_pairs.jsonl"),
+                                            "--per-prompt", str(args.lift_per_prompt), "--truncated", args.truncated,
+                                            "--seed", seed]))
+        stages.append(("train", train_dpo, ["--model", model_in, "--data", f("lift_pairs.jsonl"), "--out", f("model"),
+                                            "--beta", str(args.beta), "--lr", str(args.lr)] + train_flags(args)))
+        return stages + eval_and_report(args, d, model_in)
     judging = ["--judge-fn", args.judge_fn] if args.judge_fn else []
     cap = schedule(args.max_chosen_chars, t)
     stages.append(("judgments", judge, [
@@ -167,6 +181,9 @@ def plan(args, t, model_in):
             "--max-new-tokens", str(args.meta_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
             + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + extra(args.meta_judge_args)))
         pair_files.append(f("judge_pairs.jsonl"))
+    if args.lift:  # each actor pair also with a word limit that only its shorter response keeps
+        stages.append(("lift_pairs", lift, ["--pairs", f("actor_pairs.jsonl"), "--out", f("lift_pairs.jsonl"), "--seed", seed]))
+        pair_files.append(f("lift_pairs.jsonl"))
     stages.append(("train", train_dpo, ["--model", model_in, "--data", *pair_files, "--out", f("model"),
                                         "--beta", str(args.beta), "--lr", str(args.lr)] + train_flags(args)))
     return stages + eval_and_report(args, d, model_in)
@@ -194,6 +211,7 @@ def eval_and_report(args, d, model_in):
     if args.eval_prompts_n >= 0:
         stages.append(("evaluate", evaluate, [
             "--a", os.path.join(d, "model"), "--b", model_in, "--judge", args.eval_judge, "--prompts", args.eval_prompts,
+            "--metric", args.eval_metric, "--limits", args.eval_limits,
             "--limit", str(args.eval_prompts_n), "--out-dir", os.path.join(d, "eval"), "--max-new-tokens",
             str(args.eval_max_new_tokens), "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
             str(args.meta_max_new_tokens), "--max-rows", str(args.max_rows), "--dtype", args.dtype,
@@ -362,6 +380,22 @@ def write_report(d, t, manifest):
                   f"{m.get('judge_pairs')} judge pairs, skips {m.get('pair_skips')}"]
     lines += training_section(d, st.get("train", {}), "SFT" if t == 0 else "DPO")
     ev = st.get("evaluate", {})
+    if ev.get("metric") == "length":
+        lines += ["", "## Evaluation: word limits, this iteration's model (A) vs its starting model (B)", "",
+                  f"{ev['prompts']} held-out prompts x limits {ev['limits']} words; violation = more words than the limit; "
+                  "intervals are 95% bootstrap intervals over prompts", "",
+                  "| model | violations (training wording) | violations (paraphrase) | words / limit | Spearman(limit, words) | words without a limit | empty |",
+                  "|---|---|---|---|---|---|---|"]
+        for side in ("a", "b"):
+            r = ev.get(side)
+            if r:
+                lines.append(f"| {side.upper()} | {r['instructed']['violation_rate']} {r['instructed']['violation_ci95']} | "
+                             f"{r['paraphrased']['violation_rate']} {r['paraphrased']['violation_ci95']} | "
+                             f"{r['instructed']['words_over_limit']} | {r['instructed']['spearman_limit_words']} | "
+                             f"{r['plain']['mean_words']} | {r['plain']['empty_rate']} |")
+        if "instructed_violation_diff" in ev:
+            lines += ["", f"A - B violation rate: {ev['instructed_violation_diff']} (training wording), "
+                          f"{ev['paraphrased_violation_diff']} (paraphrase)"]
     if ev and "win_rate" in ev:
         lines += ["", "## Evaluation: this iteration's model (A) vs its starting model (B)", "",
                   f"{ev['prompts']} held-out prompts, judge `{ev['judge']}` ({ev['verdict_mode']} verdicts): "
@@ -411,8 +445,10 @@ def build_parser():
     p = argparse.ArgumentParser(description="Run iterations of Meta-Rewarding / Self-Rewarding.")
     p.add_argument("--run-dir", dest="run", default=os.path.join("runs", "demo"), help="run folder (iterations go in <run-dir>/iter<t>)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults for every flag left unset")
-    p.add_argument("--method", default=None, choices=("meta-rewarding", "self-rewarding"),
-                   help="with the meta-judge, or without it (every other value the same)")
+    p.add_argument("--method", default=None, choices=("meta-rewarding", "self-rewarding", "lift"),
+                   help="with the meta-judge, or without it (every other value the same); lift: judge-free length-instructed pairs")
+    p.add_argument("--lift", action="store_true", help="also train on a length-instructed copy of every actor pair (LIFT)")
+    p.add_argument("--lift-per-prompt", type=int, default=None, help="--method lift: pairs per prompt")
     p.add_argument("--model", default=None, help="starting model M0 (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=os.path.join(ROOT, "data", "prompts.jsonl"), help="prompt pool (JSONL id, prompt)")
     p.add_argument("--iterations", type=int, default=None, help="iterations to run in total (iteration 0 not counted)")
@@ -431,7 +467,7 @@ def build_parser():
     a.add_argument("--temperature", type=float, default=None, help="actor sampling temperature")
     a.add_argument("--top-p", type=float, default=None, help="actor nucleus mass")
     a.add_argument("--max-new-tokens", type=int, default=None, help="response length limit")
-    a.add_argument("--truncated", default="drop", choices=("drop", "keep"),
+    a.add_argument("--truncated", default=None, choices=("drop", "keep"),
                    help="responses and judgments cut at their token limit: in no pair (drop), or only ever rejected (keep)")
     j = p.add_argument_group("judge and meta-judge")
     j.add_argument("--n-judgments", type=int, default=None, help="judgments per response (N)")
@@ -460,6 +496,8 @@ def build_parser():
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-prompts", default=os.path.join(ROOT, "data", "eval_prompts.jsonl"), help="held-out prompts")
     e.add_argument("--eval-prompts-n", type=int, default=None, help="held-out prompts per evaluation (0 = all, -1 = no evaluation)")
+    e.add_argument("--eval-metric", default=None, choices=("winrate", "length"), help="evaluate.py --metric (default: length for --method lift)")
+    e.add_argument("--eval-limits", default="10,20,40", help="word limits of --eval-metric length")
     e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
     e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
     g = p.add_argument_group("engine and pass-through")
@@ -472,10 +510,11 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    preset = dict(PRESETS[args.preset], **{k: v.get(args.preset) for k, v in OPTIONAL.items()})
+    preset = dict({k: v.get(args.preset, v.get(None)) for k, v in OPTIONAL.items()}, **PRESETS[args.preset])
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.eval_metric = args.eval_metric or ("length" if args.method == "lift" else "winrate")
     args.judge_temperature = args.temperature if args.judge_temperature is None else args.judge_temperature
     args.judge_top_p = args.top_p if args.judge_top_p is None else args.judge_top_p
     return args
@@ -519,7 +558,7 @@ def run_settings(args):
 def dry_run(args):
     """The whole run as JSON: each iteration's prompt ids and every stage's full command line."""
     scripts = {sample: "sample.py", judge: "judge.py", meta_judge: "meta_judge.py", train_dpo: "train_dpo.py",
-               evaluate: "evaluate.py"}
+               evaluate: "evaluate.py", lift: "lift.py"}
     doc = {"iterations": []}
     for t, d, model_in, stages in iterations(args):
         train, val = args.slices[t - 1] if t >= 1 else ([], [])

@@ -14,9 +14,11 @@ import torch
 from conftest import make_tiny_checkpoint, tiny_model
 
 import common
+import eft
 import evaluate
 import iterate
 import judge
+import lift
 import meta_judge
 import sample
 import train_dpo
@@ -190,14 +192,14 @@ def test_readme_torchrun_lines_reach_the_script_intact():
         assert ns.training_script == script
         assert ns.training_script_args == words[words.index(script) + 1:], cmd
         # and the script's own parser accepts them (without running anything)
-        module = {"iterate.py": iterate, "sample.py": sample, "judge.py": judge, "train_dpo.py": train_dpo}[script]
+        module = {"iterate.py": iterate, "sample.py": sample, "judge.py": judge, "train_dpo.py": train_dpo, "eft.py": eft}[script]
         module.parse_args(ns.training_script_args)
 
 
 def test_no_script_flag_is_a_prefix_of_a_torchrun_flag():
     from torch.distributed.run import get_args_parser
     theirs = [s for a in get_args_parser()._actions for s in a.option_strings if s.startswith("--")]
-    for module in (iterate, sample, judge, meta_judge, train_dpo, evaluate):
+    for module in (iterate, sample, judge, meta_judge, train_dpo, evaluate, eft, lift):
         parser = module.build_parser()
         for action in parser._actions:
             for flag in action.option_strings:
