@@ -15,15 +15,17 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import time
 
 import numpy as np
 
 import lift
+import reasoning
 import sample
 from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
-                    sampling_rules, start_stage, write_jsonl)
+                    sampling_rules, stable_seed, start_stage, write_jsonl)
 from judge import probe_candidates, probe_logprobs
 from meta_judge import WINNER_MARK, parse_winner
 from sample import Request, generate
@@ -170,7 +172,7 @@ def evaluate(args):
     if args.out_dir is None:
         args.out_dir = default_out_dir(args)
     os.makedirs(args.out_dir, exist_ok=True)
-    res = evaluate_length(args, rank, world) if args.metric == "length" else evaluate_winrate(args, rank, world)
+    res = {"length": evaluate_length, "accuracy": evaluate_accuracy, "winrate": evaluate_winrate}[args.metric](args, rank, world)
     res.update(out_dir=args.out_dir, seconds=round(time.time() - t0, 1))
     if rank == 0:
         with open(os.path.join(args.out_dir, "results.json"), "w") as f:
@@ -180,6 +182,12 @@ def evaluate(args):
 
 
 def summary_line(res):
+    if res["metric"] == "accuracy":
+        parts = [f"{s.upper()} greedy {res[s]['greedy']} {res[s]['greedy_ci95']} pass@1 {res[s]['pass1']} maj@{res['samples']} "
+                 f"{res[s]['maj']} parse {res[s]['greedy_parse_rate']}/{res[s]['sampled_parse_rate']}" for s in ("a", "b") if s in res]
+        if "greedy_diff" in res:
+            parts.append(f"A - B greedy {res['greedy_diff']} pass@1 {res['pass1_diff']} maj {res['maj_diff']}")
+        return " | ".join(parts) + f" | {res['seconds']}s"
     if res["metric"] == "length":
         parts = []
         for side in ("a", "b"):
@@ -292,12 +300,69 @@ def evaluate_length(args, rank, world):
     return res
 
 
+def evaluate_accuracy(args, rank, world):
+    """--metric accuracy on questions with gold answers: per model, greedy accuracy, sampled pass@1 (the mean
+    correctness of --samples samples), maj@k (the most-voted of those answers) and the parse rate (how often a
+    final answer could be read at all: format, reported apart from correctness); with B, each difference
+    A - B with a paired bootstrap interval over questions."""
+    qs = reasoning.read_questions(args.prompts)[:args.limit or None]
+    template = load_template(args.reasoning_template, ("prompt",))
+    pfile = os.path.join(args.out_dir, "reasoning_prompts.jsonl")
+    if rank == 0:
+        write_jsonl(pfile, [dict(q, prompt=render(template, prompt=q["prompt"])) for q in qs])
+    barrier(world)
+    res, per = {"metric": "accuracy", "questions": len(qs), "samples": args.samples}, {}
+    for side, model in (("a", args.a), ("b", args.b)):
+        if not model:
+            continue
+        greedy = answers_of(model, os.path.join(args.out_dir, f"greedy_{side}.jsonl"), pfile, args, 1, 0.0)
+        sampled = answers_of(model, os.path.join(args.out_dir, f"sampled_{side}.jsonl"), pfile, args, args.samples,
+                             args.temperature)
+        per[side] = {"greedy": [], "pass1": [], "maj": []}
+        parsed = [0, 0]
+        for q in qs:
+            g = [reasoning.final_answer(t) for t in greedy[q["id"]]]
+            s = [reasoning.final_answer(t) for t in sampled[q["id"]]]
+            parsed[0] += sum(a is not None for a in g)
+            parsed[1] += sum(a is not None for a in s)
+            votes = [a for a in s if a is not None]
+            # the most-voted answer; equal votes are broken by a draw seeded by the question, never by order
+            top = max(votes.count(a) for a in votes) if votes else 0
+            maj = random.Random(stable_seed(args.seed, q["id"])).choice(sorted({a for a in votes if votes.count(a) == top})) if votes else None
+            per[side]["greedy"].append(float(g[0] == q["answer"]))
+            per[side]["pass1"].append(float(np.mean([a == q["answer"] for a in s])))
+            per[side]["maj"].append(float(maj == q["answer"]))
+        right = sum(a == q["answer"] for q in qs for a in (reasoning.final_answer(t) for t in sampled[q["id"]]))
+        res[side] = {"model": model, "greedy_parse_rate": round(parsed[0] / len(qs), 4),
+                     "sampled_parse_rate": round(parsed[1] / (len(qs) * args.samples), 4),
+                     # correctness where an answer could be read at all: quality apart from format
+                     "sampled_accuracy_when_parsed": round(right / max(parsed[1], 1), 4)}
+        for k, v in per[side].items():
+            lo, hi = bootstrap_mean_ci(v, args.bootstrap, args.seed)
+            res[side][k] = round(float(np.mean(v)), 4)
+            res[side][f"{k}_ci95"] = [round(lo, 4), round(hi, 4)]
+    if args.b:
+        for k in ("greedy", "pass1", "maj"):
+            d = np.asarray(per["a"][k]) - np.asarray(per["b"][k])
+            lo, hi = bootstrap_mean_ci(d, args.bootstrap, args.seed)
+            res[f"{k}_diff"] = {"a_minus_b": round(float(d.mean()), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    return res
+
+
+def answers_of(model, out, pfile, args, n, temperature):
+    """Every question's n answers from sample.py (kept duplicates: votes need them)."""
+    sample.main(["--model", model, "--prompts", pfile, "--out", out, "--n-responses", str(n), "--no-dedup",
+                 "--temperature", str(temperature), "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
+                 "--seed", str(args.seed), "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []))
+    return {str(r["id"]): r["responses"] for r in read_jsonl(out)}
+
+
 def default_out_dir(args):
     """runs/eval/<a>_vs_<b>-<key>: the key hashes the models' weights and every setting that shapes the result,
     so two models that share a folder name (every trained model is `model`) never share answers."""
     name = lambda p: os.path.basename(os.path.normpath(p)) or "model"  # noqa: E731
     fp = lambda p: model_fingerprint(p) if p else None  # noqa: E731
-    ident = [args.metric, args.limits, fp(args.a), fp(args.b), fp(args.judge),
+    ident = [args.metric, args.limits, args.samples, fp(args.a), fp(args.b), fp(args.judge),
              file_digest(args.prompts), args.limit, args.temperature, args.top_p, args.max_new_tokens, args.seed,
              file_digest(args.template), args.verdict_mode, args.judge_max_new_tokens, args.dtype]
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:10]
@@ -308,8 +373,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Pairwise win rate of checkpoint A against checkpoint B.")
     parser.add_argument("--a", required=True, help="HF folder of the model under test")
     parser.add_argument("--b", default=None, help="HF folder of the baseline (needed for the win rate)")
-    parser.add_argument("--metric", default="winrate", choices=("winrate", "length"),
-                        help="winrate: A vs B judged pairwise; length: word-limit violations (LIFT), no judge")
+    parser.add_argument("--metric", default="winrate", choices=("winrate", "length", "accuracy"),
+                        help="winrate: A vs B judged pairwise; length: word-limit violations (LIFT); accuracy: final "
+                             "answers against gold ones (IRPO, ScPO); the last two need no judge")
     parser.add_argument("--judge", default=None, help="HF folder of the judge (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--prompts", default=DEFAULT_EVAL, help="held-out prompts (JSONL with id, prompt, optional system)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
@@ -329,6 +395,9 @@ def build_parser():
     j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     j.add_argument("--export-alpaca-eval", default=None, metavar="FILE", help="write A's answers as AlpacaEval model outputs (instruction, output, generator)")
     j.add_argument("--generator-name", default=None, help="`generator` field of the export (default: the --a path)")
+    r = parser.add_argument_group("--metric accuracy")
+    r.add_argument("--samples", type=int, default=4, help="sampled answers per question (pass@1, maj@k)")
+    r.add_argument("--reasoning-template", default=os.path.join(TEMPLATES, "reasoning.txt"), help="the question's prompt ({prompt})")
     m = parser.add_argument_group("--metric length")
     m.add_argument("--limits", default="10,20,40", help="word limits each prompt is asked with")
     m.add_argument("--lift-template", default=os.path.join(TEMPLATES, "lift.txt"), help="the length instruction ({max_words}, {prompt})")
@@ -341,7 +410,7 @@ def parse_args(argv=None):
     a = build_parser().parse_args(argv)
     check_flags(("--limit", a.limit, a.limit >= 0, ">= 0 (0 = all)"), ("--bootstrap", a.bootstrap, a.bootstrap >= 1, "at least 1"),
                 ("--judge-max-new-tokens", a.judge_max_new_tokens, a.judge_max_new_tokens >= 1, "at least 1"),
-                ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"),
+                ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"), ("--samples", a.samples, a.samples >= 1, "at least 1"),
                 ("--b", a.b, a.b is not None or a.metric != "winrate", "given: the win rate compares A with B"), *sampling_rules(a))
     try:
         ok = all(int(x) >= 1 for x in a.limits.split(","))

@@ -27,10 +27,11 @@ import evaluate
 import judge
 import lift
 import meta_judge
+import reasoning
 import sample
 import train_dpo
-from common import (barrier, check_flags, check_prompt_fields, init_distributed, lock_folder, model_fingerprint, print0,
-                    read_jsonl, resolve_model, write_jsonl)
+from common import (barrier, check_flags, check_prompt_fields, init_distributed, load_template, lock_folder,
+                    model_fingerprint, print0, read_jsonl, render, resolve_model, write_jsonl)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,9 +80,34 @@ PRESETS["lift-demo"] = dict(
     PRESETS["demo"], method="lift", iterations=1, prompts_per_iter="48", n_responses=4, system_prompt=None,
     temperature=1.0, top_p=0.95, max_new_tokens=96, lr=1e-5, epochs=2, batch_size=8, micro_batch_size=4,
     eval_prompts_n=20, eval_max_new_tokens=80, lift_per_prompt=3, truncated="keep")
+PRESETS["reasoning-demo"] = dict(
+    # IRPO (or --method scpo) on the embedded model: single-digit sums and products asked few-shot, on which it
+    # is right in about a quarter of its sampled answers (data/make_arith.py; the README has the probe)
+    PRESETS["demo"], method="irpo", iterations=1, prompts_per_iter="64", n_responses=6, system_prompt=None,
+    temperature=0.8, top_p=0.95, max_new_tokens=48, pairs_per_question=3, tau="0.5", nll_coef=1.0, lr=1e-5,
+    epochs=1, batch_size=8, micro_batch_size=4, eval_prompts_n=0, eval_max_new_tokens=48,
+    prompts=os.path.join(ROOT, "data", "arith_train.jsonl"), eval_prompts=os.path.join(ROOT, "data", "arith_test.jsonl"),
+    reasoning_template=os.path.join(ROOT, "data", "templates", "reasoning_fewshot.txt"))
+PRESETS["irpo-paper"] = dict(
+    # Iterative RPO (Pang et al. 2024) on GSM8K: --prompts gsm8k_train.jsonl (its own format is read as is)
+    PRESETS["paper"], method="irpo", iterations=4, prompts_per_iter="0",  # the whole training set each iteration
+    n_responses=30, pairs_per_question=10, temperature="0.8,0.8,1.3", top_p=1.0,  # T 1.3 from iteration 3
+    max_new_tokens=512, beta=0.1, nll_coef=1.0, lr=7e-7, epochs=1, batch_size=16,  # ? epochs and batch
+    select="last", val_prompts_n=0, eval_samples=4)
+PRESETS["scpo-paper"] = dict(
+    # ScPO (Prasad et al. 2024): no gold answers; new questions each iteration (self_instruct.py with
+    # data/templates/question.txt), passed as --prompts
+    PRESETS["paper"], method="scpo", iterations=2, prompts_per_iter="0", n_responses=8, tau="0.5,0.7",
+    temperature=0.7, top_p=0.9, max_new_tokens=512, beta=0.5, nll_coef=1.0, lr=5e-6, epochs=10, batch_size=16,  # ? batch
+    select="last", val_prompts_n=0, eval_samples=4)
 # flags that only some presets give a value: the rest take the default given here
 OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
-            "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}}
+            "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
+            "pairs_per_question": {None: 10}, "tau": {None: "0.5"},
+            "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
+            "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
+            "reasoning_template": {None: os.path.join(ROOT, "data", "templates", "reasoning.txt")}}
+VERIFIED = ("irpo", "scpo")
 
 
 def schedule(value, t):
@@ -120,7 +146,13 @@ def prompt_slices(args):
     prompt is used in two iterations (0 prompts per iteration: the whole pool, every iteration). With
     --select val the first --val-prompts-n of a slice are held out of training, to choose the checkpoint.
     -> [(training prompts, validation prompts)] per iteration; a pool too small is an error now."""
-    pool = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
+    if args.method in VERIFIED:  # questions (with gold answers for IRPO: ours or GSM8K's), asked with the solution format
+        template = load_template(args.reasoning_template, ("prompt",))
+        qs = reasoning.read_questions(args.prompts) if args.method == "irpo" else \
+            read_jsonl(args.prompts, required=("id", "prompt"), what="question", check=check_prompt_fields)
+        pool = [dict(q, prompt=render(template, prompt=q["prompt"])) for q in qs]
+    else:
+        pool = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
     order = list(range(len(pool)))
     random.Random(args.seed).shuffle(order)
     held = args.val_prompts_n if args.select == "val" else 0
@@ -151,9 +183,18 @@ def plan(args, t, model_in):
     extra = lambda s: shlex.split(s or "")  # noqa: E731
     stages = [("prompts", None, []),
               ("responses", sample, ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f("responses.jsonl"),
-                                     "--n-responses", str(args.n_responses), "--temperature", str(args.temperature),
+                                     "--n-responses", str(args.n_responses), "--temperature", schedule(args.temperature, t),
                                      "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
-                                     "--seed", seed] + engine_flags(args) + extra(args.sample_args))]
+                                     "--seed", seed] + (["--no-dedup"] if args.method in VERIFIED else [])  # votes count duplicates
+              + engine_flags(args) + extra(args.sample_args))]
+    if args.method in VERIFIED:  # the verifier (IRPO) or the vote (ScPO) in place of the judges
+        stages.append(("reasoning_pairs", reasoning, [
+            "--responses", f("responses.jsonl"), "--out", f("reasoning_pairs.jsonl"), "--method", args.method,
+            "--pairs-per-question", str(args.pairs_per_question), "--tau", schedule(args.tau, t),
+            "--truncated", args.truncated, "--seed", seed]))
+        stages.append(("train", train_dpo, ["--model", model_in, "--data", f("reasoning_pairs.jsonl"), "--out", f("model"),
+                                            "--beta", str(args.beta), "--lr", str(args.lr)] + train_flags(args)))
+        return stages + eval_and_report(args, d, model_in)
     if args.method == "lift":  # judge-free: length-instructed pairs straight from the responses
         stages.append(("lift_pairs", lift, ["--responses", f("responses.jsonl"), "--out", f("lift_pairs.jsonl"),
                                             "--per-prompt", str(args.lift_per_prompt), "--truncated", args.truncated,
@@ -166,7 +207,7 @@ def plan(args, t, model_in):
     stages.append(("judgments", judge, [
         "--model", model_in, "--responses", f("responses.jsonl"), "--out", f("judgments.jsonl"),
         "--pairs", f("actor_pairs.jsonl"), "--n-judgments", str(args.n_judgments), "--score-mode", args.score_mode,
-        "--temperature", str(args.judge_temperature), "--top-p", str(args.judge_top_p),
+        "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
         "--max-new-tokens", str(args.judge_max_new_tokens), "--rho", schedule(args.rho, t), "--truncated", args.truncated,
         "--seed", seed] + (["--max-chosen-chars", cap] if cap != "0" else []) + judging + engine_flags(args)
         + extra(args.judge_args)))
@@ -177,7 +218,7 @@ def plan(args, t, model_in):
         stages.append(("meta_judgments", meta_judge, [
             "--model", model_in, "--judgments", f("judgments.jsonl"), "--out", f("meta_judgments.jsonl"),
             "--pairs", f("judge_pairs.jsonl"), "--verdict-mode", args.verdict_mode,
-            "--temperature", str(args.judge_temperature), "--top-p", str(args.judge_top_p),
+            "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
             "--max-new-tokens", str(args.meta_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
             + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + extra(args.meta_judge_args)))
         pair_files.append(f("judge_pairs.jsonl"))
@@ -191,6 +232,7 @@ def plan(args, t, model_in):
 
 def train_flags(args, sft=False):
     more = ["--min-lr-ratio", str(args.min_lr_ratio)] if args.min_lr_ratio is not None else []
+    more += ["--nll-coef", str(args.nll_coef)] if args.nll_coef else []
     return (["--epochs", str(args.sft_epochs if sft else args.epochs), "--batch-size",
              str(args.sft_batch_size if sft else args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
              "--max-len", str(args.max_len), "--seed", str(args.seed), "--save-every", "50", "--resume",
@@ -211,7 +253,8 @@ def eval_and_report(args, d, model_in):
     if args.eval_prompts_n >= 0:
         stages.append(("evaluate", evaluate, [
             "--a", os.path.join(d, "model"), "--b", model_in, "--judge", args.eval_judge, "--prompts", args.eval_prompts,
-            "--metric", args.eval_metric, "--limits", args.eval_limits,
+            "--metric", args.eval_metric, "--limits", args.eval_limits, "--samples", str(args.eval_samples),
+            "--reasoning-template", args.reasoning_template,
             "--limit", str(args.eval_prompts_n), "--out-dir", os.path.join(d, "eval"), "--max-new-tokens",
             str(args.eval_max_new_tokens), "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
             str(args.meta_max_new_tokens), "--max-rows", str(args.max_rows), "--dtype", args.dtype,
@@ -251,7 +294,8 @@ def stage_prompts(args, t, d):
     if int(os.environ.get("RANK", 0)) == 0:
         def keep(p):  # the pool's own system prompt, else --system-prompt
             system = p.get("system") or args.system_prompt
-            return {"id": p["id"], "prompt": p["prompt"], **({"system": system} if system else {})}
+            return {"id": p["id"], "prompt": p["prompt"], **({"system": system} if system else {}),
+                    **({"answer": p["answer"]} if "answer" in p else {})}
         write_jsonl(os.path.join(d, "prompts.jsonl"), [keep(p) for p in train])
         if val:
             write_jsonl(os.path.join(d, "val_prompts.jsonl"), [keep(p) for p in val])
@@ -380,6 +424,19 @@ def write_report(d, t, manifest):
                   f"{m.get('judge_pairs')} judge pairs, skips {m.get('pair_skips')}"]
     lines += training_section(d, st.get("train", {}), "SFT" if t == 0 else "DPO")
     ev = st.get("evaluate", {})
+    if ev.get("metric") == "accuracy":
+        lines += ["", "## Evaluation: final answers, this iteration's model (A) vs its starting model (B)", "",
+                  f"{ev['questions']} held-out questions, {ev['samples']} samples each; 95% bootstrap intervals over "
+                  "questions; the parse rate (a readable final answer at all) is format, not correctness", "",
+                  f"| model | greedy accuracy | sampled pass@1 | maj@{ev['samples']} | parse rate (greedy / sampled) |",
+                  "|---|---|---|---|---|"]
+        for side in ("a", "b"):
+            r = ev.get(side)
+            if r:
+                lines.append(f"| {side.upper()} | {r['greedy']} {r['greedy_ci95']} | {r['pass1']} {r['pass1_ci95']} | "
+                             f"{r['maj']} {r['maj_ci95']} | {r['greedy_parse_rate']} / {r['sampled_parse_rate']} |")
+        if "greedy_diff" in ev:
+            lines += ["", f"A - B: greedy {ev['greedy_diff']}, pass@1 {ev['pass1_diff']}, maj {ev['maj_diff']}"]
     if ev.get("metric") == "length":
         lines += ["", "## Evaluation: word limits, this iteration's model (A) vs its starting model (B)", "",
                   f"{ev['prompts']} held-out prompts x limits {ev['limits']} words; violation = more words than the limit; "
@@ -445,12 +502,13 @@ def build_parser():
     p = argparse.ArgumentParser(description="Run iterations of Meta-Rewarding / Self-Rewarding.")
     p.add_argument("--run-dir", dest="run", default=os.path.join("runs", "demo"), help="run folder (iterations go in <run-dir>/iter<t>)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults for every flag left unset")
-    p.add_argument("--method", default=None, choices=("meta-rewarding", "self-rewarding", "lift"),
-                   help="with the meta-judge, or without it (every other value the same); lift: judge-free length-instructed pairs")
+    p.add_argument("--method", default=None, choices=("meta-rewarding", "self-rewarding", "lift", "irpo", "scpo"),
+                   help="with the meta-judge, or without it (every other value the same); lift: judge-free length-"
+                        "instructed pairs; irpo, scpo: verifiable answers (gold, or a vote) instead of the judges")
     p.add_argument("--lift", action="store_true", help="also train on a length-instructed copy of every actor pair (LIFT)")
     p.add_argument("--lift-per-prompt", type=int, default=None, help="--method lift: pairs per prompt")
     p.add_argument("--model", default=None, help="starting model M0 (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", default=os.path.join(ROOT, "data", "prompts.jsonl"), help="prompt pool (JSONL id, prompt)")
+    p.add_argument("--prompts", default=None, help="prompt pool (JSONL id, prompt; with gold `answer` for irpo, scpo)")
     p.add_argument("--iterations", type=int, default=None, help="iterations to run in total (iteration 0 not counted)")
     p.add_argument("--seed", type=int, default=0, help="run seed (prompt order, sampling, data order)")
     p.add_argument("--dry-run", action="store_true", help="print every iteration's prompts and stage command lines as JSON; run nothing")
@@ -464,14 +522,14 @@ def build_parser():
     a.add_argument("--prompts-per-iter", default=None, help="fresh prompts per iteration, a schedule (0 = the whole pool each time)")
     a.add_argument("--n-responses", type=int, default=None, help="responses per prompt (K)")
     a.add_argument("--system-prompt", default=None, help="system prompt of every actor prompt whose record has none")
-    a.add_argument("--temperature", type=float, default=None, help="actor sampling temperature")
+    a.add_argument("--temperature", default=None, help="actor sampling temperature, a schedule (e.g. 0.8,0.8,1.3)")
     a.add_argument("--top-p", type=float, default=None, help="actor nucleus mass")
     a.add_argument("--max-new-tokens", type=int, default=None, help="response length limit")
     a.add_argument("--truncated", default=None, choices=("drop", "keep"),
                    help="responses and judgments cut at their token limit: in no pair (drop), or only ever rejected (keep)")
     j = p.add_argument_group("judge and meta-judge")
     j.add_argument("--n-judgments", type=int, default=None, help="judgments per response (N)")
-    j.add_argument("--judge-temperature", type=float, default=None, help="judge and meta-judge temperature (default: the actor's)")
+    j.add_argument("--judge-temperature", default=None, help="judge and meta-judge temperature, a schedule (default: the actor's)")
     j.add_argument("--judge-top-p", type=float, default=None, help="judge and meta-judge nucleus mass (default: the actor's)")
     j.add_argument("--score-mode", default=None, choices=("parse", "expected"), help="judge score mode")
     j.add_argument("--verdict-mode", default=None, choices=("parse", "expected"), help="meta-judge (and evaluation) verdict mode")
@@ -484,6 +542,7 @@ def build_parser():
     j.add_argument("--judge-fn", default=None, metavar="MODULE:FUNC", help="replace the LLM judge by a Python scoring function (ablations)")
     t = p.add_argument_group("DPO")
     t.add_argument("--beta", type=float, default=None, help="DPO beta")
+    t.add_argument("--nll-coef", type=float, default=None, help="weight of the NLL of the chosen response (DPO+NLL)")
     t.add_argument("--lr", type=float, default=None, help="DPO peak learning rate")
     t.add_argument("--min-lr-ratio", type=float, default=None, help="final learning rate as a fraction of the peak")
     t.add_argument("--epochs", type=int, default=None, help="DPO epochs per iteration")
@@ -494,10 +553,16 @@ def build_parser():
                    help="the iteration's model: the last epoch's, or the best on held-out prompts against M_t")
     t.add_argument("--val-prompts-n", type=int, default=None, help="--select val: prompts of each iteration's slice held out of training")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-prompts", default=os.path.join(ROOT, "data", "eval_prompts.jsonl"), help="held-out prompts")
+    e.add_argument("--eval-prompts", default=None, help="held-out prompts (default: data/eval_prompts.jsonl)")
     e.add_argument("--eval-prompts-n", type=int, default=None, help="held-out prompts per evaluation (0 = all, -1 = no evaluation)")
     e.add_argument("--eval-metric", default=None, choices=("winrate", "length"), help="evaluate.py --metric (default: length for --method lift)")
     e.add_argument("--eval-limits", default="10,20,40", help="word limits of --eval-metric length")
+    e.add_argument("--eval-samples", type=int, default=4, help="sampled answers per question of --eval-metric accuracy")
+    r = p.add_argument_group("verifiable rewards (irpo, scpo)")
+    r.add_argument("--reasoning-template", default=None,
+                   help="how a question is asked ({prompt}); default data/templates/reasoning.txt: step by step, then `Final answer: <number>`")
+    r.add_argument("--pairs-per-question", type=int, default=None, help="IRPO: pairs per question (K)")
+    r.add_argument("--tau", default=None, help="ScPO: vote threshold, a schedule (e.g. 0.5,0.7)")
     e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
     e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
     g = p.add_argument_group("engine and pass-through")
@@ -514,7 +579,7 @@ def parse_args(argv=None):
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.eval_metric = args.eval_metric or ("length" if args.method == "lift" else "winrate")
+    args.eval_metric = args.eval_metric or {"lift": "length", "irpo": "accuracy", "scpo": "accuracy"}.get(args.method, "winrate")
     args.judge_temperature = args.temperature if args.judge_temperature is None else args.judge_temperature
     args.judge_top_p = args.top_p if args.judge_top_p is None else args.judge_top_p
     return args
@@ -528,6 +593,8 @@ def check_run(args):
                 ("--val-prompts-n", args.val_prompts_n, args.val_prompts_n >= (1 if args.select == "val" else 0),
                  "at least 1 with --select val"))
     for flag, value, kind in (("--prompts-per-iter", args.prompts_per_iter, int), ("--rho", args.rho, float),
+                              ("--temperature", args.temperature, float), ("--judge-temperature", args.judge_temperature, float),
+                              ("--tau", args.tau, float),
                               ("--judge-pairs-iters", args.judge_pairs_iters, int),
                               ("--max-chosen-chars", args.max_chosen_chars, int),
                               ("--max-chosen-judgment-chars", args.max_chosen_judgment_chars, int)):
@@ -541,6 +608,8 @@ def check_run(args):
             if module is not None:
                 module.parse_args(argv)
     args.slices = prompt_slices(args)
+    if args.eval_metric == "accuracy" and args.eval_prompts_n >= 0:
+        reasoning.read_questions(args.eval_prompts)  # gold answers to score against, checked now
     old = load_manifest(os.path.join(args.run, "iter0" if args.sft_data else "iter1")).get("settings")
     if old:
         now = json.loads(json.dumps(run_settings(args), default=str))
@@ -558,7 +627,7 @@ def run_settings(args):
 def dry_run(args):
     """The whole run as JSON: each iteration's prompt ids and every stage's full command line."""
     scripts = {sample: "sample.py", judge: "judge.py", meta_judge: "meta_judge.py", train_dpo: "train_dpo.py",
-               evaluate: "evaluate.py", lift: "lift.py"}
+               evaluate: "evaluate.py", lift: "lift.py", reasoning: "reasoning.py"}
     doc = {"iterations": []}
     for t, d, model_in, stages in iterations(args):
         train, val = args.slices[t - 1] if t >= 1 else ([], [])

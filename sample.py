@@ -582,7 +582,8 @@ def run_stage(args, model, tok, model_path, rank, world):
             reasons.append(c.finish_reason)
             ntoks.append(len(c.tokens))
         counts["samples"] += len(comps)
-        writer.write({"id": p["id"], "prompt": p["prompt"], **({"system": p["system"]} if p.get("system") else {}),
+        extra = {k: v for k, v in p.items() if k not in ("id", "prompt", "system")}  # e.g. a gold `answer`
+        writer.write({"id": p["id"], "prompt": p["prompt"], **({"system": p["system"]} if p.get("system") else {}), **extra,
                       "responses": texts, "finish_reasons": reasons, "num_tokens": ntoks, "model": model_path,
                       "seed": args.seed, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
                       "top_k": args.top_k, "max_new_tokens": args.max_new_tokens})
