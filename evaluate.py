@@ -20,9 +20,11 @@ import time
 
 import numpy as np
 
+import evaluator
 import lift
 import reasoning
 import sample
+import tpo
 from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
                     sampling_rules, stable_seed, start_stage, write_jsonl)
@@ -172,7 +174,8 @@ def evaluate(args):
     if args.out_dir is None:
         args.out_dir = default_out_dir(args)
     os.makedirs(args.out_dir, exist_ok=True)
-    res = {"length": evaluate_length, "accuracy": evaluate_accuracy, "winrate": evaluate_winrate}[args.metric](args, rank, world)
+    res = {"length": evaluate_length, "accuracy": evaluate_accuracy, "winrate": evaluate_winrate,
+           "judge-accuracy": evaluate_judge_accuracy}[args.metric](args, rank, world)
     res.update(out_dir=args.out_dir, seconds=round(time.time() - t0, 1))
     if rank == 0:
         with open(os.path.join(args.out_dir, "results.json"), "w") as f:
@@ -182,6 +185,10 @@ def evaluate(args):
 
 
 def summary_line(res):
+    if res["metric"] == "judge-accuracy":
+        parts = [f"{s.upper()} accuracy {res[s]['accuracy']} {res[s]['accuracy_ci95']} first-position {res[s]['first_position_rate']} "
+                 f"unparsed {res[s]['unparsed_rate']}" for s in ("a", "b") if s in res]
+        return " | ".join(parts + ([f"A - B {res['accuracy_diff']}"] if "accuracy_diff" in res else [])) + f" | {res['seconds']}s"
     if res["metric"] == "accuracy":
         parts = [f"{s.upper()} greedy {res[s]['greedy']} {res[s]['greedy_ci95']} pass@1 {res[s]['pass1']} maj@{res['samples']} "
                  f"{res[s]['maj']} parse {res[s]['greedy_parse_rate']}/{res[s]['sampled_parse_rate']}" for s in ("a", "b") if s in res]
@@ -209,8 +216,18 @@ def evaluate_winrate(args, rank, world):
     """--metric winrate: A and B answer every prompt; the judge compares them in both orders."""
     prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
     prompts = prompts[:args.limit or None]
-    ans_a = answers(args.a, os.path.join(args.out_dir, "answers_a.jsonl"), args)
-    ans_b = answers(args.b, os.path.join(args.out_dir, "answers_b.jsonl"), args)
+    ask = args
+    if args.strip_thoughts:  # both models think first (the TPO prompt); the judge sees only what follows
+        template, pfile = load_template(args.thought_template, ("prompt",)), os.path.join(args.out_dir, "thought_prompts.jsonl")
+        if rank == 0:
+            write_jsonl(pfile, [dict(p, prompt=render(template, prompt=p["prompt"])) for p in prompts])
+        barrier(world)
+        ask = argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0})
+    ans_a = answers(args.a, os.path.join(args.out_dir, "answers_a.jsonl"), ask)
+    ans_b = answers(args.b, os.path.join(args.out_dir, "answers_b.jsonl"), ask)
+    if args.strip_thoughts:  # an output with no response part answers nothing
+        strip = lambda t: (tpo.split_thought(t) or ("", ""))[1]  # noqa: E731
+        ans_a, ans_b = ({k: strip(t) for k, t in a.items()} for a in (ans_a, ans_b))
     cfile = os.path.join(args.out_dir, "comparisons.jsonl")
     if rank == 0:  # the comparisons are few next to the answers: one rank judges them
         compare(args, prompts, ans_a, ans_b, cfile)
@@ -349,6 +366,40 @@ def evaluate_accuracy(args, rank, world):
     return res
 
 
+def evaluate_judge_accuracy(args, rank, world):
+    """--metric judge-accuracy: A (and B) as pairwise judges of labelled pairs (prompt, chosen, rejected), each
+    pair judged greedily in both orders; position-consistent accuracy (right in both orders 1, in one 1/2) with
+    its bootstrap interval, how often the first-shown answer won, the unparsed rate; with B, the paired
+    difference. Scores the Self-Taught Evaluator, and the judge of any iteration of the loop."""
+    recs = read_jsonl(args.prompts, required=("prompt", "chosen", "rejected"), what="labelled pair")
+    ids = [str(r.get("id", f"pair{recs.lines[i]}")) for i, r in enumerate(recs)][:args.limit or None]  # any file can serve
+    recs = recs[:len(ids)]
+    pfile = os.path.join(args.out_dir, "labelled_pairs.jsonl")
+    if rank == 0:
+        write_jsonl(pfile, [{"id": i, "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                            for i, r in zip(ids, recs)])
+    barrier(world)
+    res, per = {"metric": "judge-accuracy", "pairs": len(recs)}, {}
+    for side, model in (("a", args.a), ("b", args.b)):
+        if not model:
+            continue
+        out = os.path.join(args.out_dir, f"verdicts_{side}.jsonl")
+        evaluator.main(["--step", "judge", "--model", model, "--contrast", pfile, "--out", out, "--n-judgments", "1",
+                        "--temperature", "0", "--max-new-tokens", str(args.judge_max_new_tokens),
+                        "--verdict-mode", args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed)])
+        got = {r["id"]: r["verdicts"][0] for r in read_jsonl(out)}
+        per[side] = [evaluator.consistent_accuracy(got[f"{i}/ab"], got[f"{i}/ba"]) for i in ids]
+        lo, hi = bootstrap_mean_ci(per[side], args.bootstrap, args.seed)
+        res[side] = {"model": model, "accuracy": round(float(np.mean(per[side])), 4), "accuracy_ci95": [round(lo, 4), round(hi, 4)],
+                     "first_position_rate": round(float(np.mean([v == "A" for v in got.values()])), 4),
+                     "unparsed_rate": round(float(np.mean([v is None for v in got.values()])), 4)}
+    if args.b:
+        d = np.asarray(per["a"]) - np.asarray(per["b"])
+        lo, hi = bootstrap_mean_ci(d, args.bootstrap, args.seed)
+        res["accuracy_diff"] = {"a_minus_b": round(float(d.mean()), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    return res
+
+
 def answers_of(model, out, pfile, args, n, temperature):
     """Every question's n answers from sample.py (kept duplicates: votes need them)."""
     sample.main(["--model", model, "--prompts", pfile, "--out", out, "--n-responses", str(n), "--no-dedup",
@@ -373,9 +424,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Pairwise win rate of checkpoint A against checkpoint B.")
     parser.add_argument("--a", required=True, help="HF folder of the model under test")
     parser.add_argument("--b", default=None, help="HF folder of the baseline (needed for the win rate)")
-    parser.add_argument("--metric", default="winrate", choices=("winrate", "length", "accuracy"),
+    parser.add_argument("--metric", default="winrate", choices=("winrate", "length", "accuracy", "judge-accuracy"),
                         help="winrate: A vs B judged pairwise; length: word-limit violations (LIFT); accuracy: final "
-                             "answers against gold ones (IRPO, ScPO); the last two need no judge")
+                             "answers against gold ones (IRPO, ScPO); judge-accuracy: A and B as judges of labelled pairs")
     parser.add_argument("--judge", default=None, help="HF folder of the judge (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--prompts", default=DEFAULT_EVAL, help="held-out prompts (JSONL with id, prompt, optional system)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
@@ -395,6 +446,12 @@ def build_parser():
     j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     j.add_argument("--export-alpaca-eval", default=None, metavar="FILE", help="write A's answers as AlpacaEval model outputs (instruction, output, generator)")
     j.add_argument("--generator-name", default=None, help="`generator` field of the export (default: the --a path)")
+    j.add_argument("--strip-thoughts", action="store_true",
+                   help="ask with the TPO thought prompt and judge only the response part of each answer")
+    j.add_argument("--thought-template", default=os.path.join(TEMPLATES, "thought.txt"), help="the thought prompt ({prompt})")
+    ja = parser.add_argument_group("--metric judge-accuracy")
+    ja.add_argument("--pairwise-template", default=os.path.join(TEMPLATES, "pairwise.txt"),
+                    help="the pairwise judge prompt ({prompt}, {response_a}, {response_b}), verdict [[A]] or [[B]]")
     r = parser.add_argument_group("--metric accuracy")
     r.add_argument("--samples", type=int, default=4, help="sampled answers per question (pass@1, maj@k)")
     r.add_argument("--reasoning-template", default=os.path.join(TEMPLATES, "reasoning.txt"), help="the question's prompt ({prompt})")

@@ -24,11 +24,14 @@ import shutil
 import time
 
 import evaluate
+import evaluator
 import judge
 import lift
 import meta_judge
 import reasoning
+import report
 import sample
+import tpo
 import train_dpo
 from common import (barrier, check_flags, check_prompt_fields, init_distributed, load_template, lock_folder,
                     model_fingerprint, print0, read_jsonl, render, resolve_model, write_jsonl)
@@ -100,10 +103,24 @@ PRESETS["scpo-paper"] = dict(
     PRESETS["paper"], method="scpo", iterations=2, prompts_per_iter="0", n_responses=8, tau="0.5,0.7",
     temperature=0.7, top_p=0.9, max_new_tokens=512, beta=0.5, nll_coef=1.0, lr=5e-6, epochs=10, batch_size=16,  # ? batch
     select="last", val_prompts_n=0, eval_samples=4)
+PRESETS["tpo-paper"] = dict(
+    # Thinking LLMs / TPO (Wu et al. 2024): 8 samples, 5,000 prompts per iteration, 10 epochs, up to 5 iterations;
+    # the paper judged with a separate judge model (pass --judge-model); its control is --no-thoughts
+    PRESETS["paper"], method="tpo", iterations=5, n_responses=8, temperature=0.8, top_p=0.95,
+    n_judgments=1, rho="0.5",  # ? one judgment (a reward model in the paper); rho in [0, 0.5]
+    judge_pairs_iters="", max_chosen_chars="0", select="last", val_prompts_n=0, eval_prompts_n=0)
+PRESETS["ste-demo"] = dict(
+    # the Self-Taught Evaluator on the embedded model: y- = the answer to another request; the model cannot write
+    # a [[A]]/[[B]] verdict, so its probabilities of the letter after `Verdict: [[` decide (expected mode), and the
+    # letter is written out at the end of the judgment
+    PRESETS["demo"], method="self-taught-evaluator", iterations=1, prompts_per_iter="32", n_responses=1,
+    system_prompt=None, temperature=0.8, max_new_tokens=64, n_judgments=4, judge_max_new_tokens=64,
+    meta_max_new_tokens=48, verdict_mode="expected", sft_lr=1e-5, sft_epochs=2, sft_batch_size=8,
+    micro_batch_size=4, eval_prompts_n=20, eval_max_new_tokens=64, other_prompt=True)
 # flags that only some presets give a value: the rest take the default given here
 OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
             "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
-            "pairs_per_question": {None: 10}, "tau": {None: "0.5"},
+            "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False},
             "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
             "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
             "reasoning_template": {None: os.path.join(ROOT, "data", "templates", "reasoning.txt")}}
@@ -176,58 +193,105 @@ def engine_flags(args):
 
 
 def plan(args, t, model_in):
-    """[(stage name, script module or None for the loop's own stages, argv)] of iteration t >= 1."""
+    """[(stage name, script module or None for the loop's own stages, argv)] of iteration t >= 1: the prompts and
+    the actor's samples, then the method's own way from samples to pairs, training, evaluation and the report."""
     d = os.path.join(args.run, f"iter{t}")
     f = lambda name: os.path.join(d, name)  # noqa: E731
     seed = str(args.seed * 1000 + t)
-    extra = lambda s: shlex.split(s or "")  # noqa: E731
     stages = [("prompts", None, []),
               ("responses", sample, ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f("responses.jsonl"),
                                      "--n-responses", str(args.n_responses), "--temperature", schedule(args.temperature, t),
                                      "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
                                      "--seed", seed] + (["--no-dedup"] if args.method in VERIFIED else [])  # votes count duplicates
-              + engine_flags(args) + extra(args.sample_args))]
-    if args.method in VERIFIED:  # the verifier (IRPO) or the vote (ScPO) in place of the judges
-        stages.append(("reasoning_pairs", reasoning, [
-            "--responses", f("responses.jsonl"), "--out", f("reasoning_pairs.jsonl"), "--method", args.method,
-            "--pairs-per-question", str(args.pairs_per_question), "--tau", schedule(args.tau, t),
-            "--truncated", args.truncated, "--seed", seed]))
-        stages.append(("train", train_dpo, ["--model", model_in, "--data", f("reasoning_pairs.jsonl"), "--out", f("model"),
-                                            "--beta", str(args.beta), "--lr", str(args.lr)] + train_flags(args)))
-        return stages + eval_and_report(args, d, model_in)
-    if args.method == "lift":  # judge-free: length-instructed pairs straight from the responses
-        stages.append(("lift_pairs", lift, ["--responses", f("responses.jsonl"), "--out", f("lift_pairs.jsonl"),
-                                            "--per-prompt", str(args.lift_per_prompt), "--truncated", args.truncated,
-                                            "--seed", seed]))
-        stages.append(("train", train_dpo, ["--model", model_in, "--data", f("lift_pairs.jsonl"), "--out", f("model"),
-                                            "--beta", str(args.beta), "--lr", str(args.lr)] + train_flags(args)))
-        return stages + eval_and_report(args, d, model_in)
-    judging = ["--judge-fn", args.judge_fn] if args.judge_fn else []
+              + engine_flags(args) + shlex.split(args.sample_args or ""))]
+    make = {"irpo": verified_stages, "scpo": verified_stages, "lift": lift_stages, "tpo": tpo_stages,
+            "self-taught-evaluator": evaluator_stages}.get(args.method, judged_stages)
+    more, data = make(args, t, f, seed, model_in)
+    start = args.model if args.method == "self-taught-evaluator" else model_in  # its judges restart from the seed
+    if args.method == "self-taught-evaluator":
+        train = ["--model", start, "--objective", "sft", "--data", *data, "--out", f("model"), "--lr", str(args.sft_lr)] + \
+            train_flags(args, sft=True)
+    else:
+        train = ["--model", start, "--data", *data, "--out", f("model"), "--beta", str(args.beta), "--lr", str(args.lr)] + \
+            train_flags(args)
+    return stages + more + [("train", train_dpo, train)] + eval_and_report(args, d, model_in, t)
+
+
+def judge_argv(args, t, f, seed, model_in, responses, pairs=True):
     cap = schedule(args.max_chosen_chars, t)
-    stages.append(("judgments", judge, [
-        "--model", model_in, "--responses", f("responses.jsonl"), "--out", f("judgments.jsonl"),
-        "--pairs", f("actor_pairs.jsonl"), "--n-judgments", str(args.n_judgments), "--score-mode", args.score_mode,
-        "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
-        "--max-new-tokens", str(args.judge_max_new_tokens), "--rho", schedule(args.rho, t), "--truncated", args.truncated,
-        "--seed", seed] + (["--max-chosen-chars", cap] if cap != "0" else []) + judging + engine_flags(args)
-        + extra(args.judge_args)))
-    pair_files = [f("actor_pairs.jsonl")]
+    return (["--model", args.judge_model or model_in, "--responses", responses, "--out", f("judgments.jsonl")]
+            + (["--pairs", f("actor_pairs.jsonl"), "--rho", schedule(args.rho, t)] if pairs else [])
+            + ["--n-judgments", str(args.n_judgments), "--score-mode", args.score_mode,
+               "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
+               "--max-new-tokens", str(args.judge_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
+            + (["--max-chosen-chars", cap] if cap != "0" and pairs else []) + (["--judge-fn", args.judge_fn] if args.judge_fn else [])
+            + engine_flags(args) + shlex.split(args.judge_args or ""))
+
+
+def judged_stages(args, t, f, seed, model_in):
+    """Meta-Rewarding and Self-Rewarding: the judge, the meta-judge where its pairs train, LIFT copies with --lift."""
+    stages = [("judgments", judge, judge_argv(args, t, f, seed, model_in, f("responses.jsonl")))]
+    data = [f("actor_pairs.jsonl")]
     # the meta-judge runs only where its pairs are trained on: it is the costliest stage (N(N-1) battles)
     if args.method == "meta-rewarding" and in_schedule(args.judge_pairs_iters, t):
         cap = schedule(args.max_chosen_judgment_chars, t)
         stages.append(("meta_judgments", meta_judge, [
-            "--model", model_in, "--judgments", f("judgments.jsonl"), "--out", f("meta_judgments.jsonl"),
+            "--model", args.judge_model or model_in, "--judgments", f("judgments.jsonl"), "--out", f("meta_judgments.jsonl"),
             "--pairs", f("judge_pairs.jsonl"), "--verdict-mode", args.verdict_mode,
             "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
             "--max-new-tokens", str(args.meta_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
-            + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + extra(args.meta_judge_args)))
-        pair_files.append(f("judge_pairs.jsonl"))
+            + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + shlex.split(args.meta_judge_args or "")))
+        data.append(f("judge_pairs.jsonl"))
     if args.lift:  # each actor pair also with a word limit that only its shorter response keeps
         stages.append(("lift_pairs", lift, ["--pairs", f("actor_pairs.jsonl"), "--out", f("lift_pairs.jsonl"), "--seed", seed]))
-        pair_files.append(f("lift_pairs.jsonl"))
-    stages.append(("train", train_dpo, ["--model", model_in, "--data", *pair_files, "--out", f("model"),
-                                        "--beta", str(args.beta), "--lr", str(args.lr)] + train_flags(args)))
-    return stages + eval_and_report(args, d, model_in)
+        data.append(f("lift_pairs.jsonl"))
+    return stages, data
+
+
+def verified_stages(args, t, f, seed, model_in):
+    """IRPO and ScPO: the verifier (gold answers) or the vote in place of the judges."""
+    return [("reasoning_pairs", reasoning, [
+        "--responses", f("responses.jsonl"), "--out", f("reasoning_pairs.jsonl"), "--method", args.method,
+        "--pairs-per-question", str(args.pairs_per_question), "--tau", schedule(args.tau, t),
+        "--truncated", args.truncated, "--seed", seed])], [f("reasoning_pairs.jsonl")]
+
+
+def lift_stages(args, t, f, seed, model_in):
+    """Judge-free LIFT: length-instructed pairs straight from the responses."""
+    return [("lift_pairs", lift, ["--responses", f("responses.jsonl"), "--out", f("lift_pairs.jsonl"), "--per-prompt",
+                                  str(args.lift_per_prompt), "--truncated", args.truncated, "--seed", seed])], [f("lift_pairs.jsonl")]
+
+
+def tpo_stages(args, t, f, seed, model_in):
+    """TPO: split each output into thought and response, judge the responses only, pair the whole outputs."""
+    return [("split", tpo, ["--step", "split", "--responses", f("responses.jsonl"), "--out", f("split.jsonl")]
+             + ([] if args.thoughts else ["--no-thoughts"])),
+            ("judgments", judge, judge_argv(args, t, f, seed, model_in, f("split.jsonl"), pairs=False)),
+            ("tpo_pairs", tpo, ["--step", "pairs", "--judgments", f("judgments.jsonl"), "--out", f("tpo_pairs.jsonl"),
+                                "--rho", schedule(args.rho, t)])], [f("tpo_pairs.jsonl")]
+
+
+def evaluator_stages(args, t, f, seed, model_in):
+    """The Self-Taught Evaluator: contrasting pairs, the current judge's verdicts in both orders, the right ones
+    (labels balanced) as SFT data; in iteration 1 also the held-out labelled pairs every iteration is scored on."""
+    stages = []
+    if t == 1 and args.eval_prompts_n >= 0:
+        stages += [("eval_answers", sample, ["--model", args.model, "--prompts", args.eval_prompts, "--limit",
+                                             str(args.eval_prompts_n), "--out", f("eval_answers.jsonl"), "--n-responses", "1",
+                                             "--temperature", schedule(args.temperature, t), "--max-new-tokens",
+                                             str(args.eval_max_new_tokens), "--seed", seed] + engine_flags(args)),
+                   ("eval_pairs", evaluator, ["--step", "contrast", "--other-prompt", "--responses", f("eval_answers.jsonl"),
+                                              "--out", f("eval_pairs.jsonl"), "--seed", seed])]
+    contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in]
+    stages += [("contrast", evaluator, ["--step", "contrast", "--responses", f("responses.jsonl"), "--out", f("contrast.jsonl"),
+                                        "--seed", seed] + contrast),
+               ("pairwise", evaluator, ["--step", "judge", "--model", model_in, "--contrast", f("contrast.jsonl"),
+                                        "--out", f("pairwise.jsonl"), "--n-judgments", str(args.n_judgments),
+                                        "--verdict-mode", args.verdict_mode, "--temperature", schedule(args.judge_temperature, t),
+                                        "--max-new-tokens", str(args.judge_max_new_tokens), "--seed", seed]),
+               ("select", evaluator, ["--step", "select", "--judged", f("pairwise.jsonl"), "--out", f("ste_sft.jsonl"),
+                                      "--seed", seed])]
+    return stages, [f("ste_sft.jsonl")]
 
 
 def train_flags(args, sft=False):
@@ -248,17 +312,20 @@ def plan_sft(args):
     return stages + eval_and_report(args, d, args.model)
 
 
-def eval_and_report(args, d, model_in):
+def eval_and_report(args, d, model_in, t=0):
     stages = []
     if args.eval_prompts_n >= 0:
+        prompts = args.eval_prompts
+        if args.eval_metric == "judge-accuracy":  # the held-out labelled pairs made in iteration 1
+            prompts = os.path.join(args.run, "iter1", "eval_pairs.jsonl")
         stages.append(("evaluate", evaluate, [
-            "--a", os.path.join(d, "model"), "--b", model_in, "--judge", args.eval_judge, "--prompts", args.eval_prompts,
+            "--a", os.path.join(d, "model"), "--b", model_in, "--judge", args.eval_judge, "--prompts", prompts,
             "--metric", args.eval_metric, "--limits", args.eval_limits, "--samples", str(args.eval_samples),
-            "--reasoning-template", args.reasoning_template,
-            "--limit", str(args.eval_prompts_n), "--out-dir", os.path.join(d, "eval"), "--max-new-tokens",
-            str(args.eval_max_new_tokens), "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
-            str(args.meta_max_new_tokens), "--max-rows", str(args.max_rows), "--dtype", args.dtype,
-            "--seed", str(args.seed)] + shlex.split(args.eval_args or "")))
+            "--reasoning-template", args.reasoning_template, "--limit", "0" if args.eval_metric == "judge-accuracy" else
+            str(args.eval_prompts_n), "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens),
+            "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens),
+            "--max-rows", str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)]
+            + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else []) + shlex.split(args.eval_args or "")))
     return stages + [("report", None, [])]
 
 
@@ -292,9 +359,12 @@ def stage_prompts(args, t, d):
     """This iteration's slice of the pool (see prompt_slices), and its validation prompts if any."""
     train, val = args.slices[t - 1]
     if int(os.environ.get("RANK", 0)) == 0:
-        def keep(p):  # the pool's own system prompt, else --system-prompt
+        thought = load_template(args.thought_template, ("prompt",)) if args.method == "tpo" and args.thoughts else None
+
+        def keep(p):  # the pool's own system prompt, else --system-prompt; TPO asks for thoughts, keeping the request
             system = p.get("system") or args.system_prompt
-            return {"id": p["id"], "prompt": p["prompt"], **({"system": system} if system else {}),
+            asked = {"prompt": render(thought, prompt=p["prompt"]), "request": p["prompt"]} if thought else {"prompt": p["prompt"]}
+            return {"id": p["id"], **asked, **({"system": system} if system else {}),
                     **({"answer": p["answer"]} if "answer" in p else {})}
         write_jsonl(os.path.join(d, "prompts.jsonl"), [keep(p) for p in train])
         if val:
@@ -381,117 +451,9 @@ def write_json(path, obj):
 
 def stage_report(args, t, d):
     if int(os.environ.get("RANK", 0)) == 0:
-        write_report(d, t, load_manifest(d))
+        report.write_report(d, t, load_manifest(d))
     barrier(args.world)
     return {"report": os.path.join(d, "report.md")}
-
-
-def _read_if(path):
-    return read_jsonl(path, required=()) if os.path.exists(path) and os.path.getsize(path) > 0 else []
-
-
-def _dist(xs):
-    if not xs:
-        return "n/a"
-    xs = sorted(xs)
-    return f"mean {sum(xs) / len(xs):.2f}, median {xs[len(xs) // 2]:.2f}, min {xs[0]:.2f}, max {xs[-1]:.2f}"
-
-
-def write_report(d, t, manifest):
-    """report.md of one iteration: counts, skips, failure rates, chosen vs rejected, position bias, training
-    curves (a PNG too where matplotlib is installed), checkpoint selection, evaluation."""
-    st = {k: v.get("counts", {}) for k, v in manifest["stages"].items()}
-    lines = [f"# Iteration {t} ({'SFT' if t == 0 else manifest.get('method')})", "",
-             f"Model in: `{manifest.get('model_in')}`  ", f"Model out: `{manifest.get('model_out')}`", "",
-             "## Stages", "", "| stage | seconds | counts |", "|---|---|---|"]
-    for name, v in manifest["stages"].items():
-        counts = {k: x for k, x in v.get("counts", {}).items() if not isinstance(x, (list, dict)) or k.endswith("skips")}
-        lines.append(f"| {name} | {v.get('seconds')} | {json.dumps(counts)} |")
-    if "judgments" in st:
-        jd, pairs = st["judgments"], _read_if(os.path.join(d, "actor_pairs.jsonl"))
-        lines += ["", "## Actor pairs: chosen vs rejected", "",
-                  f"{len(pairs)} pairs; skips: {jd.get('actor_pair_skips', {})}; responses cut at their token limit: "
-                  f"{jd.get('truncated_responses', 'n/a')} ({jd.get('truncated', 'drop')}); judge parse failures: "
-                  f"{jd.get('parse_failures', 'n/a')} (rate {jd.get('parse_failure_rate', 'n/a')}, score mode "
-                  f"{jd.get('score_mode', 'n/a')})", "", "| | score | length (chars) |", "|---|---|---|",
-                  f"| chosen | {_dist([p['score_chosen'] for p in pairs])} | {_dist([len(p['chosen']) for p in pairs])} |",
-                  f"| rejected | {_dist([p['score_rejected'] for p in pairs])} | {_dist([len(p['rejected']) for p in pairs])} |"]
-    if "meta_judgments" in st:
-        m = st["meta_judgments"]
-        lines += ["", "## Meta-judge", "",
-                  f"{m.get('battles')} battles, unparseable verdicts {m.get('unparseable_rate')}, first-position win rate "
-                  f"{m.get('first_position_win_rate')} (omega1 {m.get('omega1')}, omega2 {m.get('omega2')}); "
-                  f"{m.get('judge_pairs')} judge pairs, skips {m.get('pair_skips')}"]
-    lines += training_section(d, st.get("train", {}), "SFT" if t == 0 else "DPO")
-    ev = st.get("evaluate", {})
-    if ev.get("metric") == "accuracy":
-        lines += ["", "## Evaluation: final answers, this iteration's model (A) vs its starting model (B)", "",
-                  f"{ev['questions']} held-out questions, {ev['samples']} samples each; 95% bootstrap intervals over "
-                  "questions; the parse rate (a readable final answer at all) is format, not correctness", "",
-                  f"| model | greedy accuracy | sampled pass@1 | maj@{ev['samples']} | parse rate (greedy / sampled) |",
-                  "|---|---|---|---|---|"]
-        for side in ("a", "b"):
-            r = ev.get(side)
-            if r:
-                lines.append(f"| {side.upper()} | {r['greedy']} {r['greedy_ci95']} | {r['pass1']} {r['pass1_ci95']} | "
-                             f"{r['maj']} {r['maj_ci95']} | {r['greedy_parse_rate']} / {r['sampled_parse_rate']} |")
-        if "greedy_diff" in ev:
-            lines += ["", f"A - B: greedy {ev['greedy_diff']}, pass@1 {ev['pass1_diff']}, maj {ev['maj_diff']}"]
-    if ev.get("metric") == "length":
-        lines += ["", "## Evaluation: word limits, this iteration's model (A) vs its starting model (B)", "",
-                  f"{ev['prompts']} held-out prompts x limits {ev['limits']} words; violation = more words than the limit; "
-                  "intervals are 95% bootstrap intervals over prompts", "",
-                  "| model | violations (training wording) | violations (paraphrase) | words / limit | Spearman(limit, words) | words without a limit | empty |",
-                  "|---|---|---|---|---|---|---|"]
-        for side in ("a", "b"):
-            r = ev.get(side)
-            if r:
-                lines.append(f"| {side.upper()} | {r['instructed']['violation_rate']} {r['instructed']['violation_ci95']} | "
-                             f"{r['paraphrased']['violation_rate']} {r['paraphrased']['violation_ci95']} | "
-                             f"{r['instructed']['words_over_limit']} | {r['instructed']['spearman_limit_words']} | "
-                             f"{r['plain']['mean_words']} | {r['plain']['empty_rate']} |")
-        if "instructed_violation_diff" in ev:
-            lines += ["", f"A - B violation rate: {ev['instructed_violation_diff']} (training wording), "
-                          f"{ev['paraphrased_violation_diff']} (paraphrase)"]
-    if ev and "win_rate" in ev:
-        lines += ["", "## Evaluation: this iteration's model (A) vs its starting model (B)", "",
-                  f"{ev['prompts']} held-out prompts, judge `{ev['judge']}` ({ev['verdict_mode']} verdicts): "
-                  f"wins {ev['wins']}, ties {ev['ties']}, losses {ev['losses']}; win rate {ev['win_rate']} "
-                  f"(95% CI {ev['win_rate_ci95']}), length-controlled {ev['lc_win_rate']}; mean length A "
-                  f"{ev['mean_chars_a']} vs B {ev['mean_chars_b']} chars; unparseable verdicts {ev['unparseable_verdicts']}"]
-    with open(os.path.join(d, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def training_section(d, train, what):
-    lines = ["", f"## {what}", ""]
-    metrics = _read_if(os.path.join(d, "model.train", "metrics.jsonl"))
-    if not metrics:
-        return lines + [str(train.get("skipped", "no training metrics"))]
-    cols = ["loss", "reward_acc", "margin", "chosen_logps", "rejected_logps", "grad_norm"] if "margin" in metrics[0] \
-        else ["loss", "grad_norm"]
-    lines += ["| step | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {m['step']} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |" for m in metrics]
-    if "val_win_rate_by_epoch" in train:
-        lines += ["", f"Checkpoint selection on held-out prompts: win rate against the starting model by epoch "
-                      f"{train['val_win_rate_by_epoch']}; epoch {train['best_epoch']} kept."]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        keys = [c for c in ("loss", "reward_acc", "margin") if c in cols]
-        fig, ax = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-        for a, key in zip(ax[0], keys):
-            a.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker="o")
-            a.set_title(key)
-            a.set_xlabel("step")
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, "training.png"))
-        plt.close(fig)
-        lines += ["", "![training curves](training.png)"]
-    except ImportError:
-        pass
-    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -502,9 +464,11 @@ def build_parser():
     p = argparse.ArgumentParser(description="Run iterations of Meta-Rewarding / Self-Rewarding.")
     p.add_argument("--run-dir", dest="run", default=os.path.join("runs", "demo"), help="run folder (iterations go in <run-dir>/iter<t>)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults for every flag left unset")
-    p.add_argument("--method", default=None, choices=("meta-rewarding", "self-rewarding", "lift", "irpo", "scpo"),
+    p.add_argument("--method", default=None, choices=("meta-rewarding", "self-rewarding", "lift", "irpo", "scpo", "tpo",
+                                                      "self-taught-evaluator"),
                    help="with the meta-judge, or without it (every other value the same); lift: judge-free length-"
-                        "instructed pairs; irpo, scpo: verifiable answers (gold, or a vote) instead of the judges")
+                        "instructed pairs; irpo, scpo: verifiable answers (gold, or a vote) instead of the judges; tpo: "
+                        "thoughts judged by their responses; self-taught-evaluator: the judge trained on synthetic pairs")
     p.add_argument("--lift", action="store_true", help="also train on a length-instructed copy of every actor pair (LIFT)")
     p.add_argument("--lift-per-prompt", type=int, default=None, help="--method lift: pairs per prompt")
     p.add_argument("--model", default=None, help="starting model M0 (default: the embedded SmolLM2-135M-Instruct)")
@@ -529,6 +493,7 @@ def build_parser():
                    help="responses and judgments cut at their token limit: in no pair (drop), or only ever rejected (keep)")
     j = p.add_argument_group("judge and meta-judge")
     j.add_argument("--n-judgments", type=int, default=None, help="judgments per response (N)")
+    j.add_argument("--judge-model", default=None, help="a fixed judge for the judge and meta-judge stages (default: the model itself)")
     j.add_argument("--judge-temperature", default=None, help="judge and meta-judge temperature, a schedule (default: the actor's)")
     j.add_argument("--judge-top-p", type=float, default=None, help="judge and meta-judge nucleus mass (default: the actor's)")
     j.add_argument("--score-mode", default=None, choices=("parse", "expected"), help="judge score mode")
@@ -555,7 +520,9 @@ def build_parser():
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-prompts", default=None, help="held-out prompts (default: data/eval_prompts.jsonl)")
     e.add_argument("--eval-prompts-n", type=int, default=None, help="held-out prompts per evaluation (0 = all, -1 = no evaluation)")
-    e.add_argument("--eval-metric", default=None, choices=("winrate", "length"), help="evaluate.py --metric (default: length for --method lift)")
+    e.add_argument("--eval-metric", default=None, choices=("winrate", "length", "accuracy", "judge-accuracy"),
+                   help="evaluate.py --metric (default: the method's: length for lift, accuracy for irpo and scpo, "
+                        "judge-accuracy for the self-taught evaluator, else the win rate)")
     e.add_argument("--eval-limits", default="10,20,40", help="word limits of --eval-metric length")
     e.add_argument("--eval-samples", type=int, default=4, help="sampled answers per question of --eval-metric accuracy")
     r = p.add_argument_group("verifiable rewards (irpo, scpo)")
@@ -563,6 +530,12 @@ def build_parser():
                    help="how a question is asked ({prompt}); default data/templates/reasoning.txt: step by step, then `Final answer: <number>`")
     r.add_argument("--pairs-per-question", type=int, default=None, help="IRPO: pairs per question (K)")
     r.add_argument("--tau", default=None, help="ScPO: vote threshold, a schedule (e.g. 0.5,0.7)")
+    o = p.add_argument_group("tpo and self-taught-evaluator")
+    o.add_argument("--thought-template", default=os.path.join(ROOT, "data", "templates", "thought.txt"),
+                   help="TPO: the actor's prompt ({prompt}): thoughts, then the response, after two markers")
+    o.add_argument("--no-thoughts", dest="thoughts", action="store_false", help="TPO's control: the same loop with direct responses")
+    o.add_argument("--other-prompt", action="store_true", default=None,
+                   help="self-taught-evaluator: the worse answer is the answer to another request (for models too small to write x')")
     e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
     e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
     g = p.add_argument_group("engine and pass-through")
@@ -579,7 +552,8 @@ def parse_args(argv=None):
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.eval_metric = args.eval_metric or {"lift": "length", "irpo": "accuracy", "scpo": "accuracy"}.get(args.method, "winrate")
+    args.eval_metric = args.eval_metric or {"lift": "length", "irpo": "accuracy", "scpo": "accuracy",
+                                            "self-taught-evaluator": "judge-accuracy"}.get(args.method, "winrate")
     args.judge_temperature = args.temperature if args.judge_temperature is None else args.judge_temperature
     args.judge_top_p = args.top_p if args.judge_top_p is None else args.judge_top_p
     return args
@@ -627,7 +601,7 @@ def run_settings(args):
 def dry_run(args):
     """The whole run as JSON: each iteration's prompt ids and every stage's full command line."""
     scripts = {sample: "sample.py", judge: "judge.py", meta_judge: "meta_judge.py", train_dpo: "train_dpo.py",
-               evaluate: "evaluate.py", lift: "lift.py", reasoning: "reasoning.py"}
+               evaluate: "evaluate.py", lift: "lift.py", reasoning: "reasoning.py", tpo: "tpo.py", evaluator: "evaluator.py"}
     doc = {"iterations": []}
     for t, d, model_in, stages in iterations(args):
         train, val = args.slices[t - 1] if t >= 1 else ([], [])

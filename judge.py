@@ -72,8 +72,9 @@ def probe_candidates(tok, probe, options):
     """Token ids of `options` right after `probe`, each a single token, e.g. probe "Score:", options 0..5.
 
     Tries `probe + " "` followed by the bare option first (tokenizers that split a space off digits), then
-    `probe` followed by " option". Returns (probe text to append, candidate ids)."""
-    for head, sep in ((probe + " ", ""), (probe, " ")):
+    `probe` followed by " option", then the option right after `probe` (`[[A`). Returns (probe text to
+    append, candidate ids)."""
+    for head, sep in ((probe + " ", ""), (probe, " "), (probe, "")):
         base = tok.encode(head)
         ids = []
         for opt in options:

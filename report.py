@@ -1,0 +1,137 @@
+"""
+The report of one iteration of iterate.py (report.md, and training.png where matplotlib is installed): what
+each stage did and skipped, chosen vs rejected, position bias, the training curves, checkpoint selection and
+the evaluation, read back from the iteration's files and manifest.
+
+    python report.py runs/demo/iter1            # write (again) the report of an iteration folder
+"""
+import json
+import os
+import sys
+
+from common import read_jsonl
+
+
+def _read_if(path):
+    return read_jsonl(path, required=()) if os.path.exists(path) and os.path.getsize(path) > 0 else []
+
+
+def _dist(xs):
+    if not xs:
+        return "n/a"
+    xs = sorted(xs)
+    return f"mean {sum(xs) / len(xs):.2f}, median {xs[len(xs) // 2]:.2f}, min {xs[0]:.2f}, max {xs[-1]:.2f}"
+
+
+def write_report(d, t, manifest):
+    """report.md of one iteration: counts, skips, failure rates, chosen vs rejected, position bias, training
+    curves (a PNG too where matplotlib is installed), checkpoint selection, evaluation."""
+    st = {k: v.get("counts", {}) for k, v in manifest["stages"].items()}
+    lines = [f"# Iteration {t} ({'SFT' if t == 0 else manifest.get('method')})", "",
+             f"Model in: `{manifest.get('model_in')}`  ", f"Model out: `{manifest.get('model_out')}`", "",
+             "## Stages", "", "| stage | seconds | counts |", "|---|---|---|"]
+    for name, v in manifest["stages"].items():
+        counts = {k: x for k, x in v.get("counts", {}).items() if not isinstance(x, (list, dict)) or k.endswith("skips")}
+        lines.append(f"| {name} | {v.get('seconds')} | {json.dumps(counts)} |")
+    if "judgments" in st:
+        jd, pairs = st["judgments"], _read_if(os.path.join(d, "actor_pairs.jsonl"))
+        lines += ["", "## Actor pairs: chosen vs rejected", "",
+                  f"{len(pairs)} pairs; skips: {jd.get('actor_pair_skips', {})}; responses cut at their token limit: "
+                  f"{jd.get('truncated_responses', 'n/a')} ({jd.get('truncated', 'drop')}); judge parse failures: "
+                  f"{jd.get('parse_failures', 'n/a')} (rate {jd.get('parse_failure_rate', 'n/a')}, score mode "
+                  f"{jd.get('score_mode', 'n/a')})", "", "| | score | length (chars) |", "|---|---|---|",
+                  f"| chosen | {_dist([p['score_chosen'] for p in pairs])} | {_dist([len(p['chosen']) for p in pairs])} |",
+                  f"| rejected | {_dist([p['score_rejected'] for p in pairs])} | {_dist([len(p['rejected']) for p in pairs])} |"]
+    if "meta_judgments" in st:
+        m = st["meta_judgments"]
+        lines += ["", "## Meta-judge", "",
+                  f"{m.get('battles')} battles, unparseable verdicts {m.get('unparseable_rate')}, first-position win rate "
+                  f"{m.get('first_position_win_rate')} (omega1 {m.get('omega1')}, omega2 {m.get('omega2')}); "
+                  f"{m.get('judge_pairs')} judge pairs, skips {m.get('pair_skips')}"]
+    lines += training_section(d, st.get("train", {}), "SFT" if t == 0 else "DPO")
+    ev = st.get("evaluate", {})
+    if ev.get("metric") == "judge-accuracy":
+        lines += ["", "## Evaluation: as a judge, this iteration's model (A) vs its starting model (B)", "",
+                  f"{ev['pairs']} held-out labelled pairs, each judged greedily in both orders; position-consistent accuracy "
+                  "(right in both orders 1, in one 1/2) with its 95% bootstrap interval", "",
+                  "| judge | accuracy | first-shown answer preferred | unparsed verdicts |", "|---|---|---|---|"]
+        lines += [f"| {s.upper()} | {ev[s]['accuracy']} {ev[s]['accuracy_ci95']} | {ev[s]['first_position_rate']} | "
+                  f"{ev[s]['unparsed_rate']} |" for s in ("a", "b") if s in ev]
+        if "accuracy_diff" in ev:
+            lines += ["", f"A - B accuracy: {ev['accuracy_diff']}"]
+    if ev.get("metric") == "accuracy":
+        lines += ["", "## Evaluation: final answers, this iteration's model (A) vs its starting model (B)", "",
+                  f"{ev['questions']} held-out questions, {ev['samples']} samples each; 95% bootstrap intervals over "
+                  "questions; the parse rate (a readable final answer at all) is format, not correctness", "",
+                  f"| model | greedy accuracy | sampled pass@1 | maj@{ev['samples']} | parse rate (greedy / sampled) |",
+                  "|---|---|---|---|---|"]
+        for side in ("a", "b"):
+            r = ev.get(side)
+            if r:
+                lines.append(f"| {side.upper()} | {r['greedy']} {r['greedy_ci95']} | {r['pass1']} {r['pass1_ci95']} | "
+                             f"{r['maj']} {r['maj_ci95']} | {r['greedy_parse_rate']} / {r['sampled_parse_rate']} |")
+        if "greedy_diff" in ev:
+            lines += ["", f"A - B: greedy {ev['greedy_diff']}, pass@1 {ev['pass1_diff']}, maj {ev['maj_diff']}"]
+    if ev.get("metric") == "length":
+        lines += ["", "## Evaluation: word limits, this iteration's model (A) vs its starting model (B)", "",
+                  f"{ev['prompts']} held-out prompts x limits {ev['limits']} words; violation = more words than the limit; "
+                  "intervals are 95% bootstrap intervals over prompts", "",
+                  "| model | violations (training wording) | violations (paraphrase) | words / limit | Spearman(limit, words) | words without a limit | empty |",
+                  "|---|---|---|---|---|---|---|"]
+        for side in ("a", "b"):
+            r = ev.get(side)
+            if r:
+                lines.append(f"| {side.upper()} | {r['instructed']['violation_rate']} {r['instructed']['violation_ci95']} | "
+                             f"{r['paraphrased']['violation_rate']} {r['paraphrased']['violation_ci95']} | "
+                             f"{r['instructed']['words_over_limit']} | {r['instructed']['spearman_limit_words']} | "
+                             f"{r['plain']['mean_words']} | {r['plain']['empty_rate']} |")
+        if "instructed_violation_diff" in ev:
+            lines += ["", f"A - B violation rate: {ev['instructed_violation_diff']} (training wording), "
+                          f"{ev['paraphrased_violation_diff']} (paraphrase)"]
+    if ev and "win_rate" in ev:
+        lines += ["", "## Evaluation: this iteration's model (A) vs its starting model (B)", "",
+                  f"{ev['prompts']} held-out prompts, judge `{ev['judge']}` ({ev['verdict_mode']} verdicts): "
+                  f"wins {ev['wins']}, ties {ev['ties']}, losses {ev['losses']}; win rate {ev['win_rate']} "
+                  f"(95% CI {ev['win_rate_ci95']}), length-controlled {ev['lc_win_rate']}; mean length A "
+                  f"{ev['mean_chars_a']} vs B {ev['mean_chars_b']} chars; unparseable verdicts {ev['unparseable_verdicts']}"]
+    with open(os.path.join(d, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def training_section(d, train, what):
+    lines = ["", f"## {what}", ""]
+    metrics = _read_if(os.path.join(d, "model.train", "metrics.jsonl"))
+    if not metrics:
+        return lines + [str(train.get("skipped", "no training metrics"))]
+    cols = ["loss", "reward_acc", "margin", "chosen_logps", "rejected_logps", "grad_norm"] if "margin" in metrics[0] \
+        else ["loss", "grad_norm"]
+    lines += ["| step | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {m['step']} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |" for m in metrics]
+    if "val_win_rate_by_epoch" in train:
+        lines += ["", f"Checkpoint selection on held-out prompts: win rate against the starting model by epoch "
+                      f"{train['val_win_rate_by_epoch']}; epoch {train['best_epoch']} kept."]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        keys = [c for c in ("loss", "reward_acc", "margin") if c in cols]
+        fig, ax = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+        for a, key in zip(ax[0], keys):
+            a.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker="o")
+            a.set_title(key)
+            a.set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(os.path.join(d, "training.png"))
+        plt.close(fig)
+        lines += ["", "![training curves](training.png)"]
+    except ImportError:
+        pass
+    return lines
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1] if len(sys.argv) > 1 else "."
+    with open(os.path.join(folder, "manifest.json")) as f:
+        manifest = json.load(f)
+    write_report(folder, manifest.get("iteration", 0), manifest)
+    print(os.path.join(folder, "report.md"))

@@ -1,0 +1,152 @@
+"""tpo.py and evaluator.py: their rules against hand-worked tables, and both methods end to end on the tiny
+model (files, manifest, resume)."""
+import json
+import os
+import random
+
+import pytest
+from conftest import STOPS, make_tiny_checkpoint
+
+import evaluator
+import iterate
+import tpo
+
+T, R = tpo.THOUGHT, tpo.RESPONSE
+
+
+@pytest.mark.parametrize("text,want", [
+    (f"{T} think about it.\n{R} The answer.", ("think about it.", "The answer.")),
+    (f"{R} Straight to it.", ("", "Straight to it.")),  # no thoughts is allowed; no response is not
+    (f"Some preamble {T} a\n{R} b", ("a", "b")),
+    (f"{T} I will write '{R}' and then answer.\n{R} Done.", (f"I will write '{R}' and then answer.", "Done.")),  # the last marker
+    (f"{T} only thoughts, never an answer", None),
+    (f"{T} x\n{R}   \n", None),  # an empty response
+    ("No markers at all.", None),
+])
+def test_split_thought(text, want):
+    assert tpo.split_thought(text) == want
+
+
+def test_zscores():
+    assert tpo.zscores([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]
+    assert tpo.zscores([1.0, 3.0]) == pytest.approx([-1.0, 1.0])
+    z = tpo.zscores([2.0, 4.0, 9.0])
+    assert sum(z) == pytest.approx(0.0) and sum(x * x for x in z) / 3 == pytest.approx(1.0)
+
+
+def test_tpo_pair_length_control_and_unsplittable():
+    # scores 4, 5, 3; response lengths 10, 100, 10: without length control the 5 wins
+    scores, lengths, ok = [4.0, 5.0, 3.0], [10, 100, 10], [True, True, True]
+    assert tpo.tpo_pair(scores, lengths, ok, rho=0.0) == (1, 2)
+    # z(scores) = (0, 1.22, -1.22), z(lengths) = (-0.71, 1.41, -0.71) (population std). At rho 0.5 the totals are
+    # (0.35, 0.52, -0.87): the long one still wins; at rho 1.0 they are (0.71, -0.19, -0.52): the first wins and the
+    # third, short but poorly scored, stays the rejected one
+    assert tpo.tpo_pair(scores, lengths, ok, rho=0.5) == (1, 2)
+    assert tpo.tpo_pair(scores, lengths, ok, rho=1.0) == (0, 2)
+    # scores (3, 4, 5): at rho 0 the lowest is rejected; at rho 1 the totals are (-0.51, -1.41, 1.93) and the long
+    # middle one is
+    assert tpo.tpo_pair([3.0, 4.0, 5.0], lengths, ok, rho=0.0) == (2, 0)
+    assert tpo.tpo_pair([3.0, 4.0, 5.0], lengths, ok, rho=1.0) == (2, 1)
+    # an unsplittable output is the rejected one, whatever its score
+    assert tpo.tpo_pair([4.0, 5.0, 0.0], lengths, [True, True, False], rho=0.0) == (1, 2)
+    assert tpo.tpo_pair([5.0, 1.0, 2.0], lengths, [True, False, True], rho=0.0) == (0, 1)
+    # a cut output is never chosen; nothing to prefer when all scores tie
+    assert tpo.tpo_pair(scores, lengths, ok, rho=0.0, truncated=[False, True, False]) == (0, 2)
+    assert tpo.tpo_pair([3.0, 3.0], [5, 5], [True, True], rho=0.0) is None
+    assert tpo.tpo_pair([None, 2.0], [5, 5], [True, False], rho=0.0) is None
+
+
+@pytest.mark.parametrize("text,want", [
+    ("A is more helpful.\n[[A]]", "A"), ("Reasons...\nVerdict: [[B]]", "B"), ("[[ b ]]", None),
+    ("First [[A]], then on reflection [[A]]", "A"),
+    ("Reply [[A]] or [[B]] at the end.", None),  # both letters: an echo of the instruction
+    ("A is better.", None), ("", None),
+])
+def test_parse_pairwise(text, want):
+    assert evaluator.parse_pairwise(text) == want
+
+
+def test_balance_and_consistent_accuracy():
+    items = [{"id": f"{k}", "label": "A"} for k in range(5)] + [{"id": f"b{k}", "label": "B"} for k in range(2)]
+    kept = evaluator.balance(items, random.Random(0))
+    assert sorted(x["label"] for x in kept) == ["A", "A", "B", "B"]
+    assert evaluator.balance(items[:5], random.Random(0)) == []  # no B at all: nothing balanced to keep
+    table = {("A", "B"): 1.0, ("A", "A"): 0.5, ("B", "B"): 0.5, ("B", "A"): 0.0, (None, "B"): 0.5, (None, None): 0.0}
+    for (first, second), want in table.items():
+        assert evaluator.consistent_accuracy(first, second) == want
+
+
+def test_other_prompt_pairs_never_pair_a_record_with_itself():
+    recs = [{"id": str(i), "prompt": f"p{i}", "responses": [f"a{i}"]} for i in range(7)]
+    pairs = evaluator.other_prompt_pairs(recs, seed=3)
+    assert [p["chosen"] for p in pairs] == [f"a{i}" for i in range(7)]
+    assert all(p["rejected"] != p["chosen"] for p in pairs) and sorted(p["rejected"] for p in pairs) == sorted(p["chosen"] for p in pairs)
+
+
+def test_tpo_end_to_end(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=5, stop_chars=STOPS)
+    run = str(tmp_path / "run")
+    args = ["--run-dir", run, "--model", ckpt, "--method", "tpo", "--iterations", "1", "--prompts-per-iter", "4",
+            "--n-responses", "3", "--n-judgments", "2", "--max-new-tokens", "10", "--judge-max-new-tokens", "4",
+            "--eval-prompts-n", "2", "--eval-max-new-tokens", "6", "--meta-max-new-tokens", "3", "--lr", "1e-3"]
+    iterate.main(args)
+    d = os.path.join(run, "iter1")
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    assert list(man["stages"]) == ["prompts", "responses", "split", "judgments", "tpo_pairs", "train", "evaluate", "report"]
+    p = json.loads(open(os.path.join(d, "prompts.jsonl")).readline())
+    assert T in p["prompt"] and p["request"] in p["prompt"] and T not in p["request"]
+    split = [json.loads(x) for x in open(os.path.join(d, "split.jsonl"))]
+    # a random model never writes the markers: every output is unsplittable, and the judge saw empty responses
+    assert all(not any(r["splittable"]) and set(r["responses"]) == {""} for r in split)
+    assert man["stages"]["tpo_pairs"]["counts"]["tpo_pairs"] == 0 and man["stages"]["train"]["counts"]["steps"] == 0
+    assert {how for *_, how in iterate.main(args)} == {"done before"}
+
+
+def test_self_taught_evaluator_end_to_end(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=5, stop_chars=STOPS)
+    run = str(tmp_path / "run")
+    args = ["--run-dir", run, "--model", ckpt, "--preset", "ste-demo", "--prompts-per-iter", "6", "--max-new-tokens", "8",
+            "--judge-max-new-tokens", "6", "--meta-max-new-tokens", "6", "--eval-prompts-n", "3", "--eval-max-new-tokens", "6",
+            "--n-judgments", "4", "--sft-lr", "1e-3"]
+    iterate.main(args)
+    d = os.path.join(run, "iter1")
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    assert list(man["stages"]) == ["prompts", "responses", "eval_answers", "eval_pairs", "contrast", "pairwise", "select",
+                                   "train", "evaluate", "report"]
+    judged = [json.loads(x) for x in open(os.path.join(d, "pairwise.jsonl"))]
+    assert len(judged) == 12 and {r["label"] for r in judged} == {"A", "B"}  # 6 pairs x 2 orders
+    assert all(v in ("A", "B") and r["judgments"][k].endswith(f"Verdict: [[{v}]]")
+               for r in judged for k, v in enumerate(r["verdicts"]))  # expected mode writes its verdict out
+    sft = [json.loads(x) for x in open(os.path.join(d, "ste_sft.jsonl"))] if os.path.getsize(os.path.join(d, "ste_sft.jsonl")) else []
+    assert sum(r["label"] == "A" for r in sft) == sum(r["label"] == "B" for r in sft)
+    res = json.load(open(os.path.join(d, "eval", "results.json")))
+    assert res["metric"] == "judge-accuracy" and res["pairs"] == 3 and 0 <= res["a"]["accuracy"] <= 1
+    assert {how for *_, how in iterate.main(args)} == {"done before"}
+
+
+SEEN = []
+
+
+def words_judge(prompt, response):
+    """A judge function for the stage test: records what it is shown; more words score higher (up to 5)."""
+    SEEN.append((prompt, response))
+    return min(5.0, float(len(response.split())))
+
+
+def test_tpo_stages_judge_sees_responses_and_pairs_keep_thoughts(tmp_path):
+    # the split step, a judge shown only the response parts, and pairs made of whole outputs under the thought prompt
+    outs = [f"{T} long careful thought here.\n{R} one two three four", f"{T} hmm.\n{R} one", f"{T} I never answer"]
+    recs = [{"id": "q1", "prompt": f"THINK: Say words.", "request": "Say words.", "responses": outs}]
+    resp, split, judged, pairs = (str(tmp_path / f) for f in ("r.jsonl", "s.jsonl", "j.jsonl", "p.jsonl"))
+    with open(resp, "w") as f:
+        f.write(json.dumps(recs[0]) + "\n")
+    assert tpo.main(["--step", "split", "--responses", resp, "--out", split]) == {"records": 1, "outputs": 3, "unsplittable": 1}
+    import judge
+    SEEN.clear()
+    judge.main(["--responses", split, "--out", judged, "--judge-fn", "test_tpo_evaluator:words_judge"])
+    assert ("Say words.", "one two three four") in SEEN and ("Say words.", "one") in SEEN
+    assert all(T not in r and R not in r and "THINK" not in p for p, r in SEEN)
+    assert tpo.main(["--step", "pairs", "--judgments", judged, "--out", pairs]) == {"tpo_pairs": 1, "prompts_without_pairs": 0}
+    (pair,) = [json.loads(x) for x in open(pairs)]
+    # the best response wins with its thoughts; the output without a response marker is the rejected one
+    assert pair["prompt"] == "THINK: Say words." and pair["chosen"] == outs[0] and pair["rejected"] == outs[2]
