@@ -187,8 +187,10 @@ def evaluate(args):
 def summary_line(res):
     if res["metric"] == "judge-accuracy":
         parts = [f"{s.upper()} accuracy {res[s]['accuracy']} {res[s]['accuracy_ci95']} first-position {res[s]['first_position_rate']} "
-                 f"unparsed {res[s]['unparsed_rate']}" for s in ("a", "b") if s in res]
-        return " | ".join(parts + ([f"A - B {res['accuracy_diff']}"] if "accuracy_diff" in res else [])) + f" | {res['seconds']}s"
+                 f"unparsed {res[s]['unparsed_rate']}" + (f" p(right) {res[s]['p_right']} {res[s]['p_right_ci95']} p(first) {res[s]['p_first']}" if "p_right" in res[s] else "")
+                 for s in ("a", "b") if s in res]
+        parts += [f"A - B {k.split('_diff')[0]} {res[k]}" for k in ("accuracy_diff", "p_right_diff", "p_first_diff") if k in res]
+        return " | ".join(parts) + f" | {res['seconds']}s"
     if res["metric"] == "accuracy":
         parts = [f"{s.upper()} greedy {res[s]['greedy']} {res[s]['greedy_ci95']} pass@1 {res[s]['pass1']} maj@{res['samples']} "
                  f"{res[s]['maj']} parse {res[s]['greedy_parse_rate']}/{res[s]['sampled_parse_rate']}" for s in ("a", "b") if s in res]
@@ -387,16 +389,26 @@ def evaluate_judge_accuracy(args, rank, world):
         evaluator.main(["--step", "judge", "--model", model, "--contrast", pfile, "--out", out, "--n-judgments", "1",
                         "--temperature", "0", "--max-new-tokens", str(args.judge_max_new_tokens),
                         "--verdict-mode", args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed)])
-        got = {r["id"]: r["verdicts"][0] for r in read_jsonl(out)}
+        judged = {r["id"]: r for r in read_jsonl(out)}
+        got = {k: r["verdicts"][0] for k, r in judged.items()}
         per[side] = [evaluator.consistent_accuracy(got[f"{i}/ab"], got[f"{i}/ba"]) for i in ids]
         lo, hi = bootstrap_mean_ci(per[side], args.bootstrap, args.seed)
         res[side] = {"model": model, "accuracy": round(float(np.mean(per[side])), 4), "accuracy_ci95": [round(lo, 4), round(hi, 4)],
                      "first_position_rate": round(float(np.mean([v == "A" for v in got.values()])), 4),
                      "unparsed_rate": round(float(np.mean([v is None for v in got.values()])), 4)}
+        if args.verdict_mode == "expected":  # the judge's own p(right letter), mean of both orders: moves before the verdicts do
+            p_a = {k: r["p_a"][0] for k, r in judged.items()}
+            per[side + "_p"] = [(p_a[f"{i}/ab"] + 1 - p_a[f"{i}/ba"]) / 2 for i in ids]
+            per[side + "_f"] = [(p_a[f"{i}/ab"] + p_a[f"{i}/ba"]) / 2 for i in ids]  # p(first-shown letter): position bias
+            for key, name in (("_p", "p_right"), ("_f", "p_first")):
+                lo, hi = bootstrap_mean_ci(per[side + key], args.bootstrap, args.seed)
+                res[side].update({name: round(float(np.mean(per[side + key])), 4), f"{name}_ci95": [round(lo, 4), round(hi, 4)]})
     if args.b:
-        d = np.asarray(per["a"]) - np.asarray(per["b"])
-        lo, hi = bootstrap_mean_ci(d, args.bootstrap, args.seed)
-        res["accuracy_diff"] = {"a_minus_b": round(float(d.mean()), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+        for key, name in (("", "accuracy_diff"), ("_p", "p_right_diff"), ("_f", "p_first_diff")):
+            if "a" + key in per and "b" + key in per:
+                d = np.asarray(per["a" + key]) - np.asarray(per["b" + key])
+                lo, hi = bootstrap_mean_ci(d, args.bootstrap, args.seed)
+                res[name] = {"a_minus_b": round(float(d.mean()), 4), "ci95": [round(lo, 4), round(hi, 4)]}
     return res
 
 

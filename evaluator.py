@@ -142,21 +142,24 @@ def step_judge(args):
             lps = judge.probe_logprobs(model, tok, [tok.encode_prompt(rec["prompt"])] * len(texts), texts, VERDICT_MARK,
                                        expect).tolist()
             verdicts = [letter(a, b, args.temperature, stable_seed(args.seed, f"{rec['id']}/{k}")) for k, (a, b) in enumerate(lps)]
+            p_a = [1 / (1 + math.exp(b - a)) for a, b in lps]  # p(A) among the two letters
             # the verdict the judgment ends with, written out, so a model trained on it learns the format too
             texts = [judge.cut_at_last(x, VERDICT_MARK) + (f"\nVerdict: [[{v}]]" if v else "") for x, v in zip(texts, verdicts)]
         out.append({"id": rec["id"], "prompt": rec["prompt"], "label": rec["label"], "judgments": texts,
-                    "verdicts": verdicts, "finish_reasons": rec["finish_reasons"]})
+                    "verdicts": verdicts, "finish_reasons": rec["finish_reasons"],
+                    **({"verdict_written": True, "p_a": [round(x, 6) for x in p_a]} if args.verdict_mode == "expected" else {})})
     return out
 
 
 def step_select(args):
     """Rejection sampling: per prompt (a pair in one order) the first judgment whose verdict is the label and
-    that ended on its own; labels balanced. -> SFT records; the DPO pairs (a right and a wrong judgment of one
-    prompt) go to <out root>.pairs.jsonl."""
+    that ended (on its own, or in expected mode with its verdict written out after the cut); labels balanced.
+    -> SFT records; the DPO pairs (a right and a wrong judgment of one prompt) go to <out root>.pairs.jsonl."""
     judged = read_jsonl(args.judged, required=("id", "prompt", "label", "judgments", "verdicts"), what="pairwise record")
     right, pairs = [], []
     for rec in judged:
-        ok = [k for k, v in enumerate(rec["verdicts"]) if v == rec["label"] and rec["finish_reasons"][k] != "length"]
+        ended = [rec.get("verdict_written") or f != "length" for f in rec["finish_reasons"]]
+        ok = [k for k, v in enumerate(rec["verdicts"]) if v == rec["label"] and ended[k]]
         bad = [k for k, v in enumerate(rec["verdicts"]) if v != rec["label"]]
         if ok:
             right.append({"id": rec["id"], "prompt": rec["prompt"], "completion": rec["judgments"][ok[0]],

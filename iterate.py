@@ -114,13 +114,13 @@ PRESETS["ste-demo"] = dict(
     # a [[A]]/[[B]] verdict, so its probabilities of the letter after `Verdict: [[` decide (expected mode), and the
     # letter is written out at the end of the judgment
     PRESETS["demo"], method="self-taught-evaluator", iterations=1, prompts_per_iter="32", n_responses=1,
-    system_prompt=None, temperature=0.8, max_new_tokens=64, n_judgments=4, judge_max_new_tokens=64,
-    meta_max_new_tokens=48, verdict_mode="expected", sft_lr=1e-5, sft_epochs=2, sft_batch_size=8,
-    micro_batch_size=4, eval_prompts_n=20, eval_max_new_tokens=64, other_prompt=True)
+    system_prompt=None, temperature=0.8, max_new_tokens=48, n_judgments=4, judge_max_new_tokens=32,
+    meta_max_new_tokens=32, verdict_mode="expected", sft_lr=3e-5, sft_epochs=2, sft_batch_size=8,
+    micro_batch_size=4, eval_prompts_n=20, eval_max_new_tokens=48, other_prompt=True)
 # flags that only some presets give a value: the rest take the default given here
 OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
             "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
-            "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False},
+            "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False}, "ste_dpo": {None: False},
             "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
             "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
             "reasoning_template": {None: os.path.join(ROOT, "data", "templates", "reasoning.txt")}}
@@ -207,14 +207,18 @@ def plan(args, t, model_in):
     make = {"irpo": verified_stages, "scpo": verified_stages, "lift": lift_stages, "tpo": tpo_stages,
             "self-taught-evaluator": evaluator_stages}.get(args.method, judged_stages)
     more, data = make(args, t, f, seed, model_in)
-    start = args.model if args.method == "self-taught-evaluator" else model_in  # its judges restart from the seed
-    if args.method == "self-taught-evaluator":
-        train = ["--model", start, "--objective", "sft", "--data", *data, "--out", f("model"), "--lr", str(args.sft_lr)] + \
-            train_flags(args, sft=True)
+    dpo = lambda start, data, out: ["--model", start, "--data", *data, "--out", out, "--beta", str(args.beta),  # noqa: E731
+                                    "--lr", str(args.lr)] + train_flags(args)
+    if args.method == "self-taught-evaluator":  # its judges restart from the seed; --ste-dpo: then DPO + NLL
+        sft_out = f("sft_model") if args.ste_dpo else f("model")
+        train = [("train", train_dpo, ["--model", args.model, "--objective", "sft", "--data", *data, "--out", sft_out,
+                                       "--lr", str(args.sft_lr)] + train_flags(args, sft=True))]
+        if args.ste_dpo:
+            train.append(("train_dpo", train_dpo, dpo(sft_out, [f("ste_sft.pairs.jsonl")], f("model"))
+                          + ([] if args.nll_coef else ["--nll-coef", "1.0"])))
     else:
-        train = ["--model", start, "--data", *data, "--out", f("model"), "--beta", str(args.beta), "--lr", str(args.lr)] + \
-            train_flags(args)
-    return stages + more + [("train", train_dpo, train)] + eval_and_report(args, d, model_in, t)
+        train = [("train", train_dpo, dpo(model_in, data, f("model")))]
+    return stages + more + train + eval_and_report(args, d, model_in, t)
 
 
 def judge_argv(args, t, f, seed, model_in, responses, pairs=True):
@@ -350,7 +354,7 @@ def run_stage(args, t, d, name, module, argv, model_in):
         return stage_prompts(args, t, d)
     if name == "report":
         return stage_report(args, t, d)
-    if name == "train":
+    if name in ("train", "train_dpo"):
         return stage_train(args, t, d, argv, model_in)
     return module.main(argv)
 
@@ -377,12 +381,12 @@ def stage_train(args, t, d, argv, model_in):
     """DPO (or iteration 0's SFT) on the data files that hold records; with none, the next model is this one."""
     i, j = argv.index("--data") + 1, argv.index("--out")
     files = [f for f in argv[i:j] if os.path.exists(f) and os.path.getsize(f) > 0]
-    out = argv[j + 1]
+    out, start = argv[j + 1], argv[argv.index("--model") + 1]
     if not files:
-        # nothing to learn from: the next model is this one, said plainly in the manifest and report
+        # nothing to learn from: the next model is the one training would start from, said plainly in the report
         if int(os.environ.get("RANK", 0)) == 0:
             shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(model_in, out)
+            shutil.copytree(start, out)
         barrier(args.world)
         return {"steps": 0, "skipped": "no training data; model copied unchanged"}
     argv = argv[:i] + files + argv[j:]
@@ -525,6 +529,19 @@ def build_parser():
                         "judge-accuracy for the self-taught evaluator, else the win rate)")
     e.add_argument("--eval-limits", default="10,20,40", help="word limits of --eval-metric length")
     e.add_argument("--eval-samples", type=int, default=4, help="sampled answers per question of --eval-metric accuracy")
+    e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
+    e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
+    g = p.add_argument_group("engine and pass-through")
+    g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    for stage in ("sample", "judge", "meta-judge", "train", "eval"):
+        g.add_argument(f"--{stage}-args", default=None, help=f"more flags for every {stage} stage, as one string")
+    add_method_flags(p)
+    return p
+
+
+def add_method_flags(p):
+    """The flags of the sibling methods (IRPO and ScPO, TPO, the Self-Taught Evaluator)."""
     r = p.add_argument_group("verifiable rewards (irpo, scpo)")
     r.add_argument("--reasoning-template", default=None,
                    help="how a question is asked ({prompt}); default data/templates/reasoning.txt: step by step, then `Final answer: <number>`")
@@ -536,14 +553,8 @@ def build_parser():
     o.add_argument("--no-thoughts", dest="thoughts", action="store_false", help="TPO's control: the same loop with direct responses")
     o.add_argument("--other-prompt", action="store_true", default=None,
                    help="self-taught-evaluator: the worse answer is the answer to another request (for models too small to write x')")
-    e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
-    e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
-    g = p.add_argument_group("engine and pass-through")
-    g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    for stage in ("sample", "judge", "meta-judge", "train", "eval"):
-        g.add_argument(f"--{stage}-args", default=None, help=f"more flags for every {stage} stage, as one string")
-    return p
+    o.add_argument("--ste-dpo", action="store_true", default=None,
+                   help="self-taught-evaluator: after SFT, DPO + NLL (--nll-coef, default 1) on right vs wrong judgments")
 
 
 def parse_args(argv=None):
@@ -565,7 +576,9 @@ def check_run(args):
     check_flags(("--iterations", args.iterations, args.iterations >= 1, "at least 1"),
                 ("--eval-prompts-n", args.eval_prompts_n, args.eval_prompts_n >= -1, ">= -1 (-1 = no evaluation)"),
                 ("--val-prompts-n", args.val_prompts_n, args.val_prompts_n >= (1 if args.select == "val" else 0),
-                 "at least 1 with --select val"))
+                 "at least 1 with --select val"),
+                ("--select", args.select, args.select != "val" or args.method != "self-taught-evaluator",
+                 "last with --method self-taught-evaluator (its judge is scored on labelled pairs, not by epochs)"))
     for flag, value, kind in (("--prompts-per-iter", args.prompts_per_iter, int), ("--rho", args.rho, float),
                               ("--temperature", args.temperature, float), ("--judge-temperature", args.judge_temperature, float),
                               ("--tau", args.tau, float),

@@ -54,11 +54,13 @@ def write_report(d, t, manifest):
         lines += ["", "## Evaluation: as a judge, this iteration's model (A) vs its starting model (B)", "",
                   f"{ev['pairs']} held-out labelled pairs, each judged greedily in both orders; position-consistent accuracy "
                   "(right in both orders 1, in one 1/2) with its 95% bootstrap interval", "",
-                  "| judge | accuracy | first-shown answer preferred | unparsed verdicts |", "|---|---|---|---|"]
+                  "| judge | accuracy | first-shown answer preferred | unparsed verdicts | p(right letter) | p(first-shown letter) |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {s.upper()} | {ev[s]['accuracy']} {ev[s]['accuracy_ci95']} | {ev[s]['first_position_rate']} | "
-                  f"{ev[s]['unparsed_rate']} |" for s in ("a", "b") if s in ev]
-        if "accuracy_diff" in ev:
-            lines += ["", f"A - B accuracy: {ev['accuracy_diff']}"]
+                  f"{ev[s]['unparsed_rate']} | {ev[s].get('p_right', '')} {ev[s].get('p_right_ci95', '')} | "
+                  f"{ev[s].get('p_first', '')} {ev[s].get('p_first_ci95', '')} |" for s in ("a", "b") if s in ev]
+        lines += [""] + [f"A - B {name}: {ev[k]}" for k, name in (("accuracy_diff", "accuracy"), ("p_right_diff", "p(right letter)"),
+                                                                 ("p_first_diff", "p(first-shown letter)")) if k in ev]
     if ev.get("metric") == "accuracy":
         lines += ["", "## Evaluation: final answers, this iteration's model (A) vs its starting model (B)", "",
                   f"{ev['questions']} held-out questions, {ev['samples']} samples each; 95% bootstrap intervals over "

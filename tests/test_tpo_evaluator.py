@@ -107,12 +107,16 @@ def test_self_taught_evaluator_end_to_end(tmp_path):
     run = str(tmp_path / "run")
     args = ["--run-dir", run, "--model", ckpt, "--preset", "ste-demo", "--prompts-per-iter", "6", "--max-new-tokens", "8",
             "--judge-max-new-tokens", "6", "--meta-max-new-tokens", "6", "--eval-prompts-n", "3", "--eval-max-new-tokens", "6",
-            "--n-judgments", "4", "--sft-lr", "1e-3"]
+            "--n-judgments", "4", "--sft-lr", "1e-3", "--ste-dpo", "--lr", "1e-3"]
     iterate.main(args)
     d = os.path.join(run, "iter1")
     man = json.load(open(os.path.join(d, "manifest.json")))
     assert list(man["stages"]) == ["prompts", "responses", "eval_answers", "eval_pairs", "contrast", "pairwise", "select",
-                                   "train", "evaluate", "report"]
+                                   "train", "train_dpo", "evaluate", "report"]
+    # SFT from the seed into sft_model, then DPO + NLL from it (or, without right-vs-wrong pairs, a copy of it)
+    dpo_pairs = os.path.join(d, "ste_sft.pairs.jsonl")
+    assert os.path.exists(os.path.join(d, "sft_model", "model.safetensors")) and os.path.exists(os.path.join(d, "model", "model.safetensors"))
+    assert (man["stages"]["train_dpo"]["counts"]["steps"] > 0) == (os.path.getsize(dpo_pairs) > 0)
     judged = [json.loads(x) for x in open(os.path.join(d, "pairwise.jsonl"))]
     assert len(judged) == 12 and {r["label"] for r in judged} == {"A", "B"}  # 6 pairs x 2 orders
     assert all(v in ("A", "B") and r["judgments"][k].endswith(f"Verdict: [[{v}]]")
@@ -121,6 +125,15 @@ def test_self_taught_evaluator_end_to_end(tmp_path):
     assert sum(r["label"] == "A" for r in sft) == sum(r["label"] == "B" for r in sft)
     res = json.load(open(os.path.join(d, "eval", "results.json")))
     assert res["metric"] == "judge-accuracy" and res["pairs"] == 3 and 0 <= res["a"]["accuracy"] <= 1
+    # expected mode: p(right letter) and p(first-shown letter) from the stored p(A) of each order, worked out here
+    for side in ("a", "b"):
+        p_a = {r["id"]: r["p_a"][0] for r in map(json.loads, open(os.path.join(d, "eval", f"verdicts_{side}.jsonl")))}
+        pairs = sorted({k.split("/")[0] for k in p_a})
+        right = sum((p_a[f"{i}/ab"] + 1 - p_a[f"{i}/ba"]) / 2 for i in pairs) / len(pairs)
+        first = sum(p_a.values()) / len(p_a)
+        assert res[side]["p_right"] == pytest.approx(right, abs=1e-4) and res[side]["p_first"] == pytest.approx(first, abs=1e-4)
+        acc = sum(((p_a[f"{i}/ab"] > 0.5) + (p_a[f"{i}/ba"] < 0.5)) / 2 for i in pairs) / len(pairs)
+        assert res[side]["accuracy"] == pytest.approx(acc, abs=1e-4)  # greedy verdicts are the likelier letter
     assert {how for *_, how in iterate.main(args)} == {"done before"}
 
 
@@ -150,3 +163,23 @@ def test_tpo_stages_judge_sees_responses_and_pairs_keep_thoughts(tmp_path):
     (pair,) = [json.loads(x) for x in open(pairs)]
     # the best response wins with its thoughts; the output without a response marker is the rejected one
     assert pair["prompt"] == "THINK: Say words." and pair["chosen"] == outs[0] and pair["rejected"] == outs[2]
+
+
+def test_select_keeps_right_ended_judgments_balanced(tmp_path):
+    def rec(i, label, verdicts, finish, **kw):
+        return {"id": i, "prompt": f"p{i}", "label": label, "judgments": [f"{i} j{k}" for k in range(len(verdicts))],
+                "verdicts": verdicts, "finish_reasons": finish, **kw}
+    judged = [rec("1/ab", "A", ["A", "B"], ["stop", "stop"]),      # right first: SFT + a DPO pair (j0 over j1)
+              rec("2/ab", "A", ["A", "A"], ["length", "stop"]),    # the cut one is passed over: j1
+              rec("3/ba", "B", ["A", "B"], ["stop", "length"]),    # right only when cut: nothing (parse mode)
+              rec("4/ba", "B", ["A", "B"], ["stop", "length"], verdict_written=True),  # expected mode: the verdict ended it
+              rec("5/ab", "A", [None, "B"], ["stop", "stop"])]     # never right
+    path = tmp_path / "pairwise.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in judged))
+    counts = evaluator.main(["--step", "select", "--judged", str(path), "--out", str(tmp_path / "sft.jsonl")])
+    assert counts == {"right_prompts": 3, "sft_records": 2, "dpo_pairs": 2}  # 2 A-right, 1 B-right: one of each kept
+    sft = [json.loads(x) for x in open(tmp_path / "sft.jsonl")]
+    assert sorted(r["label"] for r in sft) == ["A", "B"] and "4/ba j1" in [r["completion"] for r in sft]
+    assert {r["completion"] for r in sft if r["label"] == "A"} <= {"1/ab j0", "2/ab j1"}
+    pairs = [json.loads(x) for x in open(tmp_path / "sft.pairs.jsonl")]
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("1/ab j0", "1/ab j1"), ("4/ba j1", "4/ba j0")}
