@@ -370,7 +370,9 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     # one slot more than planned: empty rows inside a decode batch write their (ignored) keys there, so a step
     # never needs to know which rows are live and the compiled step keeps one shape
     cache = KVCache.for_model(model, slots=G + 1, max_len=S)
-    step_fn = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
+    # compile: True, or a torch.compile mode ("reduce-overhead" replays the step as a CUDA graph)
+    step_fn = torch.compile(decode_one_token, dynamic=False, mode=compile if isinstance(compile, str) else None) \
+        if compile else decode_one_token
     eng = Engine(requests, B, M, G)
     while eng.pending or eng.live():
         yield from eng.admit(model, cache, prefill_tokens)

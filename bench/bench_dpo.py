@@ -40,7 +40,7 @@ def make_examples(tok, n, response_tokens):
     out = []
     for i in range(n):
         p = tok.encode_prompt(prompts[i])
-        body = tok.encode(FILLER * 40)
+        body = tok.encode(FILLER * max(40, response_tokens // 10))
         c = body[rng.randrange(50):][:response_tokens] + [tok.eot_id]
         r = body[rng.randrange(50):][:response_tokens - rng.randrange(20)] + [tok.eot_id]
         out.append({"prompt": p, "responses": [c, r], "weight": 1.0})
@@ -59,7 +59,7 @@ def child(args):
     torch.set_num_threads(args.threads)
     if args.device == "cpu":
         keep_freed_memory()
-    dtype = parse_dtype(args.dtype, args.device)
+    dtype = torch.float32 if args.autocast else parse_dtype(args.dtype, args.device)
     tok = Tokenizer.from_pretrained(args.path)
     examples = make_examples(tok, args.pairs, args.response_tokens)
     if args.side in ("ours", "ours-compiled"):
@@ -79,7 +79,8 @@ def child(args):
     ref = torch.zeros(n, device=args.device)
 
     def step():
-        logps, lengths = fn(model, tokens, mask)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.autocast):
+            logps, lengths = fn(model, tokens, mask)
         loss, _, _ = preference_loss(logps[:n].float(), logps[n:].float(), ref, ref, lengths[:n], lengths[n:])
         loss.mean().backward()
         opt.step()
@@ -106,7 +107,10 @@ def child(args):
 def main():
     p = argparse.ArgumentParser(description="DPO step tokens/s: this code vs the same step on transformers.")
     p.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--random-1b", action="store_true", help="a random-initialised Llama-3.2-1B-shaped model")
+    p.add_argument("--shape", default=None, choices=("tiny", "1b", "3b", "8b"), help="a random-initialised Llama-shaped model (bench/shapes.py)")
+    p.add_argument("--random-1b", action="store_const", const="1b", dest="shape", help="the same as --shape 1b")
+    p.add_argument("--autocast", action="store_true", help="fp32 weights and optimizer, bf16 autocast compute (train_dpo.py on one GPU)")
+    p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--pairs", type=int, default=8, help="pairs per step (2x sequences)")
     p.add_argument("--response-tokens", type=int, default=200, help="tokens per response")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
@@ -121,13 +125,11 @@ def main():
     if args.side:
         return child(args)
     tmp = None
-    if args.random_1b:
-        from data.prepare_default import ensure_default_model
+    if args.shape:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import shapes
         tmp = tempfile.mkdtemp()
-        margs = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192,
-                          vocab_size=49152, rope_theta=500000.0, max_seq_len=4096, tie_embeddings=True)
-        Transformer(margs).init_weights(std=0.02, seed=0).save_pretrained(tmp, tokenizer_dir=ensure_default_model())
-        args.path = tmp
+        args.path = shapes.random_checkpoint(args.shape, tmp, args.device, parse_dtype(args.dtype, args.device))
     else:
         if args.model is None:
             from data.prepare_default import ensure_default_model
@@ -139,7 +141,8 @@ def main():
         for side in sides:
             cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--path", args.path, "--pairs",
                    str(args.pairs), "--response-tokens", str(args.response_tokens), "--steps", str(args.steps),
-                   "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+                   "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)] + \
+                (["--autocast"] if args.autocast else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
@@ -157,10 +160,25 @@ def main():
         print(f"ours compiled {c['tokens_per_s']:8.1f} tok/s, peak {c['peak_mib']:.0f} MiB | ratio to transformers "
               f"{c['tokens_per_s'] / b['tokens_per_s']:.2f}x, memory {c['peak_mib'] / b['peak_mib']:.2f}x")
         a = c
+    res_out = {"shape": args.shape, "model": args.path, "device": args.device, "dtype": "fp32 + bf16 autocast" if args.autocast else args.dtype,
+               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "pairs": args.pairs,
+               "tokens_per_sequence": a["tokens"] // (2 * args.pairs), "best": best}
     if args.device == "cuda":
-        peak_flops = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12  # H100 SXM dense bf16
-        mfu = 6 * a["params"] * a["tokens_per_s"] / peak_flops
-        print(f"ours MFU {100 * mfu:.1f}% (6 N tokens/s over {peak_flops / 1e12:.0f} TFLOP/s; attention flops not counted)")
+        # 6 N per token for the policy's forward and backward (the reference log-probs are computed once before
+        # training, so no reference forward is counted), plus the attention matmuls: 12 L d T per token (causal:
+        # half of 2 x 2 x T x d per layer, forward and backward)
+        peak_flops = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12  # H100/H200 SXM dense bf16
+        cfg = json.load(open(os.path.join(args.path, "config.json")))
+        T = res_out["tokens_per_sequence"]
+        attn = 6 * cfg["num_hidden_layers"] * cfg["hidden_size"] * T
+        for side in best:
+            r = best[side]
+            mfu = (6 * r["params"] + attn) * r["tokens_per_s"] / peak_flops
+            res_out[f"{side}_mfu"] = round(mfu, 4)
+            print(f"{side} MFU {100 * mfu:.1f}% ((6 N + 6 L d T) tokens/s over {peak_flops / 1e12:.0f} TFLOP/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res_out, f, indent=1)
     if tmp:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,14 +10,18 @@ Workloads: actor-shaped (16 short prompts x 4 samples x 128 new tokens) and judg
 400 tokens x 3 samples x 64 new tokens). Prints tokens/s of each and the ratio.
 """
 import argparse
+import json
 import os
 import sys
+import shutil
 import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shapes  # noqa: E402
 from common import parse_dtype  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from sample import Request, complete  # noqa: E402
@@ -33,14 +37,18 @@ PARAGRAPH = ("The committee met on Tuesday to review the proposal for the new li
              "designs, each with a different balance of reading space, study rooms and storage for the archive. ")
 
 
-def workloads(tok):
-    actor = [tok.encode_prompt(p) for p in SHORT], 4, 128
+def workloads(tok, gpu=False):
+    """name -> (prompts, samples per prompt, new tokens). --gpu-scale: the shapes of a paper iteration's
+    generation (many short actor prompts x 7 samples; long judge prompts x 11 judgments)."""
+    n_actor, k_actor, t_actor, n_judge, len_judge, k_judge, t_judge = (256, 7, 512, 64, 1500, 11, 256) if gpu else \
+        (16, 4, 128, 8, 400, 3, 64)
+    actor = [tok.encode_prompt(f"{SHORT[i % len(SHORT)]} (Question {i}.)") for i in range(n_actor)], k_actor, t_actor
     judge_prompts = []
-    for i in range(8):
-        text = f"Review {i}: " + PARAGRAPH * 6 + "Rate the response above on a scale of 0 to 5 and justify the score."
+    for i in range(n_judge):
+        text = f"Review {i}: " + PARAGRAPH * (len_judge // 60) + "Rate the response above on a scale of 0 to 5 and justify the score."
         ids = tok.encode_prompt(text)
-        judge_prompts.append(ids[:400 - 8] + ids[-8:] if len(ids) > 400 else ids)
-    return {"actor": actor, "judge": (judge_prompts, 3, 64)}
+        judge_prompts.append(ids[:len_judge - 8] + ids[-8:] if len(ids) > len_judge else ids)
+    return {"actor": actor, "judge": (judge_prompts, k_judge, t_judge)}
 
 
 def run_ours(model, prompts, n, new_tokens, compile=False, share=True):
@@ -89,7 +97,12 @@ def sync():
 def main():
     p = argparse.ArgumentParser(description="Generation tokens/s: this engine vs transformers.generate.")
     p.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--random-1b", action="store_true", help="a random-initialised Llama-3.2-1B-shaped model instead")
+    p.add_argument("--shape", default=None, choices=("tiny", "1b", "3b", "8b"),
+                   help="a random-initialised Llama-shaped model instead (bench/shapes.py)")
+    p.add_argument("--random-1b", action="store_const", const="1b", dest="shape", help="the same as --shape 1b")
+    p.add_argument("--gpu-scale", action="store_true", help="the workloads at a paper iteration's size (GPU)")
+    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts of each workload (memory)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--workload", default="both", choices=("actor", "judge", "both"), help="which workload(s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
@@ -103,14 +116,9 @@ def main():
 
     dtype = parse_dtype(args.dtype, args.device)
     tmp = None
-    if args.random_1b:
+    if args.shape:
         tmp = tempfile.mkdtemp()
-        from data.prepare_default import ensure_default_model
-        tok_dir = ensure_default_model()
-        margs = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192,
-                          vocab_size=49152, rope_theta=500000.0, max_seq_len=4096, tie_embeddings=True)
-        Transformer(margs).init_weights(std=0.02, seed=0).save_pretrained(tmp, tokenizer_dir=tok_dir)
-        path = tmp
+        path = shapes.random_checkpoint(args.shape, tmp, args.device, dtype)
     else:
         if args.model is None:
             from data.prepare_default import ensure_default_model
@@ -122,8 +130,13 @@ def main():
     print(f"model {path} | {ours.num_params() / 1e6:.0f}M params | {args.device} {dtype} | threads {args.threads} | "
           f"transformers {transformers.__version__} | torch {torch.__version__}")
     names = ["actor", "judge"] if args.workload == "both" else [args.workload]
+    out = {"model": path if not args.shape else f"random {args.shape}", "params": ours.num_params(), "device": args.device,
+           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "dtype": str(dtype),
+           "compile": args.compile, "attention": shapes.attention_report(args.device, dtype), "workloads": {}}
+    print(f"attention kernels (max difference from float64 math; None = refused): {out['attention']}")
     for name in names:
-        prompts, n, new = workloads(tok)[name]
+        prompts, n, new = workloads(tok, args.gpu_scale)[name]
+        prompts = prompts[:args.max_prompts or None]
         run_ours(ours, prompts[:2], n, 8, args.compile)  # warm-up
         run_hf(hf, prompts[:2], n, 8, tok.pad_id)
         a = max(run_ours(ours, prompts, n, new, args.compile) for _ in range(args.repeats))
@@ -131,11 +144,15 @@ def main():
         plen = sum(map(len, prompts)) / len(prompts)
         print(f"{name:5s} | {len(prompts)} prompts (mean {plen:.0f} tokens) x {n} samples x {new} new tokens | "
               f"ours {a:8.1f} tok/s | transformers {b:8.1f} tok/s | ratio {a / b:.2f}x")
+        out["workloads"][name] = {"prompts": len(prompts), "mean_prompt_tokens": round(plen), "samples": n, "new_tokens": new,
+                                  "ours_tok_s": round(a, 1), "transformers_tok_s": round(b, 1), "ratio": round(a / b, 3)}
         if args.no_share_too:
             c = max(run_ours(ours, prompts, n, new, args.compile, share=False) for _ in range(args.repeats))
             print(f"{name:5s} | ours without prefix sharing {c:8.1f} tok/s | prefix-sharing gain {a / c:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
     if tmp:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
 
 
