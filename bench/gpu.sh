@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
-if [ "${SMOKE:-0}" = 1 ]; then DEV=cpu; BIG=tiny; SMALL=tiny; SCALE=""; NEW=16; else DEV=cuda; BIG=8b; SMALL=1b; SCALE=--gpu-scale; NEW=256; fi
+if [ "${SMOKE:-0}" = 1 ]; then DEV=cpu; BIG=tiny; SMALL=tiny; SCALE=""; NEW=16; COMPILE=""
+else DEV=cuda; BIG=8b; SMALL=1b; SCALE=--gpu-scale; NEW=256; COMPILE=--compile; fi
 step() {  # step NAME SECONDS CMD...: run with a limit, log it, keep going
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
@@ -25,10 +26,10 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log it, keep going
 {
   $PY -c "import torch, sys; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
   step tests 120 env TEST_DEVICE=$DEV $PY -m pytest -q tests/test_device.py tests/test_placement.py
-  step sample_$SMALL 150 $PY bench/bench_sample.py --shape $SMALL $SCALE --compile --device $DEV --json "$OUT/sample_$SMALL.json"
-  step sample_$BIG 150 $PY bench/bench_sample.py --shape $BIG $SCALE --workload actor --max-prompts 128 --device $DEV --json "$OUT/sample_$BIG.json"
+  step sample_$SMALL 150 $PY bench/bench_sample.py --shape $SMALL $SCALE $COMPILE --device $DEV --json "$OUT/sample_$SMALL.json"
+  step sample_$BIG 150 $PY bench/bench_sample.py --shape $BIG $SCALE --workload actor --max-prompts 128 --device $DEV --json "$OUT/sample_${BIG}_actor.json"
   step decode_$SMALL 60 $PY bench/bench_decode.py --shape $SMALL --device $DEV --new-tokens $NEW --json "$OUT/decode_$SMALL.json"
-  step decode_$BIG 120 $PY bench/bench_decode.py --shape $BIG --device $DEV --new-tokens $NEW --json "$OUT/decode_$BIG.json"
+  step decode_$BIG 120 $PY bench/bench_decode.py --shape $BIG --device $DEV --new-tokens $NEW --json "$OUT/decode_${BIG}_big.json"
 } 2>&1 | tee "$OUT/gpu.log"
 $PY - "$OUT" <<'PY'
 import glob, json, os, sys
