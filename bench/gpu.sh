@@ -16,13 +16,7 @@ PY=${PYTHON:-python}
 mkdir -p "$OUT"
 if [ "${SMOKE:-0}" = 1 ]; then DEV=cpu; BIG=tiny; SMALL=tiny; SCALE=""; NEW=16; COMPILE=""
 else DEV=cuda; BIG=8b; SMALL=1b; SCALE=--gpu-scale; NEW=256; COMPILE=--compile; fi
-step() {  # step NAME SECONDS CMD...: run with a limit, log it, keep going
-  local name=$1 limit=$2; shift 2
-  echo "=== $name: $*"
-  local t0=$SECONDS
-  timeout "$limit" "$@"
-  echo "=== $name: rc $? in $((SECONDS - t0)) s"
-}
+source bench/steps.sh
 {
   $PY -c "import torch, sys; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
   step tests 120 env TEST_DEVICE=$DEV $PY -m pytest -q tests/test_device.py tests/test_placement.py
@@ -31,11 +25,4 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log it, keep going
   step decode_$SMALL 60 $PY bench/bench_decode.py --shape $SMALL --device $DEV --new-tokens $NEW --json "$OUT/decode_$SMALL.json"
   step decode_$BIG 120 $PY bench/bench_decode.py --shape $BIG --device $DEV --new-tokens $NEW --json "$OUT/decode_${BIG}_big.json"
 } 2>&1 | tee "$OUT/gpu.log"
-$PY - "$OUT" <<'PY'
-import glob, json, os, sys
-out = sys.argv[1]
-figures = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob(os.path.join(out, "*.json")))
-           if not os.path.basename(f).startswith("gpu")}
-json.dump(figures, open(os.path.join(out, "gpu.json"), "w"), indent=1)
-print(f"{len(figures)} benchmark files merged into {os.path.join(out, 'gpu.json')}")
-PY
+merge "$OUT" gpu sample_ decode_

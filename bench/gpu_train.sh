@@ -20,13 +20,7 @@ else
   DEV=cuda; SHAPES="1b 3b"; PAIRS=4; RESP=1990; EXTRA="--autocast --compile"; LOOP=1b
   TESTS="tests/test_device.py tests/test_train_dpo.py tests/test_iterate.py"
 fi
-step() {  # step NAME SECONDS CMD...: run with a limit, log it, keep going
-  local name=$1 limit=$2; shift 2
-  echo "=== $name: $*"
-  local t0=$SECONDS
-  timeout "$limit" "$@"
-  echo "=== $name: rc $? in $((SECONDS - t0)) s"
-}
+source bench/steps.sh
 {
   $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
   step tests 240 env TEST_DEVICE=$DEV $PY -m pytest -q -x $TESTS
@@ -52,10 +46,4 @@ json.dump(fig, open(os.path.join(out, f"loop_{shape}.json"), "w"), indent=1)
 print(fig)
 PY
 } 2>&1 | tee "$OUT/gpu_train.log"
-$PY - "$OUT" <<'PY'
-import glob, json, os, sys
-out = sys.argv[1]
-names = [f for f in sorted(glob.glob(os.path.join(out, "*.json"))) if os.path.basename(f).startswith(("dpo_", "loop_"))]
-json.dump({os.path.basename(f)[:-5]: json.load(open(f)) for f in names}, open(os.path.join(out, "gpu_train.json"), "w"), indent=1)
-print(f"{len(names)} benchmark files merged into {os.path.join(out, 'gpu_train.json')}")
-PY
+merge "$OUT" gpu_train dpo_ loop_
