@@ -218,18 +218,18 @@ def evaluate_winrate(args, rank, world):
     """--metric winrate: A and B answer every prompt; the judge compares them in both orders."""
     prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
     prompts = prompts[:args.limit or None]
-    ask = args
-    if args.strip_thoughts:  # both models think first (the TPO prompt); the judge sees only what follows
+    ask = {"a": args, "b": args}
+    think = {side: args.strip_thoughts in ("both", side) for side in "ab"}
+    if args.strip_thoughts:  # the thinking side(s) get the TPO prompt; the judge sees only what follows the thoughts
         template, pfile = load_template(args.thought_template, ("prompt",)), os.path.join(args.out_dir, "thought_prompts.jsonl")
         if rank == 0:
             write_jsonl(pfile, [dict(p, prompt=render(template, prompt=p["prompt"])) for p in prompts])
         barrier(world)
-        ask = argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0})
-    ans_a = answers(args.a, os.path.join(args.out_dir, "answers_a.jsonl"), ask)
-    ans_b = answers(args.b, os.path.join(args.out_dir, "answers_b.jsonl"), ask)
-    if args.strip_thoughts:  # an output with no response part answers nothing
-        strip = lambda t: (tpo.split_thought(t) or ("", ""))[1]  # noqa: E731
-        ans_a, ans_b = ({k: strip(t) for k, t in a.items()} for a in (ans_a, ans_b))
+        ask = {side: argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0}) if think[side] else args for side in "ab"}
+    strip = lambda t: (tpo.split_thought(t) or ("", ""))[1]  # noqa: E731  (no response part answers nothing)
+    ans_a, ans_b = ({k: strip(t) if think[side] else t for k, t in
+                     answers(getattr(args, side), os.path.join(args.out_dir, f"answers_{side}.jsonl"), ask[side]).items()}
+                    for side in "ab")
     cfile = os.path.join(args.out_dir, "comparisons.jsonl")
     if rank == 0:  # the comparisons are few next to the answers: one rank judges them
         compare(args, prompts, ans_a, ans_b, cfile)
@@ -427,7 +427,8 @@ def default_out_dir(args):
     fp = lambda p: model_fingerprint(p) if p else None  # noqa: E731
     ident = [args.metric, args.limits, args.samples, fp(args.a), fp(args.b), fp(args.judge),
              file_digest(args.prompts), args.limit, args.temperature, args.top_p, args.max_new_tokens, args.seed,
-             file_digest(args.template), args.verdict_mode, args.judge_max_new_tokens, args.dtype]
+             file_digest(args.template), args.verdict_mode, args.judge_max_new_tokens, args.dtype, args.strip_thoughts,
+             file_digest(args.thought_template) if args.strip_thoughts else None, file_digest(args.pairwise_template)]
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:10]
     return os.path.join("runs", "eval", f"{name(args.a)}_vs_{name(args.b or 'none')}-{key}")
 
@@ -458,8 +459,9 @@ def build_parser():
     j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     j.add_argument("--export-alpaca-eval", default=None, metavar="FILE", help="write A's answers as AlpacaEval model outputs (instruction, output, generator)")
     j.add_argument("--generator-name", default=None, help="`generator` field of the export (default: the --a path)")
-    j.add_argument("--strip-thoughts", action="store_true",
-                   help="ask with the TPO thought prompt and judge only the response part of each answer")
+    j.add_argument("--strip-thoughts", nargs="?", const="both", default=None, choices=("both", "a", "b"),
+                   help="ask with the TPO thought prompt and judge only the response part of each answer: both models "
+                        "(the flag alone), or only a or b (a TPO model against its direct-answer control)")
     j.add_argument("--thought-template", default=os.path.join(TEMPLATES, "thought.txt"), help="the thought prompt ({prompt})")
     ja = parser.add_argument_group("--metric judge-accuracy")
     ja.add_argument("--pairwise-template", default=os.path.join(TEMPLATES, "pairwise.txt"),

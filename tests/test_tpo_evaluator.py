@@ -183,3 +183,21 @@ def test_select_keeps_right_ended_judgments_balanced(tmp_path):
     assert {r["completion"] for r in sft if r["label"] == "A"} <= {"1/ab j0", "2/ab j1"}
     pairs = [json.loads(x) for x in open(tmp_path / "sft.pairs.jsonl")]
     assert {(p["chosen"], p["rejected"]) for p in pairs} == {("1/ab j0", "1/ab j1"), ("4/ba j1", "4/ba j0")}
+
+
+def test_strip_thoughts_for_one_side(tmp_path, monkeypatch):
+    # a TPO model (A, asked to think) against its direct-answer control (B, asked plainly)
+    import evaluate
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=5, stop_chars=STOPS)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Say {i}."}) + "\n" for i in range(2)))
+    base = ["--a", ckpt, "--b", ckpt, "--judge", ckpt, "--prompts", str(prompts), "--max-new-tokens", "6",
+            "--judge-max-new-tokens", "4", "--verdict-mode", "expected"]
+    res = evaluate.main(base + ["--out-dir", str(tmp_path / "e"), "--strip-thoughts", "a"])
+    asked = {side: [json.loads(x)["prompt"] for x in open(tmp_path / "e" / f"answers_{side}.jsonl")] for side in "ab"}
+    assert all(T in p and "Say" in p for p in asked["a"]) and asked["b"] == ["Say 0.", "Say 1."]
+    assert res["prompts"] == 2
+    # the default output folder tells the settings apart
+    monkeypatch.chdir(tmp_path)
+    dirs = {evaluate.default_out_dir(evaluate.parse_args(base + extra)) for extra in ([], ["--strip-thoughts"], ["--strip-thoughts", "b"])}
+    assert len(dirs) == 3
