@@ -16,8 +16,8 @@ import random
 import re
 import time
 
-from common import (TEMPLATES, ShardWriter, add_engine_args, done_records, init_distributed, load_model, load_template,
-                    merge_shards, read_jsonl, render, stable_seed)
+from common import (TEMPLATES, ShardWriter, add_engine_args, check_flags, done_records, init_distributed, load_model,
+                    load_template, merge_shards, read_jsonl, render, stable_seed)
 from sample import Request, complete
 
 LABEL = re.compile(r"^\s*(?:\*\*)?\s*(?:new\s+)?(?:request|task|instruction|prompt)\s*\d*\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*", re.I)
@@ -82,7 +82,7 @@ def check(text, index, max_overlap, min_words=4, max_words=200):
     return None
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Write new prompts few-shot from a pool (self-instruct).")
     parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--pool", required=True, help="example prompts (JSONL id, prompt)")
@@ -99,7 +99,18 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the example draws and sampling")
     parser.add_argument("--id-prefix", default="si", help="ids are <prefix>-<seed>-<number>")
     add_engine_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    check_flags(("--count", args.count, args.count >= 1, "at least 1"), ("--shots", args.shots, args.shots >= 1, "at least 1"),
+                ("--batch", args.batch, args.batch >= 1, "at least 1"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rank, world, device = init_distributed()
     if world > 1:
         raise SystemExit("self_instruct.py runs as a single process (each call depends on the prompts accepted before it)")
