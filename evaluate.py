@@ -52,15 +52,6 @@ def win_rate(outcomes):
     return float(((o > 0) + 0.5 * (o == 0)).mean())
 
 
-def bootstrap_ci(outcomes, n_boot=2000, seed=0):
-    """95% percentile interval of the win rate, resampling prompts."""
-    rng = np.random.default_rng(seed)
-    o = np.asarray(outcomes, dtype=float)
-    scores = (o > 0) + 0.5 * (o == 0)
-    means = scores[rng.integers(0, len(o), size=(n_boot, len(o)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def bootstrap_mean_ci(values, n_boot=2000, seed=0):
     """95% percentile interval of the mean of per-prompt values (prompts resampled with replacement); for a
     paired difference pass the per-prompt differences."""
@@ -69,6 +60,24 @@ def bootstrap_mean_ci(values, n_boot=2000, seed=0):
         return float("nan"), float("nan")
     means = v[np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))].mean(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def bootstrap_ci(outcomes, n_boot=2000, seed=0):
+    """95% percentile interval of the win rate, resampling prompts."""
+    o = np.asarray(outcomes, dtype=float)
+    return bootstrap_mean_ci((o > 0) + 0.5 * (o == 0), n_boot, seed)
+
+
+def mean_ci(values, n_boot, seed):
+    """(mean, [lo, hi]) of per-prompt values, rounded for results.json."""
+    lo, hi = bootstrap_mean_ci(values, n_boot, seed)
+    return round(float(np.mean(values)), 4), [round(lo, 4), round(hi, 4)]
+
+
+def paired_diff(a, b, n_boot, seed):
+    """The mean of per-prompt differences A - B with its bootstrap interval."""
+    mean, ci = mean_ci(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), n_boot, seed)
+    return {"a_minus_b": mean, "ci95": ci}
 
 
 def spearman(x, y):
@@ -110,11 +119,9 @@ def length_controlled_win_rate(outcomes, len_a, len_b, l2=1e-3, iters=50):
 
 
 def answers(model_dir, out, args):
-    sample.main(["--model", model_dir, "--prompts", args.prompts, "--limit", str(args.limit), "--out", out,
-                 "--n-responses", "1", "--temperature", str(args.temperature), "--top-p", str(args.top_p),
-                 "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows",
-                 str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []))
-    return {str(r["id"]): r["responses"][0] if r["responses"] else "" for r in read_jsonl(out)}
+    """Every prompt's one answer at the evaluation's sampling settings."""
+    got = answers_of(model_dir, out, args.prompts, args, 1, args.temperature, limit=args.limit, dedup=True)
+    return {k: v[0] if v else "" for k, v in got.items()}
 
 
 def compare(args, prompts, ans_a, ans_b, out):
@@ -281,8 +288,8 @@ def length_report(rows, answers, n_boot, seed):
         for r in rs:
             per_prompt.setdefault(r["base"], []).append(words[r["id"]] > r["limit"])
         rates = [float(np.mean(v)) for v in per_prompt.values()]
-        lo, hi = bootstrap_mean_ci(rates, n_boot, seed)
-        out[wording] = {"violation_rate": round(float(np.mean(rates)), 4), "violation_ci95": [round(lo, 4), round(hi, 4)],
+        rate, ci = mean_ci(rates, n_boot, seed)
+        out[wording] = {"violation_rate": rate, "violation_ci95": ci,
                         "words_over_limit": round(float(np.mean([words[r["id"]] / r["limit"] for r in rs])), 3),
                         "spearman_limit_words": round(spearman([r["limit"] for r in rs], [words[r["id"]] for r in rs]), 4),
                         "per_prompt": per_prompt}
@@ -310,9 +317,7 @@ def evaluate_length(args, rank, world):
                                                           args.bootstrap, args.seed))
     for wording in ("instructed", "paraphrased") if args.b else ():
         a, b = res["a"][wording]["per_prompt"], res["b"][wording]["per_prompt"]
-        diffs = [float(np.mean(a[k])) - float(np.mean(b[k])) for k in a]
-        lo, hi = bootstrap_mean_ci(diffs, args.bootstrap, args.seed)
-        res[f"{wording}_violation_diff"] = {"a_minus_b": round(float(np.mean(diffs)), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+        res[f"{wording}_violation_diff"] = paired_diff([np.mean(a[k]) for k in a], [np.mean(b[k]) for k in a], args.bootstrap, args.seed)
     for side in ("a", "b"):
         for wording in ("instructed", "paraphrased"):
             res.get(side, {}).get(wording, {}).pop("per_prompt", None)
@@ -338,7 +343,7 @@ def evaluate_accuracy(args, rank, world):
         sampled = answers_of(model, os.path.join(args.out_dir, f"sampled_{side}.jsonl"), pfile, args, args.samples,
                              args.temperature)
         per[side] = {"greedy": [], "pass1": [], "maj": []}
-        parsed = [0, 0]
+        parsed, right = [0, 0], 0
         for q in qs:
             g = [reasoning.final_answer(t) for t in greedy[q["id"]]]
             s = [reasoning.final_answer(t) for t in sampled[q["id"]]]
@@ -351,20 +356,16 @@ def evaluate_accuracy(args, rank, world):
             per[side]["greedy"].append(float(g[0] == q["answer"]))
             per[side]["pass1"].append(float(np.mean([a == q["answer"] for a in s])))
             per[side]["maj"].append(float(maj == q["answer"]))
-        right = sum(a == q["answer"] for q in qs for a in (reasoning.final_answer(t) for t in sampled[q["id"]]))
+            right += sum(a == q["answer"] for a in s)
         res[side] = {"model": model, "greedy_parse_rate": round(parsed[0] / len(qs), 4),
                      "sampled_parse_rate": round(parsed[1] / (len(qs) * args.samples), 4),
                      # correctness where an answer could be read at all: quality apart from format
                      "sampled_accuracy_when_parsed": round(right / max(parsed[1], 1), 4)}
         for k, v in per[side].items():
-            lo, hi = bootstrap_mean_ci(v, args.bootstrap, args.seed)
-            res[side][k] = round(float(np.mean(v)), 4)
-            res[side][f"{k}_ci95"] = [round(lo, 4), round(hi, 4)]
+            res[side][k], res[side][f"{k}_ci95"] = mean_ci(v, args.bootstrap, args.seed)
     if args.b:
         for k in ("greedy", "pass1", "maj"):
-            d = np.asarray(per["a"][k]) - np.asarray(per["b"][k])
-            lo, hi = bootstrap_mean_ci(d, args.bootstrap, args.seed)
-            res[f"{k}_diff"] = {"a_minus_b": round(float(d.mean()), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+            res[f"{k}_diff"] = paired_diff(per["a"][k], per["b"][k], args.bootstrap, args.seed)
     return res
 
 
@@ -392,8 +393,8 @@ def evaluate_judge_accuracy(args, rank, world):
         judged = {r["id"]: r for r in read_jsonl(out)}
         got = {k: r["verdicts"][0] for k, r in judged.items()}
         per[side] = [evaluator.consistent_accuracy(got[f"{i}/ab"], got[f"{i}/ba"]) for i in ids]
-        lo, hi = bootstrap_mean_ci(per[side], args.bootstrap, args.seed)
-        res[side] = {"model": model, "accuracy": round(float(np.mean(per[side])), 4), "accuracy_ci95": [round(lo, 4), round(hi, 4)],
+        accuracy, ci = mean_ci(per[side], args.bootstrap, args.seed)
+        res[side] = {"model": model, "accuracy": accuracy, "accuracy_ci95": ci,
                      "first_position_rate": round(float(np.mean([v == "A" for v in got.values()])), 4),
                      "unparsed_rate": round(float(np.mean([v is None for v in got.values()])), 4)}
         if args.verdict_mode == "expected":  # the judge's own p(right letter), mean of both orders: moves before the verdicts do
@@ -401,21 +402,19 @@ def evaluate_judge_accuracy(args, rank, world):
             per[side + "_p"] = [(p_a[f"{i}/ab"] + 1 - p_a[f"{i}/ba"]) / 2 for i in ids]
             per[side + "_f"] = [(p_a[f"{i}/ab"] + p_a[f"{i}/ba"]) / 2 for i in ids]  # p(first-shown letter): position bias
             for key, name in (("_p", "p_right"), ("_f", "p_first")):
-                lo, hi = bootstrap_mean_ci(per[side + key], args.bootstrap, args.seed)
-                res[side].update({name: round(float(np.mean(per[side + key])), 4), f"{name}_ci95": [round(lo, 4), round(hi, 4)]})
+                res[side][name], res[side][f"{name}_ci95"] = mean_ci(per[side + key], args.bootstrap, args.seed)
     if args.b:
         for key, name in (("", "accuracy_diff"), ("_p", "p_right_diff"), ("_f", "p_first_diff")):
             if "a" + key in per and "b" + key in per:
-                d = np.asarray(per["a" + key]) - np.asarray(per["b" + key])
-                lo, hi = bootstrap_mean_ci(d, args.bootstrap, args.seed)
-                res[name] = {"a_minus_b": round(float(d.mean()), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+                res[name] = paired_diff(per["a" + key], per["b" + key], args.bootstrap, args.seed)
     return res
 
 
-def answers_of(model, out, pfile, args, n, temperature):
-    """Every question's n answers from sample.py (kept duplicates: votes need them)."""
-    sample.main(["--model", model, "--prompts", pfile, "--out", out, "--n-responses", str(n), "--no-dedup",
-                 "--temperature", str(temperature), "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
+def answers_of(model, out, pfile, args, n, temperature, limit=None, dedup=False):
+    """Every prompt's n answers from sample.py (duplicates kept unless `dedup`: votes need them)."""
+    sample.main(["--model", model, "--prompts", pfile] + (["--limit", str(limit)] if limit is not None else []) +
+                ["--out", out, "--n-responses", str(n)] + ([] if dedup else ["--no-dedup"]) +
+                ["--temperature", str(temperature), "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
                  "--seed", str(args.seed), "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []))
     return {str(r["id"]): r["responses"] for r in read_jsonl(out)}
 
