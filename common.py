@@ -166,7 +166,7 @@ def start_stage(out, settings, redo, rank, world):
                 if os.path.exists(f):
                     os.remove(f)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        _write_json_atomic(sfile, settings)
+        write_json(sfile, settings)
     barrier(world)
     return {str(r["id"]) for r in done_records(out)}
 
@@ -222,10 +222,27 @@ def write_jsonl(path, records):
     os.replace(tmp, path)
 
 
-def _write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+def strict_json(obj):
+    """`obj` with every NaN or infinity replaced by None (null), recursively, and anything else JSON cannot
+    hold as its string: strict JSON readers reject NaN, and a number that is not one is better said as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy and torch scalars
+        return strict_json(obj.item())
+    return str(obj)
+
+
+def write_json(path, obj, indent=2):
+    """Write a JSON file atomically, in strict JSON (NaN and infinities become null; see strict_json)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(strict_json(obj), f, indent=indent, ensure_ascii=False, allow_nan=False)
     os.replace(tmp, path)
 
 

@@ -27,7 +27,7 @@ import sample
 import tpo
 from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
-                    sampling_rules, stable_seed, start_stage, write_jsonl)
+                    sampling_rules, stable_seed, start_stage, write_json, write_jsonl)
 from judge import probe_candidates, probe_logprobs
 from meta_judge import WINNER_MARK, parse_winner
 from sample import Request, generate
@@ -185,8 +185,7 @@ def evaluate(args):
            "judge-accuracy": evaluate_judge_accuracy}[args.metric](args, rank, world)
     res.update(out_dir=args.out_dir, seconds=round(time.time() - t0, 1))
     if rank == 0:
-        with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(os.path.join(args.out_dir, "results.json"), res)
     print0("evaluate | " + summary_line(res))
     return res
 

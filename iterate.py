@@ -34,7 +34,7 @@ import sample
 import tpo
 import train_dpo
 from common import (barrier, check_flags, check_prompt_fields, init_distributed, load_template, lock_folder,
-                    model_fingerprint, print0, read_jsonl, render, resolve_model, write_jsonl)
+                    model_fingerprint, print0, read_jsonl, render, resolve_model, write_json, write_jsonl)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -146,12 +146,8 @@ def load_manifest(d):
 
 
 def save_manifest(d, manifest):
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    tmp = os.path.join(d, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(d, "manifest.json"))
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_json(os.path.join(d, "manifest.json"), manifest)
 
 
 # -----------------------------------------------------------------------------
@@ -445,12 +441,6 @@ def select_epoch(args, d, argv, out, model_in):
         shutil.rmtree(best, ignore_errors=True)
     barrier(args.world)
     return dict(counts, select="val", val_win_rate_by_epoch=rec["win_rate"], best_epoch=rec["best"])
-
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def stage_report(args, t, d):

@@ -24,7 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import parse_dtype  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
 from common import keep_freed_memory  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from train_dpo import collate, preference_loss, sequence_logps  # noqa: E402

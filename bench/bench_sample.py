@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shapes  # noqa: E402
 from common import parse_dtype  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
 from sample import Request, complete  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 

@@ -149,7 +149,7 @@ def words_judge(prompt, response):
 def test_tpo_stages_judge_sees_responses_and_pairs_keep_thoughts(tmp_path):
     # the split step, a judge shown only the response parts, and pairs made of whole outputs under the thought prompt
     outs = [f"{T} long careful thought here.\n{R} one two three four", f"{T} hmm.\n{R} one", f"{T} I never answer"]
-    recs = [{"id": "q1", "prompt": f"THINK: Say words.", "request": "Say words.", "responses": outs}]
+    recs = [{"id": "q1", "prompt": "THINK: Say words.", "request": "Say words.", "responses": outs}]
     resp, split, judged, pairs = (str(tmp_path / f) for f in ("r.jsonl", "s.jsonl", "j.jsonl", "p.jsonl"))
     with open(resp, "w") as f:
         f.write(json.dumps(recs[0]) + "\n")
