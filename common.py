@@ -148,12 +148,13 @@ def start_stage(out, settings, redo, rank, world):
     in `<out root>.settings.json`. Resuming output made with other settings would mix two experiments in
     one file, so it is refused, naming what changed; `redo` discards the old output instead. Every rank
     reads the same files and reaches the same decision; rank 0 alone deletes and writes."""
-    settings = json.loads(json.dumps(settings, default=str))
+    if "dtype" in settings:  # what runs, not how it was asked for: `auto` is float32 on a CPU
+        settings = dict(settings, dtype=str(parse_dtype(settings["dtype"], default_device())))
+    settings = strict_json(settings)
     sfile = settings_path(out)
     done = done_records(out)
-    if done and os.path.exists(sfile) and not redo:
-        with open(sfile) as f:
-            old = json.load(f)
+    if done and not redo:
+        old = read_settings(sfile, out)
         diffs = [f"{k}: {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
                  if old.get(k) != settings.get(k)]
         if diffs:
@@ -169,6 +170,23 @@ def start_stage(out, settings, redo, rank, world):
         write_json(sfile, settings)
     barrier(world)
     return {str(r["id"]) for r in done_records(out)}
+
+
+def read_settings(sfile, out):
+    """The settings an existing output was made with. Without them nothing tells what made the output, so a
+    missing or unreadable file is an error, not a silent resume."""
+    what = f"{out}: holds records but its settings file {sfile}"
+    try:
+        with open(sfile, encoding="utf-8") as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"{what} is missing, so what made them is unknown; re-run with --redo to start the "
+                         "stage again, or write to another --out") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{what} is unreadable ({e}); re-run with --redo to start the stage again") from None
+    if not isinstance(old, dict):
+        raise SystemExit(f"{what} is not a JSON object; re-run with --redo to start the stage again")
+    return old
 
 
 class ShardWriter:
@@ -349,6 +367,18 @@ def resolve_model(path):
     return ensure_default_model()
 
 
+def check_model_dir(path, flag, chat_format=None):
+    """A checkpoint folder that a stage will load later, checked now without reading its weights: its
+    config, weight files and tokenizer. Hours into a run is too late to learn that a path has a typo."""
+    from model import _weight_files, read_hf_config
+    try:
+        read_hf_config(path)
+        _weight_files(path)
+        Tokenizer.from_pretrained(path, chat_format)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{flag}: {e}") from None
+
+
 def load_model(path, device, dtype="auto", chat_format=None):
     """Model, tokenizer and folder of an HF checkpoint (`None`: the embedded default). A folder that cannot be
     run is a message naming it, not a traceback."""
@@ -374,6 +404,11 @@ def stable_seed(seed, rid) -> int:
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+def default_device():
+    """The device a process of this machine computes on: the GPU when there is one (see init_distributed)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_dtype(name: str, device) -> torch.dtype:

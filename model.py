@@ -400,11 +400,30 @@ def save_hf(state_dict, args: ModelArgs, path, tokenizer_dir=None, max_shard_byt
     and the tokenizer/generation files copied from `tokenizer_dir`. The folder is written under a
     temporary name and renamed at the end, so a killed save never leaves a folder that looks complete.
     """
+    path = os.path.normpath(path)
+    parent, base = os.path.split(os.path.abspath(path))
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():  # left by a save that was killed
+        if name.startswith(f"{base}.tmp-") or name.startswith(f"{base}.old-"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        _write_hf(state_dict, args, tmp, tokenizer_dir, max_shard_bytes)
+    except Exception as e:  # disk full, a quota, a safetensors error: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise
+        raise OSError(str(e)) from e
+    # swap in: the old folder (if any) is moved aside first, then the new one takes its name
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_hf(state_dict, args, tmp, tokenizer_dir, max_shard_bytes):
     from safetensors.torch import save_file
 
-    path = os.path.normpath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     state = {}
     for k, t in state_dict.items():
@@ -443,12 +462,6 @@ def save_hf(state_dict, args: ModelArgs, path, tokenizer_dir=None, max_shard_byt
     os.umask(umask)
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    # swap in: the old folder (if any) is moved aside first, then the new one takes its name
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class TargetLogps(torch.autograd.Function):

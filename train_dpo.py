@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from model import Transformer, read_hf_config, read_hf_state, rope_inv_freq, save_hf
-from common import barrier, check_flags, file_digest, finite, init_distributed, model_fingerprint, print0, read_jsonl, resolve_model
+from safetensors import SafetensorError
+
+from common import (barrier, check_flags, file_digest, finite, init_distributed, model_fingerprint, print0, read_jsonl,
+                    resolve_model, write_json)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -294,8 +297,16 @@ def train(args):
     examples, data_counts = load_examples(args.data, tok, args.max_len, args.truncate, args.objective)
     if not examples:
         raise SystemExit(f"--data: no usable examples in {', '.join(args.data)} ({data_counts})")
+    if not any(e["weight"] > 0 for e in examples):  # every gradient would be zero: "trained" would be a lie
+        raise SystemExit(f"--data: every record of {', '.join(args.data)} has weight 0; there is nothing to learn")
     work = args.out.rstrip("/") + ".train"
     os.makedirs(work, exist_ok=True)
+    key, state_dir = run_key(args), os.path.join(work, "state")
+    meta = read_trainer_json(state_dir) if args.resume else None
+    if meta and meta.get("finished") and meta.get("run") == key and os.path.isdir(args.out) \
+            and model_fingerprint(args.out) == meta.get("model"):  # killed after the end, before anyone noted it
+        print0(f"{args.out}: already trained by this run ({meta['step']} steps); nothing to do")
+        return {"steps": meta["step"], "examples": len(examples), "already_trained": True, **data_counts}
     # bf16 compute with fp32 master weights on GPUs: autocast on one GPU, FSDP2's mixed precision on several
     bf16 = device.type == "cuda" and args.dtype in ("auto", "bfloat16")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and world == 1 else \
@@ -309,10 +320,11 @@ def train(args):
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * total)
-    step, key, state_dir = 0, run_key(args), os.path.join(work, "state")
-    if args.resume and os.path.exists(os.path.join(state_dir, "trainer.json")):
-        step = load_state(state_dir, model, opt, key)
-        print0(f"resumed at step {step} from {state_dir}")
+    step = 0
+    if meta and not meta.get("finished"):
+        step = load_state(state_dir, model, opt, key, world, rank)
+        if step:
+            print0(f"resumed at step {step} from {state_dir}")
     what = f"loss {args.loss} beta {args.beta} | ref {args.ref_mode}" if args.objective == "dpo" else "SFT (mean target NLL)"
     print0(f"{len(examples)} examples ({data_counts}) | {total} steps of {args.batch_size} | world {world} | {what}")
     stop = min(total, args.stop_after or total, args.stop_after_epochs * steps_per_epoch if args.stop_after_epochs else total)
@@ -355,9 +367,14 @@ def train(args):
         print0(f"stopped after step {step}; state in {state_dir} (continue with --resume)")
         return {"steps": step, "stopped": True}
     save_model(model, world, rank, args.out, args.model)
-    if rank == 0:
+    if rank == 0:  # the model folder is the result; the state was for resuming. What stays says it is done.
         metrics_f.close()
-        shutil.rmtree(state_dir, ignore_errors=True)  # the model folder is the result; the state was for resuming
+        os.makedirs(state_dir, exist_ok=True)
+        write_json(os.path.join(state_dir, "trainer.json"), {"finished": True, "step": step, "run": key,
+                                                             "model": model_fingerprint(args.out)})
+        for name in os.listdir(state_dir):
+            if name.startswith("step"):
+                shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
     barrier(world)
     print0(f"train_dpo | {args.objective} | steps {step} | examples {len(examples)} | saved {args.out}")
     return {"steps": step, "examples": len(examples), **data_counts}
@@ -386,17 +403,21 @@ def reference(args, model, examples, work, world, rank, device, bf16, autocast):
                 logps, _ = sequence_logps(ref_model, tokens, mask)
             return logps[:len(batch)].float(), logps[len(batch):].float()
         return online
-    cache = os.path.join(work, f"ref_logps-{ref_cache_key(args.data, ref_path, examples, args)}.pt")
+    from safetensors.torch import load_file, save_file
+    cache = os.path.join(work, f"ref_logps-{ref_cache_key(args.data, ref_path, examples, args)}.safetensors")
     if os.path.exists(cache):
-        table = torch.load(cache)
+        table = load_file(cache)["ref_logps"]
         print0(f"reference log-probs from {cache}")
     else:
         t0 = time.time()
         src = model if ref_path == args.model else build_model(ref_path, device, world, bf16)
         table = compute_ref_logps(src, examples, args.micro_batch_size, world, rank, device, autocast)
         if rank == 0:
-            torch.save(table, cache + ".tmp")
-            os.replace(cache + ".tmp", cache)
+            try:
+                save_file({"ref_logps": table.contiguous()}, cache + ".tmp")
+                os.replace(cache + ".tmp", cache)
+            except (OSError, SafetensorError) as e:
+                raise SystemExit(f"{cache}: cannot write the reference log-probs ({getattr(e, 'strerror', None) or e})") from None
         print0(f"reference log-probs of {len(examples)} pairs in {time.time() - t0:.1f}s -> {cache}")
     return lambda tokens, mask, batch: (table[batch, 0].to(device), table[batch, 1].to(device))
 
@@ -453,11 +474,12 @@ def train_step(model, ref, examples, idx, args, world, rank, device, autocast):
 
 
 def run_key(args):
-    """What makes a training run this one: the output folder, the starting model and reference, the data and
-    every setting that shapes the steps. Resumable state carries it, so --resume takes only its own state."""
+    """What makes a training run this one: the starting model and reference, the data (by content: a moved
+    folder is the same run) and every setting that shapes the steps. Resumable state carries it, so --resume
+    takes only its own state."""
     keep = ("objective", "loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "warmup_steps",
             "warmup_ratio", "schedule", "min_lr_ratio", "weight_decay", "grad_clip", "max_len", "truncate", "seed")
-    ident = {"out": os.path.abspath(args.out), "model": model_fingerprint(args.model),
+    ident = {"model": model_fingerprint(args.model),
              "ref": model_fingerprint(args.ref) if args.ref else None,
              "data": [file_digest(f) for f in args.data], **{k: getattr(args, k) for k in keep}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
@@ -476,52 +498,81 @@ def open_metrics(path, step):
     return f
 
 
+def _local(t):
+    """This rank's part of a tensor: the local shard of an FSDP2 (DTensor) tensor, else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def save_state(state_dir, model, opt, step, world, rank, key):
-    """Resumable state with torch.distributed.checkpoint (sharded under FSDP); trainer.json is written last and
-    names the run and the checksum of the pickled `.metadata`; older steps are then deleted."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """Resumable state that holds no pickled object, so that reading it can run no code: each rank's shards of
+    the weights and of AdamW's moments in step<N>/rank<r>.safetensors, and the rest (step, run key, world size)
+    in trainer.json, written last; older steps are then deleted."""
+    from safetensors.torch import save_file
 
     step_dir = os.path.join(state_dir, f"step{step}")
+    tensors = {"rng": torch.get_rng_state()}
+    for name, p in model.named_parameters():
+        tensors[f"model/{name}"] = _local(p)
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"optim/{name}/{k}"] = _local(v)
     try:
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=step_dir)
+        os.makedirs(step_dir, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  os.path.join(step_dir, f"rank{rank}.safetensors"))
         barrier(world)
         if rank == 0:
-            meta = {"step": step, "rng": torch.get_rng_state().tolist(), "run": key,
-                    "metadata_sha256": file_digest(os.path.join(step_dir, ".metadata"), n=64)}
-            tmp = os.path.join(state_dir, "trainer.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp, os.path.join(state_dir, "trainer.json"))
+            write_json(os.path.join(state_dir, "trainer.json"), {"step": step, "run": key, "world": world})
             for name in os.listdir(state_dir):
                 if name.startswith("step") and name != f"step{step}":
                     shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
-    except OSError as e:
-        raise SystemExit(f"{state_dir}: cannot save the training state ({e.strerror or e})") from None
+    except (OSError, SafetensorError) as e:
+        raise SystemExit(f"{state_dir}: cannot save the training state ({getattr(e, 'strerror', None) or e})") from None
     barrier(world)
 
 
-def load_state(state_dir, model, opt, key):
-    """Restore the state written by `save_state`. torch.distributed.checkpoint unpickles `.metadata`, so only
-    state this run wrote is read: another run's (other key) or a changed file is refused before loading."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def read_trainer_json(state_dir):
+    """trainer.json of a state folder, or None when there is none (or it was half written)."""
+    try:
+        with open(os.path.join(state_dir, "trainer.json")) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
-    with open(os.path.join(state_dir, "trainer.json")) as f:
-        meta = json.load(f)
+
+def load_state(state_dir, model, opt, key, world, rank):
+    """Restore the state written by `save_state` -> its step. Another run's state (other key) is refused; a
+    state that is incomplete (a kill while it was being written or deleted) cannot be resumed: 0, start over."""
+    from safetensors.torch import load_file
+
+    meta = read_trainer_json(state_dir)
     if meta.get("run") != key:
         raise SystemExit(f"{state_dir}: written by another run (other output folder, model, data or settings); "
                          "--resume continues only the run that wrote it: start again without --resume")
-    step_dir = os.path.join(state_dir, f"step{meta['step']}")
-    pickled = os.path.join(step_dir, ".metadata")
-    if not os.path.exists(pickled) or file_digest(pickled, n=64) != meta.get("metadata_sha256"):
-        raise SystemExit(f"{pickled}: changed since it was written (or missing); refusing to unpickle it")
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=step_dir)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    if meta.get("world") != world:
+        raise SystemExit(f"{state_dir}: written by {meta.get('world')} rank(s), this run has {world}; resume with "
+                         f"the same number of processes, or start again without --resume")
+    f = os.path.join(state_dir, f"step{meta.get('step')}", f"rank{rank}.safetensors")
+    try:
+        saved = load_file(f)  # tensors only: safetensors runs no code
+        names = [n for n, _ in model.named_parameters()]
+        missing = [n for n in names if f"model/{n}" not in saved]
+        if missing:
+            raise ValueError(f"no weights for {missing[0]}")
+    except (OSError, SafetensorError, ValueError) as e:
+        print0(f"note: {state_dir} cannot be resumed ({e}); training starts again from step 0")
+        return 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            _local(p).copy_(saved[f"model/{name}"])
+            moments = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.startswith(f"optim/{name}/")}
+            for k, v in moments.items():
+                if v.ndim == 0:  # AdamW's step count: a plain scalar on the parameter's device
+                    opt.state[p][k] = v.to(p.device)
+                else:  # a moment shaped (and sharded) like its parameter
+                    opt.state[p][k] = torch.zeros_like(p)
+                    _local(opt.state[p][k]).copy_(v)
+    torch.set_rng_state(saved["rng"])
     return meta["step"]
 
 

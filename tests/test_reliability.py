@@ -272,7 +272,9 @@ def test_dpo_keeps_only_the_newest_state(tmp_path, tiny_ckpt):
     train_dpo.main(base + ["--stop-after", "3"])
     assert sorted(n for n in os.listdir(out + ".train/state") if n.startswith("step")) == ["step3"]
     train_dpo.main(base + ["--resume"])
-    assert not os.path.exists(out + ".train/state")  # done: the HF folder is the result
+    # done: the HF folder is the result; what stays of the state only says so
+    assert os.listdir(out + ".train/state") == ["trainer.json"]
+    assert json.load(open(out + ".train/state/trainer.json"))["finished"] is True
 
 
 def test_metrics_hold_each_step_once_after_a_resume(tmp_path, tiny_ckpt):
@@ -287,35 +289,123 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path, tiny_ckpt):
     assert [m["step"] for m in read(out + ".train/metrics.jsonl")] == [1, 2, 3, 4]
 
 
-def test_resume_refuses_state_it_did_not_write(tmp_path, tiny_ckpt):
-    """--resume unpickles the state's .metadata: a changed file, or another run's state, must be refused."""
-    out = str(tmp_path / "m")
+class Planted:
+    """Unpickling this object creates a file: the proof that loading ran code."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_runs_no_code_planted_in_the_state(tmp_path, tiny_ckpt):
+    """--resume unpickled the state (DCP's .metadata and the non-tensor items of its data files), and only
+    .metadata was checksummed: a planted pickle ran. The state now holds tensors (safetensors) and JSON only."""
+    out, marker = str(tmp_path / "m"), str(tmp_path / "ran")
     base = ["--model", tiny_ckpt, "--pairs", pairs_file(tmp_path / "p.jsonl"), "--out", out, "--epochs", "2",
             "--batch-size", "4", "--micro-batch-size", "2"]
     train_dpo.main(base + ["--stop-after", "2"])
-    meta = os.path.join(out + ".train", "state", "step2", ".metadata")
-    with open(meta, "ab") as f:
-        f.write(b"tampered")
-    with pytest.raises(SystemExit, match="changed since it was written"):
-        train_dpo.main(base + ["--resume"])
-    # another run's state copied under this run's folder
+    state = os.path.join(out + ".train", "state")
+    files = [os.path.relpath(os.path.join(d, f), state) for d, _, fs in os.walk(state) for f in fs]
+    assert sorted(files) == ["step2/rank0.safetensors", "trainer.json"]
+    assert all(not f.endswith(".pt") for f in os.listdir(out + ".train"))  # the reference log-probs too
+    import pickle
+    for name in ("rank0.safetensors", ".metadata", "__0_0.distcp"):  # every place a loader might look
+        with open(os.path.join(state, "step2", name), "wb") as f:
+            pickle.dump(Planted(marker), f)
+    got = train_dpo.main(base + ["--resume"])  # the state cannot be read: training starts again
+    assert not os.path.exists(marker)
+    assert got["steps"] == 4 and [m["step"] for m in read(out + ".train/metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_another_runs_state(tmp_path, tiny_ckpt):
+    """State of a run with other settings under this run's folder is another experiment: refused by name."""
     import shutil
-    other = str(tmp_path / "other")
-    train_dpo.main(base[:4] + ["--out", other] + base[6:] + ["--stop-after", "2"])
-    shutil.rmtree(out + ".train")
+    out, other = str(tmp_path / "m"), str(tmp_path / "other")
+    base = ["--model", tiny_ckpt, "--pairs", pairs_file(tmp_path / "p.jsonl"), "--epochs", "2",
+            "--batch-size", "4", "--micro-batch-size", "2"]
+    train_dpo.main(base + ["--out", other, "--lr", "1e-4", "--stop-after", "2"])
     shutil.copytree(other + ".train", out + ".train")
     with pytest.raises(SystemExit, match="written by another run"):
-        train_dpo.main(base + ["--resume"])
-    assert "unpickle" in open(os.path.join(ROOT, "README.md")).read()
+        train_dpo.main(base + ["--out", out, "--resume"])
+
+
+def test_finished_training_is_not_redone_after_a_late_kill(tmp_path, tiny_ckpt):
+    """A kill after the model was saved (before the caller noted it) retrained everything on the re-run."""
+    out = str(tmp_path / "m")
+    base = ["--model", tiny_ckpt, "--pairs", pairs_file(tmp_path / "p.jsonl"), "--out", out, "--epochs", "2",
+            "--batch-size", "4", "--micro-batch-size", "2"]
+    assert train_dpo.main(base + ["--resume"])["steps"] == 4
+    mtime = os.path.getmtime(os.path.join(out, "model.safetensors"))
+    again = train_dpo.main(base + ["--resume"])
+    assert again.get("already_trained") and os.path.getmtime(os.path.join(out, "model.safetensors")) == mtime
+    with open(os.path.join(out, "model.safetensors"), "r+b") as f:  # a changed model is not this run's result
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    assert not train_dpo.main(base + ["--resume"]).get("already_trained")
+
+
+def test_resume_from_a_moved_folder(tmp_path, tiny_ckpt):
+    """The run key held the output's absolute path: a moved run folder refused its own state."""
+    src, dst = tmp_path / "a", tmp_path / "b"
+    os.makedirs(src)
+    base = ["--model", tiny_ckpt, "--pairs", pairs_file(src / "p.jsonl"), "--epochs", "2", "--batch-size", "4",
+            "--micro-batch-size", "2"]
+    train_dpo.main(base + ["--out", str(src / "m"), "--stop-after", "2"])
+    os.rename(src, dst)
+    base[3] = str(dst / "p.jsonl")
+    assert train_dpo.main(base + ["--out", str(dst / "m"), "--resume"])["steps"] == 4
+    assert [m["step"] for m in read(str(dst / "m.train" / "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+def test_pairs_of_weight_zero_are_refused(tmp_path, tiny_ckpt):
+    """A pair file whose weights were all 0 'trained' with a zero gradient and saved the model as trained."""
+    recs = [dict(r, weight=0) for r in read(pairs_file(tmp_path / "p.jsonl"))]
+    with pytest.raises(SystemExit, match="weight 0"):
+        train_dpo.main(["--model", tiny_ckpt, "--pairs", write_jsonl(tmp_path / "z.jsonl", recs), "--out",
+                        str(tmp_path / "m")])
+    assert not os.path.exists(tmp_path / "m")
+
+
+def test_empty_or_missing_training_data_is_an_error(tmp_path, tiny_ckpt):
+    for data, msg in ((write_jsonl(tmp_path / "e.jsonl", []), "empty file"), (str(tmp_path / "none.jsonl"), "no such file"),
+                      (write_jsonl(tmp_path / "w.jsonl", ["", "  "]), "empty file")):
+        for objective in ("dpo", "sft"):
+            with pytest.raises(SystemExit, match=msg):
+                train_dpo.main(["--model", tiny_ckpt, "--objective", objective, "--data", data, "--out", str(tmp_path / "m")])
+
+
+def test_model_save_on_a_full_disk_leaves_nothing_behind(tmp_path, tiny_ckpt, monkeypatch):
+    """A full disk during the model's save gave a raw SafetensorError and left `model.tmp-<pid>` behind; a save
+    killed outright left one too, which the next save now clears."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+    out = str(tmp_path / "m")
+    os.makedirs(out + ".tmp-99999")  # a killed save's leftover
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *a, **kw):
+        if "model.safetensors" in filename:
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+        return real(tensors, filename, *a, **kw)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(SystemExit, match=r"m: cannot write the trained model.*No space left"):
+        train_dpo.main(["--model", tiny_ckpt, "--pairs", pairs_file(tmp_path / "p.jsonl"), "--out", out,
+                        "--batch-size", "4", "--micro-batch-size", "2"])
+    assert sorted(os.listdir(tmp_path)) == ["m.train", "p.jsonl"]
 
 
 def test_state_save_on_a_full_disk_names_the_folder(tmp_path, tiny_ckpt, monkeypatch):
     import errno
-    import torch.distributed.checkpoint as dcp
+    import safetensors.torch
 
-    def full(*a, **kw):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(dcp, "save", full)
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *a, **kw):
+        if os.sep + "state" + os.sep in filename:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *a, **kw)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
     out = str(tmp_path / "m")
     with pytest.raises(SystemExit, match=r"m.train/state.*No space left"):
         train_dpo.main(["--model", tiny_ckpt, "--pairs", pairs_file(tmp_path / "p.jsonl"), "--out", out,
