@@ -9,15 +9,20 @@ DPO + NLL (train_dpo.py --nll-coef 1); ScPO weights each pair by its vote margin
     python iterate.py --preset reasoning-demo --method irpo --run-dir runs/irpo   # the loop on arithmetic problems
 
 The responses must carry each question's `answer` (sample.py keeps every field of a prompt record) for IRPO;
-ScPO ignores it except to report how often the vote was right. `<out root>.answers.jsonl` holds, per question,
-each response's extracted answer, whether it is correct and the votes.
+ScPO ignores it except to report how often the vote was right. As in the IRPO paper, a question's gold worked
+solution (`solution`: GSM8K's own, read by `read_questions`) joins the correct samples as a possible winner,
+so a question none of whose samples is right still gives pairs (`--no-gold-solution`: samples only).
+`<out root>.answers.jsonl` holds, per question, each response's extracted answer, whether it is correct and the
+votes.
 """
 import argparse
+import math
 import os
 import random
 import re
 
 from common import check_flags, finite, read_jsonl, stable_seed, write_jsonl
+from lift import check_responses, cut_of
 
 # -----------------------------------------------------------------------------
 # Final answers
@@ -107,25 +112,60 @@ def scpo_pair(answers, tau, rng, cut=None):
 # Data with gold answers
 
 
-def read_questions(path):
-    """Questions with gold answers: our `id`, `prompt`, `answer` records, or GSM8K's `question`, `answer`
-    (a solution ending in `#### <number>`), whose final number becomes the answer -> [{id, prompt, answer}]."""
+def gold_answer(value):
+    """A gold `answer` (a string, a finite number, or a GSM8K solution ending in `#### N`) as a normalised final
+    answer, or None when it holds none."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN and Infinity answer nothing
+        return None
+    text = str(value)
+    return final_answer(text) if "####" in text else normalize(text)
+
+
+def gsm8k_solution(text, gold):
+    """GSM8K's worked solution in the reasoning template's format: its calculator annotations (`<<48/2=24>>`)
+    removed and its `#### N` line written as `Final answer: N`."""
+    steps = re.sub(r"<<[^>]*>>", "", text.rsplit("####", 1)[0]).strip()
+    return f"{steps}\nFinal answer: {gold}" if steps else f"Final answer: {gold}"
+
+
+def check_gold(rec, need_answer):
+    """The answer fields of a question or responses record: `answer` (required when `need_answer`), and an
+    optional `solution` whose final answer must be the gold one (it is trained on as a correct solution)."""
+    if rec.get("answer") is None:
+        return "needs an `answer` (a string or a number): IRPO checks solutions against it" if need_answer else None
+    gold = gold_answer(rec["answer"])
+    if gold is None:
+        return f"no final answer in `answer` ({str(rec['answer'])[:60]!r}): give a string or a finite number"
+    sol = rec.get("solution")
+    if sol is not None and (not isinstance(sol, str) or final_answer(sol) != gold):
+        return f"`solution` must be a string ending in `Final answer: {gold}` (the gold answer)"
+    return None
+
+
+def read_questions(path, gold=True):
+    """Questions: our `id`, `prompt`, `answer` records (optional `system`, `solution`), or GSM8K's `question`,
+    `answer` (a worked solution ending in `#### <number>`: the number becomes the answer, the solution in our
+    format the `solution`). `gold=False` (ScPO) makes the answer optional; one given is still checked.
+    -> [{id, prompt, answer?, system?, solution?}], ids `q<line>` where the file has none."""
     def check(rec):
         q = rec.get("prompt", rec.get("question"))
         if not isinstance(q, str) or not q.strip():
-            return "needs a string `prompt` (or GSM8K's `question`)"
-        if not isinstance(rec.get("answer"), (str, int, float)) or isinstance(rec.get("answer"), bool):
-            return "needs an `answer` (a string or a number)"
-        return None
+            return "needs a non-empty string `prompt` (or GSM8K's `question`)"
+        if rec.get("system") is not None and not isinstance(rec["system"], str):
+            return "`system` must be a string"
+        return check_gold(rec, gold)
     recs = read_jsonl(path, required=(), what="question", check=check)
     out = []
     for i, rec in enumerate(recs):
-        ans = str(rec["answer"])
-        gold = final_answer(ans) if "####" in ans else normalize(ans)
-        if gold is None:
-            raise SystemExit(f"{recs.where(i)}: no final answer in `answer` ({ans[:60]!r})")
-        out.append({"id": str(rec.get("id", f"q{recs.lines[i]}")), "prompt": rec.get("prompt", rec.get("question")),
-                    "answer": gold})
+        q = {"id": str(rec.get("id", f"q{recs.lines[i]}")), "prompt": rec.get("prompt", rec.get("question")),
+             **({"system": rec["system"]} if rec.get("system") else {})}
+        if rec.get("answer") is not None:
+            q["answer"], text = gold_answer(rec["answer"]), str(rec["answer"])
+            solution = rec.get("solution") or (gsm8k_solution(text, q["answer"]) if "####" in text else None)
+            q.update({"solution": solution} if solution else {})
+        out.append(q)
     return out
 
 
@@ -142,6 +182,8 @@ def build_parser():
     p.add_argument("--tau", type=float, default=0.5, help="ScPO: keep a question when its top answer has >= tau * k votes")
     p.add_argument("--truncated", default="drop", choices=("drop", "keep"),
                    help="a solution cut at its token limit: left out (drop), or only ever rejected (keep)")
+    p.add_argument("--no-gold-solution", dest="gold_solution", action="store_false",
+                   help="IRPO: leave a question's gold `solution` out of the winners (samples only)")
     p.add_argument("--seed", type=int, default=0, help="seed of ScPO's tie breaks")
     return p
 
@@ -155,19 +197,18 @@ def parse_args(argv=None):
 
 def question_pairs(rec, args):
     """(answer record, pairs) of one question. A solution cut at its token limit is never the winner; with
-    --truncated drop it takes part in no pair at all."""
-    texts = rec["responses"]
-    cut = [f == "length" for f in rec.get("finish_reasons", [])] or [False] * len(texts)
+    --truncated drop it takes part in no pair at all. IRPO's winners include the gold `solution` when there is one."""
+    texts, cut = list(rec["responses"]), cut_of(rec)
     use = [i for i in range(len(texts)) if not (cut[i] and args.truncated == "drop")]
     answers = [final_answer(t) for t in texts]
-    gold = normalize(str(rec["answer"])) if rec.get("answer") is not None else None
+    gold = gold_answer(rec["answer"]) if rec.get("answer") is not None else None
     correct = [a is not None and a == gold for a in answers] if gold is not None else None
     info = {"id": rec["id"], "answer": gold, "answers": answers, "correct": correct, "truncated": cut}
     pairs = []
     if args.method == "irpo":
-        if correct is None:
-            raise SystemExit(f"{args.responses}: record {rec['id']!r} has no `answer`: IRPO needs gold answers")
         use = [i for i in use if not (cut[i] and correct[i])]  # a cut right answer is neither winner nor loser
+        if args.gold_solution and rec.get("solution"):  # checked on reading: its final answer is the gold one
+            texts, cut, correct, use = texts + [rec["solution"]], cut + [False], correct + [True], use + [len(texts)]
         pairs = [(use[w], use[l], 1.0) for w, l in irpo_pairs([correct[i] for i in use], args.pairs_per_question)]
     else:
         rng = random.Random(stable_seed(args.seed, rec["id"]))
@@ -176,17 +217,20 @@ def question_pairs(rec, args):
             pairs = [(use[got[0]], use[got[1]], got[2])]
         info["votes"] = {a: answers.count(a) for a in set(answers) if a is not None}
     # IRPO's cycling repeats a pair when a side has few members (its weight in training, by design): the pair's
-    # index keeps the ids unique
-    out = [{"id": f"{rec['id']}/{j}/{c}/{r}", "prompt": rec["prompt"], **({"system": rec["system"]} if rec.get("system") else {}),
+    # index keeps the ids unique; the gold solution's index is `gold`
+    name = lambda i: "gold" if i == len(rec["responses"]) else str(i)  # noqa: E731
+    out = [{"id": f"{rec['id']}/{j}/{name(c)}/{r}", "prompt": rec["prompt"], **({"system": rec["system"]} if rec.get("system") else {}),
             "chosen": texts[c], "rejected": texts[r], "weight": round(w, 6), "kind": args.method,
             **({"chosen_correct": correct[c], "rejected_correct": correct[r]} if correct else {}),
+            **({"chosen_gold": True} if name(c) == "gold" else {}),
             **({"rejected_truncated": True} if cut[r] else {})} for j, (c, r, w) in enumerate(pairs)]
     return info, out
 
 
 def main(argv=None):
     args = parse_args(argv)
-    records = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record")
+    records = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record",
+                         check=lambda rec: check_responses(rec) or check_gold(rec, args.method == "irpo"))
     infos, pairs = [], []
     for rec in records:
         info, got = question_pairs(rec, args)
@@ -194,7 +238,8 @@ def main(argv=None):
         pairs += got
     answered = [a for i in infos for a in i["answers"]]
     counts = {"questions": len(infos), "questions_kept": len({p["id"].rsplit("/", 3)[0] for p in pairs}), "pairs": len(pairs),
-              "parse_rate": round(sum(a is not None for a in answered) / max(len(answered), 1), 4)}
+              "parse_rate": round(sum(a is not None for a in answered) / max(len(answered), 1), 4),
+              **({"gold_solution_pairs": sum("chosen_gold" in p for p in pairs)} if args.method == "irpo" else {})}
     if all(i["correct"] is not None for i in infos):
         flat = [c for i in infos for c in i["correct"]]
         counts["sample_accuracy"] = round(sum(flat) / max(len(flat), 1), 4)

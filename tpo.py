@@ -3,7 +3,9 @@ Thought Preference Optimization (TPO, Wu et al. 2024, "Thinking LLMs"): the acto
 its response after two fixed markers; the judge sees only the response; the pairs are the whole outputs,
 thoughts included, so the model learns which thoughts lead to good responses. An output whose markers cannot be
 split is used as a rejected one. Length control: score = z(judge score) - rho z(response length), z-scores
-over the prompt's samples.
+over the prompt's samples. An output cut at its token limit is never chosen: with --truncated drop (the default)
+it takes part in nothing (not even the z-scores), with keep it may be the rejected one (`rejected_truncated`).
+Pairs carry the system prompt the outputs were sampled with.
 
     python tpo.py --step split --responses runs/x/iter1/responses.jsonl --out runs/x/iter1/split.jsonl
     python judge.py --responses runs/x/iter1/split.jsonl --out runs/x/iter1/judgments.jsonl ...   # responses only
@@ -18,6 +20,7 @@ import math
 import os
 
 from common import check_flags, finite, read_jsonl, write_jsonl
+from lift import check_responses, cut_of
 
 THOUGHT, RESPONSE = "Here is my thought process:", "Here is my response:"
 
@@ -47,12 +50,14 @@ def zscores(xs):
     return [0.0] * len(xs) if sd == 0 else [(x - m) / sd for x in xs]
 
 
-def tpo_pair(scores, lengths, splittable, rho, truncated=None):
+def tpo_pair(scores, lengths, splittable, rho, truncated=None, keep_truncated=False):
     """(chosen, rejected) indices of one prompt's outputs, or None. Among the splittable outputs with a score,
     each gets z(score) - rho z(length of its response); chosen = the highest, rejected = an unsplittable output
-    when there is one (the first), else the lowest. A cut output (truncated[i]) is never chosen."""
+    when there is one (the first), else the lowest. A cut output (truncated[i]) is never chosen; it is left out
+    of everything unless `keep_truncated`."""
     cut = truncated or [False] * len(scores)
-    ok = [i for i in range(len(scores)) if splittable[i] and scores[i] is not None]
+    present = [i for i in range(len(scores)) if keep_truncated or not cut[i]]
+    ok = [i for i in present if splittable[i] and scores[i] is not None]
     if not ok:
         return None
     z = dict(zip(ok, [a - rho * b for a, b in zip(zscores([scores[i] for i in ok]), zscores([lengths[i] for i in ok]))]))
@@ -60,7 +65,7 @@ def tpo_pair(scores, lengths, splittable, rho, truncated=None):
     if not whole:
         return None
     chosen = max(whole, key=lambda i: (z[i], -i))
-    broken = [i for i in range(len(scores)) if not splittable[i]]
+    broken = [i for i in present if not splittable[i]]
     rejected = broken[0] if broken else min(ok, key=lambda i: (z[i], i))
     if rejected == chosen or (not broken and z[rejected] == z[chosen]):
         return None
@@ -83,19 +88,41 @@ def split_records(records, thoughts=True):
     return out
 
 
-def make_pairs(records, rho):
+def make_pairs(records, rho, keep_truncated=False):
     pairs, skipped = [], 0
     for rec in records:
-        cut = [f == "length" for f in rec.get("finish_reasons", [])] or None
-        got = tpo_pair(rec["score"], [len(r) for r in rec["responses"]], rec["splittable"], rho, cut)
+        cut = cut_of(rec)
+        got = tpo_pair(rec["score"], [len(r) for r in rec["responses"]], rec["splittable"], rho, cut, keep_truncated)
         if got is None:
             skipped += 1
             continue
         c, r = got
-        pairs.append({"id": rec["id"], "prompt": rec["thought_prompt"], "chosen": rec["outputs"][c],
-                      "rejected": rec["outputs"][r], "score_chosen": rec["score"][c], "score_rejected": rec["score"][r],
-                      "kind": "tpo", **({"rejected_truncated": True} if cut and cut[r] else {})})
+        pairs.append({"id": rec["id"], "prompt": rec["thought_prompt"], **({"system": rec["system"]} if rec.get("system") else {}),
+                      "chosen": rec["outputs"][c], "rejected": rec["outputs"][r], "score_chosen": rec["score"][c],
+                      "score_rejected": rec["score"][r], "kind": "tpo", **({"rejected_truncated": True} if cut[r] else {})})
     return pairs, skipped
+
+
+def check_actor(rec):
+    if rec.get("request") is not None and (not isinstance(rec["request"], str) or not rec["request"].strip()):
+        return "`request` must be a non-empty string"
+    return check_responses(rec)
+
+
+def check_judged(rec):
+    """A judged split record: one whole output, split flag and score (a number, or null when unjudged) per response."""
+    problem = check_responses(rec)
+    if problem:
+        return problem
+    n = len(rec["responses"])
+    for key, ok, what in (("outputs", lambda x: isinstance(x, str), "strings"),
+                          ("splittable", lambda x: isinstance(x, bool), "true/false values"),
+                          ("score", lambda x: x is None or (finite(x) and not isinstance(x, bool)), "numbers or nulls")):
+        if not isinstance(rec[key], list) or len(rec[key]) != n or not all(ok(x) for x in rec[key]):
+            return f"`{key}` must be a list of {what}, one per response"
+    if not isinstance(rec.get("thought_prompt"), str) or not rec["thought_prompt"].strip():
+        return "`thought_prompt` must be a non-empty string (the records of tpo.py --step split, judged)"
+    return None
 
 
 def build_parser():
@@ -106,6 +133,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--rho", type=float, default=0.0, help="length control: z(score) - rho z(length), rho in [0, 0.5] in the paper")
     p.add_argument("--no-thoughts", dest="thoughts", action="store_false", help="outputs are plain responses (the control)")
+    p.add_argument("--truncated", default="drop", choices=("drop", "keep"),
+                   help="--step pairs: outputs cut at their token limit in no pair (drop), or only ever rejected (keep)")
     return p
 
 
@@ -120,13 +149,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.step == "split":
-        recs = split_records(read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record"),
-                             args.thoughts)
+        recs = split_records(read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record",
+                                        check=check_actor), args.thoughts)
         counts = {"records": len(recs), "outputs": sum(len(r["outputs"]) for r in recs),
                   "unsplittable": sum(not s for r in recs for s in r["splittable"])}
     else:
         recs, skipped = make_pairs(read_jsonl(args.judgments, required=("id", "score", "splittable", "outputs"),
-                                              what="judged TPO record"), args.rho)
+                                              what="judged TPO record", check=check_judged), args.rho, args.truncated == "keep")
         counts = {"tpo_pairs": len(recs), "prompts_without_pairs": skipped}
     if int(os.environ.get("RANK", 0)) == 0:
         write_jsonl(args.out, recs)

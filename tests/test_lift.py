@@ -32,39 +32,61 @@ def test_violates_and_pair_under_limit():
     assert lift.pair_under_limit(short, long, 1) is None  # both break 1
 
 
-def test_augment_keeps_or_flips_and_skips_equal_lengths():
-    pairs = [{"prompt": "p1", "chosen": "a b", "rejected": "a b c d e", "kind": "actor"},  # chosen shorter: kept
-             {"prompt": "p2", "chosen": "a b c d e f", "rejected": "a", "kind": "actor"},  # rejected shorter: flipped
-             {"prompt": "p3", "chosen": "x y", "rejected": "z w", "kind": "actor"}]  # equal: no limit binds
-    out = lift.augment(pairs, random.Random(0), T)
-    assert out[:3] == pairs and len(out) == 5
-    kept, flipped = out[3], out[4]
-    assert (kept["chosen"], kept["rejected"], kept["flipped"]) == ("a b", "a b c d e", False)
-    assert 2 <= kept["max_words"] < 5 and kept["prompt"] == f"Use at most {kept['max_words']} words.\n\np1"
-    assert (flipped["chosen"], flipped["rejected"], flipped["flipped"]) == ("a", "a b c d e f", True)
-    assert 1 <= flipped["max_words"] < 6
-    # over many draws every binding limit occurs, and none outside [w_short, w_long)
-    seen = {lift.augment(pairs[:1], random.Random(s), T)[1]["max_words"] for s in range(200)}
-    assert seen == {2, 3, 4}
+def words(n, w="w"):
+    return " ".join([w] * n)
+
+
+# (chosen words, rejected words, which side is cut) -> the copies made: (kind, chosen words, limit or (lo, hi)
+# for a drawn binding limit, flipped, cut side after the copy)
+@pytest.mark.parametrize("wc,wr,cut,want", [
+    (2, 12, None, [("lift-loose", 2, 22, False, None), ("lift", 2, (2, 11), False, None)]),  # gap 10: both copies
+    (13, 3, None, [("lift-loose", 13, 23, False, None), ("lift", 3, (3, 12), True, None)]),  # the shorter wins only when bound
+    (1, 10, None, []),  # a gap of 9 words: no copy
+    (4, 4, None, []),
+    (20, 5, "rejected", [("lift-loose", 20, 30, False, "rejected")]),  # the shorter is cut: no binding copy (it would win)
+    (5, 20, "rejected", [("lift-loose", 5, 30, False, "rejected"), ("lift", 5, (5, 19), False, "rejected")]),
+    (20, 5, "chosen", [("lift", 5, (5, 19), True, "rejected")]),  # a cut chosen (not from judge.py): only rejected
+    (5, 20, "chosen", []),
+])
+def test_augment_loose_and_binding_copies(wc, wr, cut, want):
+    pair = {"id": "p", "prompt": "Q", "system": "Be brief.", "chosen": words(wc, "c"), "rejected": words(wr, "r"),
+            "score_chosen": 5, "score_rejected": 1, "kind": "actor", **({f"{cut}_truncated": True} if cut else {})}
+    got = lift.augment([pair], random.Random(0), T)
+    assert len(got) == len(want)
+    for p, (kind, wchosen, limit, flipped, cut_after) in zip(got, want):
+        assert (p["kind"], lift.count_words(p["chosen"]), p["flipped"]) == (kind, wchosen, flipped)
+        lo, hi = limit if isinstance(limit, tuple) else (limit, limit)
+        assert lo <= p["max_words"] <= hi and p["prompt"] == f"Use at most {p['max_words']} words.\n\nQ"
+        assert p["system"] == "Be brief." and p["id"] == f"p/{kind}"
+        # the per-side fields follow their text: the "c" response scored 5 and is the cut one when `cut` says so
+        side_c = "chosen" if p["chosen"].startswith("c") else "rejected"
+        assert p[f"score_{side_c}"] == 5
+        assert {s for s in ("chosen", "rejected") if p.get(f"{s}_truncated")} == ({cut_after} if cut_after else set())
+
+
+def test_augment_gap_flag_and_binding_draws():
+    pair = {"prompt": "Q", "chosen": words(1), "rejected": words(10)}
+    assert lift.augment([pair], random.Random(0), T) == []
+    assert [p["max_words"] for p in lift.augment([pair], random.Random(0), T, min_gap=9, loose_margin=3)][0] == 13
+    # over many draws every binding limit in [w_short, w_long) occurs, and none outside
+    seen = {lift.augment([pair], random.Random(s), T, min_gap=9)[1]["max_words"] for s in range(300)}
+    assert seen == set(range(1, 10))
 
 
 def test_self_pairs():
-    rec = {"id": "q", "prompt": "Say something.", "responses": ["one", "one two three", "one two three four five", "x y z"]}
+    rec = {"id": "q", "prompt": "Say something.", "system": "S", "responses": ["one", "one two three", "one two three four five", "x y z"]}
     pairs = lift.self_pairs(rec, random.Random(1), T, per_prompt=10)
     # every ordered (shorter, longer) pair of different word counts: 1<3, 1<5, 3<5 twice (two 3-word answers), 1<3
-    assert len(pairs) == 5
+    assert len(pairs) == 5 and all(p["system"] == "S" and p["kind"] == "lift" for p in pairs)
     for p in pairs:
         wc, wr = lift.count_words(p["chosen"]), lift.count_words(p["rejected"])
         assert wc <= p["max_words"] < wr and p["prompt"].startswith(f"Use at most {p['max_words']} words.")
     assert len(lift.self_pairs(rec, random.Random(1), T, per_prompt=2)) == 2
-    # a response cut at its token limit is never chosen (here: the one-word answer)
-    cut = lift.self_pairs(rec, random.Random(1), T, per_prompt=10, truncated=[True, False, False, False])
-    assert all(p["chosen"] != "one" for p in cut) and any(p["rejected"] == "one two three four five" for p in cut)
-    # a loose limit above both: the preference decides, so the longer answer can win
-    prefer_long = lambda prompt, a, b: a if len(a) > len(b) else b  # noqa: E731
-    loose = [p for p in lift.self_pairs(rec, random.Random(3), T, per_prompt=1, loose=prefer_long) if p["kind"] == "lift-loose"]
-    assert len(loose) == 1 and lift.count_words(loose[0]["chosen"]) >= lift.count_words(loose[0]["rejected"])
-    assert loose[0]["max_words"] > lift.count_words(loose[0]["chosen"])
+    # a response cut at its token limit (the one-word and the five-word answers): in no pair, or only ever rejected
+    cut = dict(rec, finish_reasons=["length", "stop", "length", "stop"])
+    assert {(p["chosen"], p["rejected"]) for p in lift.self_pairs(cut, random.Random(1), T, per_prompt=10)} == set()
+    kept = lift.self_pairs(cut, random.Random(1), T, per_prompt=10, keep_truncated=True)
+    assert sorted(p["id"] for p in kept) == ["q/1/2", "q/3/2"] and all(p["rejected_truncated"] for p in kept)
 
 
 def test_spearman_and_length_report():
@@ -113,5 +135,7 @@ def test_lift_beside_meta_rewarding(tmp_path):
                   "--meta-max-new-tokens", "3", "--eval-prompts-n", "-1", "--lr", "1e-3"])
     d = os.path.join(run, "iter1")
     man = json.load(open(os.path.join(d, "manifest.json")))
-    assert "lift_pairs" in man["stages"] and man["stages"]["lift_pairs"]["counts"]["pairs_in"] > 0
-    assert "lift_pairs.jsonl" in man["stages"]["train"]["counts"]["data_files"]
+    counts = man["stages"]["lift_pairs"]["counts"]
+    assert counts["pairs_in"] > 0 and counts["lift_pairs"] == len(open(os.path.join(d, "lift_pairs.jsonl")).readlines())
+    # the copies train beside the actor pairs when there are any (the tiny model's answers rarely differ by 10 words)
+    assert ("lift_pairs.jsonl" in man["stages"]["train"]["counts"]["data_files"]) == (counts["lift_pairs"] > 0)

@@ -3,6 +3,7 @@ evaluate.py's accuracy metric, and IRPO and ScPO end to end on the tiny model.""
 import json
 import os
 import random
+import re
 
 import pytest
 from conftest import STOPS, make_tiny_checkpoint
@@ -58,28 +59,104 @@ def test_scpo_pair():
     assert tops == {"a", "b"}
 
 
-def test_arith_splits_are_disjoint_and_seeded():
-    train = make_arith.make("small", 117, "train")
-    test = make_arith.make("small", 28, "test")
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUM_OR_PRODUCT = re.compile(r"What is (\d+) (\+|times) (\d+)\?")
+
+
+def committed_problems(name):
+    """The committed file's problems as (operation, smaller operand, larger operand), read from the question
+    text here, with each answer checked by hand arithmetic."""
+    out = []
+    for line in open(os.path.join(ROOT, "data", name)):
+        rec = json.loads(line)
+        a, op, b = SUM_OR_PRODUCT.fullmatch(rec["prompt"]).groups()
+        a, b = int(a), int(b)
+        assert int(rec["answer"]) == (a + b if op == "+" else a * b), rec
+        out.append((op, min(a, b), max(a, b)))
+    return out
+
+
+def test_committed_arith_test_problems_are_never_trained_on():
+    train, test = committed_problems("arith_train.jsonl"), committed_problems("arith_test.jsonl")
+    assert not set(test) & set(train)  # not even as the commutative twin (3 + 4 against 4 + 3)
+    assert len(set(test)) == len(test) >= 20  # one question per held-out problem, enough of them to measure
+    assert {op for op, *_ in test} == {"+", "times"}
+
+
+STORY_NUMBERS = {"story-add": re.compile(r"\w+ has (\d+) (\w+) and gets (\d+) more\..*"),
+                 "story-sub": re.compile(r"\w+ had (\d+) (\w+) and gave (\d+) of them away\..*")}
+
+
+@pytest.mark.parametrize("family", ["story-add", "story-sub"])
+def test_arith_story_split_ignores_names_and_things(family):
+    def problems(split, n):
+        got = set()
+        for r in make_arith.make(family, n, split):
+            a, _, b = STORY_NUMBERS[family].fullmatch(r["prompt"]).groups()
+            a, b = int(a), int(b)
+            got.add((min(a, b), max(a, b)) if family == "story-add" else (a, b))  # subtraction keeps its order
+        return got
+    assert not problems("test", 40) & problems("train", 150)
+
+
+def test_arith_draws_and_flags():
+    test = make_arith.make("small", 24, "test")
     assert make_arith.make("small", 10, "test") == test[:10]  # the same draws every time
-    for r in train[:20]:
-        a, op, b = r["prompt"].removeprefix("What is ").rstrip("?").split(" ")
-        assert int(r["answer"]) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+    # the 24 held-out problems written both ways (a double such as 5 times 5 only one way): no more questions
+    most = sum(1 if a == b else 2 for _, a, b in committed_problems("arith_test.jsonl"))
+    assert len(make_arith.make("small", most, "test")) == most
+    with pytest.raises(SystemExit, match=f"has only {most} distinct questions"):
+        make_arith.make("small", most + 1, "test")
+    for argv, msg in ((["--n", "0"], "--n: 0 is invalid"), (["--n", "-5"], "--n: -5 is invalid"),
+                      (["--n", "3", "--out", "/no/such/folder/x.jsonl"], "not a file in an existing folder")):
+        with pytest.raises(SystemExit, match=msg):
+            make_arith.main(argv)
 
 
 def test_read_questions_ours_and_gsm8k(tmp_path):
     ours = tmp_path / "ours.jsonl"
-    ours.write_text(json.dumps({"id": "a", "prompt": "What is 2 + 2?", "answer": 4}) + "\n")
+    ours.write_text(json.dumps({"id": "a", "prompt": "What is 2 + 2?", "answer": 4, "system": "S"}) + "\n"
+                    + json.dumps({"id": "b", "prompt": "What is 3 + 4?", "answer": "7", "solution": "3 + 4 = 7.\nFinal answer: 7"}) + "\n")
     gsm = tmp_path / "gsm.jsonl"
-    gsm.write_text(json.dumps({"question": "Tom has 3...", "answer": "He has 3 + 4 = 7.\n#### 7"}) + "\n"
+    gsm.write_text(json.dumps({"question": "Tom has 3...", "answer": "He has 3 + 4 = <<3+4=7>>7.\n#### 7"}) + "\n"
                    + json.dumps({"question": "Cost?", "answer": "It costs $1,200 in all.\n#### 1,200"}) + "\n")
-    assert reasoning.read_questions(str(ours)) == [{"id": "a", "prompt": "What is 2 + 2?", "answer": "4"}]
-    assert [q["answer"] for q in reasoning.read_questions(str(gsm))] == ["7", "1200"]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "q", "answer": "no number #### "}) + "\n")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:1: no final answer"):
-        reasoning.read_questions(str(bad))
+    assert reasoning.read_questions(str(ours)) == [
+        {"id": "a", "prompt": "What is 2 + 2?", "answer": "4", "system": "S"},
+        {"id": "b", "prompt": "What is 3 + 4?", "answer": "7", "solution": "3 + 4 = 7.\nFinal answer: 7"}]
+    assert reasoning.read_questions(str(gsm)) == [
+        {"id": "q1", "prompt": "Tom has 3...", "answer": "7", "solution": "He has 3 + 4 = 7.\nFinal answer: 7"},
+        {"id": "q2", "prompt": "Cost?", "answer": "1200", "solution": "It costs $1,200 in all.\nFinal answer: 1200"}]
+    # ScPO needs no gold answer: a question without one is read, one with a broken one is still refused
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"question": "How many?"}) + "\n")
+    assert reasoning.read_questions(str(bare), gold=False) == [{"id": "q1", "prompt": "How many?"}]
+    for rec, gold, msg in (({"question": "q", "answer": "no number #### "}, False, r"bad.jsonl:1: no final answer"),
+                           ({"question": "q"}, True, r"bad.jsonl:1: needs an `answer`"),
+                           ({"question": "q", "answer": float("nan")}, True, r"bad.jsonl:1: no final answer"),
+                           ({"question": "q", "answer": True}, True, r"bad.jsonl:1: no final answer"),
+                           ({"prompt": "q", "answer": 7, "solution": "Final answer: 8"}, True, r"bad.jsonl:1: `solution` must"),
+                           ({"prompt": "", "answer": 7}, True, r"bad.jsonl:1: needs a non-empty string `prompt`")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(rec) + "\n")
+        with pytest.raises(SystemExit, match=msg):
+            reasoning.read_questions(str(bad), gold=gold)
+
+
+# IRPO with the gold solution among the winners: (sample answers, K, gold solution on) -> pairs as (chosen,
+# rejected) indices, "gold" for the solution; W and L cycle as in test_irpo_pairs
+@pytest.mark.parametrize("answers,k,use_gold,want", [
+    (["3", "4"], 3, True, [("gold", "0"), ("gold", "1"), ("gold", "0")]),  # no sample right: the solution still teaches
+    (["3", "4"], 3, False, []),
+    (["7", "5"], 3, True, [("0", "1"), ("gold", "1"), ("0", "1")]),
+    (["7", "7"], 2, True, []),  # nothing wrong to reject
+])
+def test_irpo_gold_solution_joins_the_winners(answers, k, use_gold, want):
+    rec = {"id": "q", "prompt": "What is 3 + 4?", "answer": "7", "solution": "3 + 4 = 7.\nFinal answer: 7",
+           "responses": [f"Final answer: {a}" for a in answers]}
+    argv = ["--responses", "r", "--out", "o", "--method", "irpo", "--pairs-per-question", str(k)]
+    _, pairs = reasoning.question_pairs(rec, reasoning.parse_args(argv + ([] if use_gold else ["--no-gold-solution"])))
+    assert [tuple(p["id"].split("/")[2:]) for p in pairs] == want
+    assert all(p["chosen"] == rec["solution"] and p["chosen_gold"] for p in pairs if p["id"].split("/")[2] == "gold")
 
 
 def write_questions(path, n=6):
@@ -98,7 +175,7 @@ def test_verifiable_methods_end_to_end(tmp_path, method):
     qs, ev = write_questions(tmp_path / "q.jsonl"), write_questions(tmp_path / "ev.jsonl", 3)
     args = ["--run-dir", str(tmp_path / "run"), "--model", ckpt, "--preset", "reasoning-demo", "--method", method,
             "--prompts", qs, "--eval-prompts", ev, "--max-new-tokens", "8", "--eval-max-new-tokens", "6",
-            "--eval-samples", "2", "--lr", "1e-3", "--tau", "0", "--prompts-per-iter", "0"]
+            "--eval-samples", "2", "--lr", "1e-3", "--prompts-per-iter", "0"] + (["--tau", "0"] if method == "scpo" else [])
     iterate.main(args)
     d = os.path.join(tmp_path, "run", "iter1")
     man = json.load(open(os.path.join(d, "manifest.json")))
