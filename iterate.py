@@ -33,8 +33,9 @@ import report
 import sample
 import tpo
 import train_dpo
-from common import (barrier, check_flags, check_prompt_fields, init_distributed, load_template, lock_folder,
-                    model_fingerprint, print0, read_jsonl, render, resolve_model, write_json, write_jsonl)
+from common import (barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed,
+                    load_function, load_template, lock_folder, model_fingerprint, print0, read_jsonl, render,
+                    resolve_model, strict_json, write_json, write_jsonl)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -121,10 +122,23 @@ PRESETS["ste-demo"] = dict(
 OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
             "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
             "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False}, "ste_dpo": {None: False},
+            "lift": {None: False}, "thoughts": {None: True}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
+            "thought_template": {None: os.path.join(ROOT, "data", "templates", "thought.txt")},
             "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
             "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
             "reasoning_template": {None: os.path.join(ROOT, "data", "templates", "reasoning.txt")}}
 VERIFIED = ("irpo", "scpo")
+JUDGED = ("meta-rewarding", "self-rewarding")
+# flags only some methods read: given to another, they would be silently ignored, so they are refused
+METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_question": ("irpo",), "tau": ("scpo",),
+                "reasoning_template": VERIFIED, "thought_template": ("tpo",), "thoughts": ("tpo",),
+                "other_prompt": ("self-taught-evaluator",), "ste_dpo": ("self-taught-evaluator",),
+                "judge_pairs_iters": ("meta-rewarding",), "max_chosen_judgment_chars": ("meta-rewarding",),
+                "max_chosen_chars": JUDGED, "rho": JUDGED + ("tpo",), "score_mode": JUDGED + ("tpo",),
+                "judge_model": JUDGED + ("tpo",), "judge_fn": JUDGED + ("tpo",), "judge_args": JUDGED + ("tpo",),
+                "meta_judge_args": ("meta-rewarding",)}
+# flags only one evaluation metric reads
+METRIC_FLAGS = {"eval_limits": "length", "eval_samples": "accuracy"}
 
 
 def schedule(value, t):
@@ -163,7 +177,7 @@ def prompt_slices(args):
         template = load_template(args.reasoning_template, ("prompt",))
         qs = reasoning.read_questions(args.prompts) if args.method == "irpo" else \
             read_jsonl(args.prompts, required=("id", "prompt"), what="question", check=check_prompt_fields)
-        pool = [dict(q, prompt=render(template, prompt=q["prompt"])) for q in qs]
+        pool = [dict(q, prompt=render(template, prompt=q["prompt"]), question=q["prompt"]) for q in qs]
     else:
         pool = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
     order = list(range(len(pool)))
@@ -181,6 +195,9 @@ def prompt_slices(args):
         if held >= len(picked):
             raise SystemExit(f"--val-prompts-n {held}: iteration {t} has only {len(picked)} prompts")
         slices.append(([pool[i] for i in picked[held:]], [pool[i] for i in picked[:held]]))
+    if held and args.method in VERIFIED and any("answer" not in p for _, val in slices for p in val):
+        raise SystemExit(f"--select val: --method {args.method} chooses the epoch by accuracy on held-out questions, "
+                         f"but some questions of {args.prompts} have no gold `answer`")
     return slices
 
 
@@ -274,14 +291,7 @@ def tpo_stages(args, t, f, seed, model_in):
 def evaluator_stages(args, t, f, seed, model_in):
     """The Self-Taught Evaluator: contrasting pairs, the current judge's verdicts in both orders, the right ones
     (labels balanced) as SFT data; in iteration 1 also the held-out labelled pairs every iteration is scored on."""
-    stages = []
-    if t == 1 and args.eval_prompts_n >= 0:
-        stages += [("eval_answers", sample, ["--model", args.model, "--prompts", args.eval_prompts, "--limit",
-                                             str(args.eval_prompts_n), "--out", f("eval_answers.jsonl"), "--n-responses", "1",
-                                             "--temperature", schedule(args.temperature, t), "--max-new-tokens",
-                                             str(args.eval_max_new_tokens), "--seed", seed] + engine_flags(args)),
-                   ("eval_pairs", evaluator, ["--step", "contrast", "--other-prompt", "--responses", f("eval_answers.jsonl"),
-                                              "--out", f("eval_pairs.jsonl"), "--seed", seed])]
+    stages = ste_eval_stages(args, os.path.dirname(f("x"))) if t == 1 and not args.sft_data else []
     contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in]
     stages += [("contrast", evaluator, ["--step", "contrast", "--responses", f("responses.jsonl"), "--out", f("contrast.jsonl"),
                                         "--seed", seed] + contrast),
@@ -292,6 +302,21 @@ def evaluator_stages(args, t, f, seed, model_in):
                ("select", evaluator, ["--step", "select", "--judged", f("pairwise.jsonl"), "--out", f("ste_sft.jsonl"),
                                       "--seed", seed])]
     return stages, [f("ste_sft.jsonl")]
+
+
+def ste_eval_stages(args, d):
+    """The Self-Taught Evaluator's held-out labelled pairs, made once in the run's first iteration (0 or 1) and
+    scored by every iteration's evaluation: the seed's answers to the evaluation prompts, each paired with the
+    answer to another of them."""
+    if args.method != "self-taught-evaluator" or args.eval_prompts_n < 0:
+        return []
+    f = lambda name: os.path.join(d, name)  # noqa: E731
+    return [("eval_answers", sample, ["--model", args.model, "--prompts", args.eval_prompts, "--limit",
+                                      str(args.eval_prompts_n), "--out", f("eval_answers.jsonl"), "--n-responses", "1",
+                                      "--temperature", schedule(args.temperature, 1), "--max-new-tokens",
+                                      str(args.eval_max_new_tokens), "--seed", str(args.seed * 1000 + 1)] + engine_flags(args)),
+            ("eval_pairs", evaluator, ["--step", "contrast", "--other-prompt", "--responses", f("eval_answers.jsonl"),
+                                       "--out", f("eval_pairs.jsonl"), "--seed", str(args.seed * 1000 + 1)])]
 
 
 def train_flags(args, sft=False):
@@ -309,24 +334,26 @@ def plan_sft(args):
     stages = [("train", train_dpo, ["--model", args.model, "--objective", "sft", "--data", *args.sft_data, "--out",
                                     os.path.join(d, "model"), "--lr", str(args.sft_lr)] + train_flags(args, sft=True)
                + shlex.split(args.sft_args or ""))]
-    return stages + eval_and_report(args, d, args.model)
+    return stages + ste_eval_stages(args, d) + eval_and_report(args, d, args.model)
 
 
 def eval_and_report(args, d, model_in, t=0):
-    stages = []
-    if args.eval_prompts_n >= 0:
-        prompts = args.eval_prompts
-        if args.eval_metric == "judge-accuracy":  # the held-out labelled pairs made in iteration 1
-            prompts = os.path.join(args.run, "iter1", "eval_pairs.jsonl")
-        stages.append(("evaluate", evaluate, [
-            "--a", os.path.join(d, "model"), "--b", model_in, "--judge", args.eval_judge, "--prompts", prompts,
-            "--metric", args.eval_metric, "--limits", args.eval_limits, "--samples", str(args.eval_samples),
-            "--reasoning-template", args.reasoning_template, "--limit", "0" if args.eval_metric == "judge-accuracy" else
-            str(args.eval_prompts_n), "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens),
-            "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens),
-            "--max-rows", str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)]
-            + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else []) + shlex.split(args.eval_args or "")))
-    return stages + [("report", None, [])]
+    """The iteration's model (A) against its starting model (B) on held-out data, by the evaluation metric (each
+    metric gets only its own flags), then the report."""
+    if args.eval_prompts_n < 0:
+        return [("report", None, [])]
+    m, prompts, limit = args.eval_metric, args.eval_prompts, str(args.eval_prompts_n)
+    if m == "judge-accuracy" and args.method == "self-taught-evaluator":  # made in the run's first iteration
+        prompts, limit = os.path.join(args.run, "iter0" if args.sft_data else "iter1", "eval_pairs.jsonl"), "0"
+    argv = ["--a", os.path.join(d, "model"), "--b", model_in, "--prompts", prompts, "--metric", m, "--limit", limit,
+            "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens), "--max-rows",
+            str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)]
+    argv += {"winrate": ["--judge", args.eval_judge, "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
+                         str(args.meta_max_new_tokens)] + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else []),
+             "judge-accuracy": ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)],
+             "accuracy": ["--samples", str(args.eval_samples), "--reasoning-template", args.reasoning_template],
+             "length": ["--limits", args.eval_limits]}[m]
+    return [("evaluate", evaluate, argv + shlex.split(args.eval_args or "")), ("report", None, [])]
 
 
 def iterations(args):
@@ -361,14 +388,15 @@ def stage_prompts(args, t, d):
     if int(os.environ.get("RANK", 0)) == 0:
         thought = load_template(args.thought_template, ("prompt",)) if args.method == "tpo" and args.thoughts else None
 
-        def keep(p):  # the pool's own system prompt, else --system-prompt; TPO asks for thoughts, keeping the request
+        def keep(p, asked):  # the pool's own system prompt, else --system-prompt; a gold answer travels along
             system = p.get("system") or args.system_prompt
-            asked = {"prompt": render(thought, prompt=p["prompt"]), "request": p["prompt"]} if thought else {"prompt": p["prompt"]}
             return {"id": p["id"], **asked, **({"system": system} if system else {}),
                     **({"answer": p["answer"]} if "answer" in p else {})}
-        write_jsonl(os.path.join(d, "prompts.jsonl"), [keep(p) for p in train])
-        if val:
-            write_jsonl(os.path.join(d, "val_prompts.jsonl"), [keep(p) for p in val])
+        # TPO asks for thoughts, keeping the request apart for the judge
+        write_jsonl(os.path.join(d, "prompts.jsonl"), [keep(p, {"prompt": render(thought, prompt=p["prompt"]), "request": p["prompt"]}
+                                                       if thought else {"prompt": p["prompt"]}) for p in train])
+        if val:  # as the pool gives them: evaluate.py asks with the method's template itself
+            write_jsonl(os.path.join(d, "val_prompts.jsonl"), [keep(p, {"prompt": p.get("question", p["prompt"])}) for p in val])
     barrier(args.world)
     return {"prompts": len(train), "val_prompts": len(val)}
 
@@ -376,7 +404,13 @@ def stage_prompts(args, t, d):
 def stage_train(args, t, d, argv, model_in):
     """DPO (or iteration 0's SFT) on the data files that hold records; with none, the next model is this one."""
     i, j = argv.index("--data") + 1, argv.index("--out")
-    files = [f for f in argv[i:j] if os.path.exists(f) and os.path.getsize(f) > 0]
+    missing = [f for f in argv[i:j] if not os.path.exists(f)]
+    if missing:
+        raise SystemExit(f"{missing[0]}: missing, though the stage that writes it is marked done; delete "
+                         f"{os.path.join(d, 'manifest.json')} to run iteration {t} again")
+    # iteration 0 trains on the user's own data, checked at start: never skipped. An iteration whose stages made
+    # no pairs has nothing to learn: the loop goes on with the model it has, and the report says so.
+    files = argv[i:j] if t == 0 else [f for f in argv[i:j] if os.path.getsize(f) > 0]
     out, start = argv[j + 1], argv[argv.index("--model") + 1]
     if not files:
         # nothing to learn from: the next model is the one training would start from, said plainly in the report
@@ -393,43 +427,66 @@ def stage_train(args, t, d, argv, model_in):
     return dict(counts, data_files=[os.path.basename(f) for f in files])
 
 
+# --select val scores each epoch with the method's own measure (higher is better): the win rate against M_t,
+# greedy accuracy on held-out questions, or the share of word limits kept
+SELECT_METRIC = {"irpo": "accuracy", "scpo": "accuracy", "lift": "length"}
+
+
+def select_argv(args, model, model_in, d, folder):
+    """evaluate.py's command line that scores one epoch's model on the iteration's held-out prompts."""
+    metric = SELECT_METRIC.get(args.method, "winrate")
+    argv = ["--a", model, "--metric", metric, "--prompts", os.path.join(d, "val_prompts.jsonl"), "--out-dir", folder,
+            "--max-new-tokens", str(args.eval_max_new_tokens), "--max-rows", str(args.max_rows), "--dtype", args.dtype,
+            "--seed", str(args.seed)]
+    if metric == "accuracy":
+        return argv + ["--reasoning-template", args.reasoning_template, "--samples", "1"]
+    if metric == "length":
+        return argv + ["--limits", args.eval_limits]
+    # judged by the fixed judge when there is one, else by M_t itself, in both orders
+    return argv + ["--b", model_in, "--judge", args.judge_model or model_in, "--verdict-mode", args.verdict_mode,
+                   "--judge-max-new-tokens", str(args.meta_max_new_tokens)] + \
+        (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
+
+
+def selection_score(res):
+    return {"winrate": lambda: res["win_rate"], "accuracy": lambda: res["a"]["greedy"],
+            "length": lambda: 1 - res["a"]["instructed"]["violation_rate"]}[res["metric"]]()
+
+
 def select_epoch(args, d, argv, out, model_in):
-    """--select val: train epoch by epoch; after each, the epoch's model plays M_t on the iteration's held-out
-    validation prompts, judged by M_t in both orders. Only the best epoch so far stays on disk (an 8B model is
-    16 GB); at the end it becomes the iteration's model. Resumable: select.json records each epoch."""
+    """--select val: train epoch by epoch; after each, score the epoch's model on the iteration's held-out
+    prompts (selection_score). Only the best epoch so far stays on disk (an 8B model is 16 GB); at the end it
+    becomes the iteration's model. Resumable: select.json records each epoch's training and score."""
     record_f, rank0 = os.path.join(d, "select.json"), int(os.environ.get("RANK", 0)) == 0
-    load = lambda: json.load(open(record_f)) if os.path.exists(record_f) else {"trained": 0, "win_rate": {}, "best": None}  # noqa: E731
+    load = lambda: json.load(open(record_f)) if os.path.exists(record_f) else {"trained": 0, "score": {}, "best": None}  # noqa: E731
     rec, counts = load(), {}
     for e in range(1, args.epochs + 1):
-        if str(e) in rec["win_rate"]:
+        if str(e) in rec["score"]:
             continue
-        if rec["trained"] < e:  # (training state is gone once the last epoch is done: never train twice)
+        if rec["trained"] < e:  # a training killed after its last epoch ended is not redone (train_dpo knows)
             counts = train_dpo.main(argv + ["--epoch-models", "--stop-after-epochs", str(e)])
             if rank0:
                 rec["trained"] = e
                 write_json(record_f, rec)
         folder = os.path.join(d, "select", f"epoch{e}")
         first = os.path.join(d, "select", "epoch1")
-        if rank0 and e > 1 and not os.path.exists(os.path.join(folder, "answers_b.jsonl")):
+        if rank0 and e > 1 and os.path.exists(os.path.join(first, "answers_b.jsonl")) \
+                and not os.path.exists(os.path.join(folder, "answers_b.jsonl")):
             os.makedirs(folder, exist_ok=True)  # M_t's answers are the same for every epoch: reuse them
             for name in ("answers_b.jsonl", "answers_b.settings.json"):
                 shutil.copy2(os.path.join(first, name), os.path.join(folder, name))
         barrier(args.world)
-        res = evaluate.main(["--a", f"{out}.epoch{e}", "--b", model_in, "--judge", model_in,
-                             "--prompts", os.path.join(d, "val_prompts.jsonl"), "--out-dir", folder,
-                             "--max-new-tokens", str(args.eval_max_new_tokens), "--verdict-mode", args.verdict_mode,
-                             "--judge-max-new-tokens", str(args.meta_max_new_tokens), "--max-rows", str(args.max_rows),
-                             "--dtype", args.dtype, "--seed", str(args.seed)])
+        score = selection_score(evaluate.main(select_argv(args, f"{out}.epoch{e}", model_in, d, folder)))
         if rank0:
             best = rec["best"]
             rec.setdefault("fingerprint", {})[str(e)] = model_fingerprint(f"{out}.epoch{e}")
-            if best is None or res["win_rate"] > rec["win_rate"][str(best)]:
+            if best is None or score > rec["score"][str(best)]:
                 if best is not None:
                     shutil.rmtree(f"{out}.epoch{best}", ignore_errors=True)
                 rec["best"] = e
             else:
                 shutil.rmtree(f"{out}.epoch{e}", ignore_errors=True)
-            rec["win_rate"][str(e)] = res["win_rate"]
+            rec["score"][str(e)] = score
             write_json(record_f, rec)
         barrier(args.world)
         rec = load()
@@ -438,9 +495,13 @@ def select_epoch(args, d, argv, out, model_in):
         if rec["best"] != args.epochs and os.path.exists(best):
             shutil.rmtree(out, ignore_errors=True)
             os.replace(best, out)
-        shutil.rmtree(best, ignore_errors=True)
+        parent, base = os.path.split(os.path.abspath(out))
+        for name in os.listdir(parent):  # every epoch folder, also one a kill left between two steps
+            if name.startswith(base + ".epoch"):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     barrier(args.world)
-    return dict(counts, select="val", val_win_rate_by_epoch=rec["win_rate"], best_epoch=rec["best"])
+    return dict(counts, select="val", select_metric=SELECT_METRIC.get(args.method, "winrate"),
+                val_score_by_epoch=rec["score"], best_epoch=rec["best"])
 
 
 def stage_report(args, t, d):
@@ -463,7 +524,7 @@ def build_parser():
                    help="with the meta-judge, or without it (every other value the same); lift: judge-free length-"
                         "instructed pairs; irpo, scpo: verifiable answers (gold, or a vote) instead of the judges; tpo: "
                         "thoughts judged by their responses; self-taught-evaluator: the judge trained on synthetic pairs")
-    p.add_argument("--lift", action="store_true", help="also train on a length-instructed copy of every actor pair (LIFT)")
+    p.add_argument("--lift", action="store_true", default=None, help="also train on a length-instructed copy of every actor pair (LIFT)")
     p.add_argument("--lift-per-prompt", type=int, default=None, help="--method lift: pairs per prompt")
     p.add_argument("--model", default=None, help="starting model M0 (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=None, help="prompt pool (JSONL id, prompt; with gold `answer` for irpo, scpo)")
@@ -517,8 +578,8 @@ def build_parser():
     e.add_argument("--eval-metric", default=None, choices=("winrate", "length", "accuracy", "judge-accuracy"),
                    help="evaluate.py --metric (default: the method's: length for lift, accuracy for irpo and scpo, "
                         "judge-accuracy for the self-taught evaluator, else the win rate)")
-    e.add_argument("--eval-limits", default="10,20,40", help="word limits of --eval-metric length")
-    e.add_argument("--eval-samples", type=int, default=4, help="sampled answers per question of --eval-metric accuracy")
+    e.add_argument("--eval-limits", default=None, help="word limits of --eval-metric length (default 10,20,40)")
+    e.add_argument("--eval-samples", type=int, default=None, help="sampled answers per question of --eval-metric accuracy (default 4)")
     e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
     e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
     g = p.add_argument_group("engine and pass-through")
@@ -538,9 +599,10 @@ def add_method_flags(p):
     r.add_argument("--pairs-per-question", type=int, default=None, help="IRPO: pairs per question (K)")
     r.add_argument("--tau", default=None, help="ScPO: vote threshold, a schedule (e.g. 0.5,0.7)")
     o = p.add_argument_group("tpo and self-taught-evaluator")
-    o.add_argument("--thought-template", default=os.path.join(ROOT, "data", "templates", "thought.txt"),
-                   help="TPO: the actor's prompt ({prompt}): thoughts, then the response, after two markers")
-    o.add_argument("--no-thoughts", dest="thoughts", action="store_false", help="TPO's control: the same loop with direct responses")
+    o.add_argument("--thought-template", default=None,
+                   help="TPO: the actor's prompt ({prompt}): thoughts, then the response, after two markers (default data/templates/thought.txt)")
+    o.add_argument("--no-thoughts", dest="thoughts", action="store_false", default=None,
+                   help="TPO's control: the same loop with direct responses")
     o.add_argument("--other-prompt", action="store_true", default=None,
                    help="self-taught-evaluator: the worse answer is the answer to another request (for models too small to write x')")
     o.add_argument("--ste-dpo", action="store_true", default=None,
@@ -549,6 +611,7 @@ def add_method_flags(p):
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    args.given = sorted(k for k, v in vars(args).items() if v is not None)  # set by the user, not by a preset
     preset = dict({k: v.get(args.preset, v.get(None)) for k, v in OPTIONAL.items()}, **PRESETS[args.preset])
     for k, v in preset.items():
         if getattr(args, k, None) is None:
@@ -561,44 +624,108 @@ def parse_args(argv=None):
 
 
 def check_run(args):
-    """Every stage's flags for every iteration, checked by that stage's own parser before any work, so a typo
-    or a bad value fails now and not hours into a run; the prompt slices; and the run folder's recorded settings."""
+    """Every flag and input of the whole run, checked before any work, so that a typo or a bad value fails now
+    and not hours into a run: the loop's own flags, every stage's argv by that stage's own parser, the models,
+    the data files, the prompt slices, and the run folder's recorded settings."""
     check_flags(("--iterations", args.iterations, args.iterations >= 1, "at least 1"),
                 ("--eval-prompts-n", args.eval_prompts_n, args.eval_prompts_n >= -1, ">= -1 (-1 = no evaluation)"),
                 ("--val-prompts-n", args.val_prompts_n, args.val_prompts_n >= (1 if args.select == "val" else 0),
                  "at least 1 with --select val"),
+                ("--select", args.select, args.select != "val" or args.epochs > 1,
+                 "last with --epochs 1 (there is only one epoch to choose: the held-out prompts would go unused)"),
                 ("--select", args.select, args.select != "val" or args.method != "self-taught-evaluator",
                  "last with --method self-taught-evaluator (its judge is scored on labelled pairs, not by epochs)"))
-    for flag, value, kind in (("--prompts-per-iter", args.prompts_per_iter, int), ("--rho", args.rho, float),
-                              ("--temperature", args.temperature, float), ("--judge-temperature", args.judge_temperature, float),
-                              ("--tau", args.tau, float),
-                              ("--judge-pairs-iters", args.judge_pairs_iters, int),
-                              ("--max-chosen-chars", args.max_chosen_chars, int),
-                              ("--max-chosen-judgment-chars", args.max_chosen_judgment_chars, int)):
-        try:
-            ok = all(kind(x) >= 0 for x in str(value).split(",") if x.strip())
+    for key, methods in METHOD_FLAGS.items():
+        check_flags((flag(key), getattr(args, key), key not in args.given or args.method in methods,
+                     f"left out: only --method {' / '.join(methods)} uses it, and this run is --method {args.method}"))
+    for key, metric in METRIC_FLAGS.items():
+        check_flags((flag(key), getattr(args, key), key not in args.given or args.eval_metric == metric,
+                     f"left out: only --eval-metric {metric} uses it, and this run's is {args.eval_metric}"))
+    for key, kind in (("prompts_per_iter", int), ("rho", float), ("temperature", float), ("judge_temperature", float),
+                      ("tau", float), ("judge_pairs_iters", int), ("max_chosen_chars", int), ("max_chosen_judgment_chars", int)):
+        items = [x.strip() for x in str(getattr(args, key)).split(",")]
+        try:  # one value, or one per iteration; only --judge-pairs-iters may name no iteration at all
+            ok = all(kind(x) >= 0 for x in items) or (key == "judge_pairs_iters" and items == [""])
         except ValueError:
-            ok = False
-        check_flags((flag, value, ok, f"a comma list of non-negative {kind.__name__}s"))
+            ok = key == "judge_pairs_iters" and items == [""]
+        check_flags((flag(key), getattr(args, key), ok, f"a comma list of non-negative {kind.__name__}s"))
     for _, _, _, stages in iterations(args):
         for name, module, argv in stages:
             if module is not None:
                 module.parse_args(argv)
+    if not args.dry_run:  # (a dry run may plan for models and data that live on another machine)
+        check_models(args)
+        for path in args.sft_data or ():  # iteration 0 trains on these: missing or empty is an error, never a skip
+            read_jsonl(path, required=(), what="SFT record", check=train_dpo.check_sft)
     args.slices = prompt_slices(args)
-    if args.eval_metric == "accuracy" and args.eval_prompts_n >= 0:
-        reasoning.read_questions(args.eval_prompts)  # gold answers to score against, checked now
-    old = load_manifest(os.path.join(args.run, "iter0" if args.sft_data else "iter1")).get("settings")
-    if old:
-        now = json.loads(json.dumps(run_settings(args), default=str))
-        diffs = [f"{k}: {old.get(k)} -> {now.get(k)}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
-        if diffs:
-            raise SystemExit(f"{args.run}: was run with other settings ({'; '.join(diffs)}); use another --run-dir "
-                             "or delete this one")
+    check_eval_data(args)
+    check_run_settings(args)
+
+
+def flag(key):
+    return "--" + {"run": "run-dir", "thoughts": "no-thoughts"}.get(key, key.replace("_", "-"))
+
+
+def check_models(args):
+    """The models a later stage loads, and a judge function, loaded or checked now (not after hours)."""
+    for key in ("model", "judge_model", "eval_judge"):
+        if getattr(args, key):
+            check_model_dir(getattr(args, key), flag(key))
+    if args.judge_fn:
+        load_function(args.judge_fn)
+
+
+def check_eval_data(args):
+    """The evaluation's inputs: enough held-out prompts for --eval-prompts-n, gold answers for accuracy, and
+    labelled pairs for judge accuracy (made from the prompts by the Self-Taught Evaluator, else given)."""
+    if args.eval_prompts_n < 0:
+        return
+    if args.eval_metric == "judge-accuracy" and args.method != "self-taught-evaluator":
+        n = len(read_jsonl(args.eval_prompts, required=("prompt", "chosen", "rejected"), what="labelled pair "
+                           "(--eval-metric judge-accuracy scores the judge on prompt/chosen/rejected records)"))
+    elif args.eval_metric == "accuracy":
+        n = len(reasoning.read_questions(args.eval_prompts))  # gold answers to score against
+    else:
+        n = len(read_jsonl(args.eval_prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields))
+    if args.eval_prompts_n > n:
+        raise SystemExit(f"--eval-prompts-n {args.eval_prompts_n}: {args.eval_prompts} holds only {n}; lower it, "
+                         "or give 0 for all of them")
+
+
+def fingerprint(value):
+    """What a path holds, not how it was typed (`./m`, `m/`, an absolute path or a moved folder are the same):
+    a checkpoint folder's weights, a file's bytes."""
+    if isinstance(value, list):
+        return [fingerprint(v) for v in value]
+    if value is None or not os.path.exists(value):
+        return value
+    return model_fingerprint(value) if os.path.isdir(value) else file_digest(value)
+
+
+# flags that name files or folders: the run is tied to their contents
+PATH_FLAGS = ("model", "prompts", "eval_prompts", "reasoning_template", "thought_template", "judge_model",
+              "eval_judge", "sft_data")
 
 
 def run_settings(args):
-    """The settings a run folder is tied to (--iterations may grow: more iterations extend the run)."""
-    return {k: v for k, v in vars(args).items() if k not in ("world", "iterations", "slices", "dry_run")}
+    """The settings a run folder is tied to, paths by their contents. --iterations may grow (more iterations
+    extend a run); anything else changed would change what a done stage started from."""
+    skip = ("world", "iterations", "slices", "dry_run", "run", "given")
+    return strict_json({k: fingerprint(v) if k in PATH_FLAGS else v for k, v in vars(args).items() if k not in skip})
+
+
+def check_run_settings(args):
+    """A run folder made with other settings (another model, SFT data added, other values) is refused."""
+    f = os.path.join(args.run, "run.json")
+    if not os.path.exists(f):
+        return
+    with open(f) as fh:
+        old = json.load(fh)
+    now = run_settings(args)
+    diffs = [f"{flag(k)}: {old.get(k)} -> {now.get(k)}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    if diffs:
+        raise SystemExit(f"{args.run}: was run with other settings ({'; '.join(diffs)}); its finished stages started "
+                         "from those, so use another --run-dir (or delete this one to start it again)")
 
 
 def dry_run(args):
@@ -630,14 +757,19 @@ def main(argv=None):
         args.model = args.model or resolve_model(None)
     args.eval_judge = args.eval_judge or args.model
     check_run(args)
+    plan_ = iterations(args)
+    done = [(t, name, load_manifest(d)["stages"].get(name, {})) for t, d, _, stages in plan_ for name, _, _ in stages]
+    if all(x.get("done") for *_, x in done):  # said before the lock: a finished run may sit where nothing can be written
+        print0(f"{args.run}: all {args.iterations} iteration(s) are already done; nothing to do")
+        return [(t, name, x.get("seconds", 0.0), "done before") for t, name, x in done]
     lock = lock_folder(args.run) if rank == 0 else None  # a second job on this folder stops here
-    settings = run_settings(args)
-    timings, ran, model_out = [], 0, args.model
-    for t, d, model_in, stages in iterations(args):
+    if rank == 0 and not os.path.exists(os.path.join(args.run, "run.json")):
+        write_json(os.path.join(args.run, "run.json"), run_settings(args))
+    timings, model_out = [], args.model
+    for t, d, model_in, stages in plan_:
         os.makedirs(d, exist_ok=True)
         manifest = load_manifest(d)
         manifest.update(iteration=t, model_in=model_in, model_out=os.path.join(d, "model"), method=args.method)
-        manifest.setdefault("settings", settings)
         for name, module, stage_argv in stages:
             done = manifest["stages"].get(name, {})
             if done.get("done"):
@@ -647,14 +779,11 @@ def main(argv=None):
             t0 = time.time()
             counts = run_stage(args, t, d, name, module, stage_argv, model_in)
             sec = round(time.time() - t0, 1)
-            manifest["stages"][name] = {"done": True, "seconds": sec, "counts": _jsonable(counts)}
+            manifest["stages"][name] = {"done": True, "seconds": sec, "counts": counts or {}}
             save_manifest(d, manifest)
             barrier(args.world)
             timings.append((t, name, sec, "ran"))
-            ran += 1
         model_out = os.path.join(d, "model")
-    if ran == 0:
-        print0(f"{args.run}: all {args.iterations} iteration(s) are already done; nothing to do")
     print0("\nwhere the time went (seconds):")
     for t, name, sec, how in timings:
         print0(f"  iter{t} {name:15s} {sec:8.1f}  {how}")
@@ -663,10 +792,6 @@ def main(argv=None):
     if lock is not None:
         lock.close()
     return timings
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=str)) if x is not None else {}
 
 
 if __name__ == "__main__":

@@ -109,9 +109,11 @@ def training_section(d, train, what):
         else ["loss", "grad_norm"]
     lines += ["| step | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {m['step']} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |" for m in metrics]
-    if "val_win_rate_by_epoch" in train:
-        lines += ["", f"Checkpoint selection on held-out prompts: win rate against the starting model by epoch "
-                      f"{train['val_win_rate_by_epoch']}; epoch {train['best_epoch']} kept."]
+    if "val_score_by_epoch" in train:
+        what = {"winrate": "win rate against the starting model", "accuracy": "greedy accuracy",
+                "length": "share of word limits kept"}[train["select_metric"]]
+        lines += ["", f"Checkpoint selection on held-out prompts ({what}) by epoch: {train['val_score_by_epoch']}; "
+                      f"epoch {train['best_epoch']} kept."]
     try:
         import matplotlib
         matplotlib.use("Agg")

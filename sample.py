@@ -548,7 +548,9 @@ def stage_settings(args, model_path):
 
 def run_stage(args, model, tok, model_path, rank, world):
     prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
-    n_use = args.limit or len(prompts)
+    n_use = min(args.limit or len(prompts), len(prompts))
+    if args.limit > len(prompts):
+        print0(f"note: --limit {args.limit}, but {args.prompts} holds {len(prompts)} prompts; using all of them")
     order = [str(p["id"]) for p in prompts[:n_use]]
     done = start_stage(args.out, stage_settings(args, model_path), args.redo, rank, world)
     todo = [k for k in range(n_use) if order[k] not in done and k % world == rank]

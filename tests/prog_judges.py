@@ -16,3 +16,8 @@ def too_high(prompt, response):
 def shorter(prompt, response):
     """Prefers short answers: 5 for an empty one, 1 point less per 40 characters, never below 0."""
     return max(0.0, 5.0 - len(response) / 40)
+
+
+def constant(prompt, response):
+    """A judge that tells nothing apart: every prompt's responses tie, so no actor pair is made."""
+    return 2.5

@@ -228,9 +228,9 @@ def test_select_val_keeps_the_best_epoch(tmp_path, ckpt):
     d = os.path.join(run, "iter1")
     train = json.load(open(os.path.join(d, "manifest.json")))["stages"]["train"]["counts"]
     rec = json.load(open(os.path.join(d, "select.json")))
-    assert sorted(train["val_win_rate_by_epoch"]) == ["1", "2", "3"] and rec["best"] == train["best_epoch"]
-    best = max(rec["win_rate"].values())
-    assert rec["win_rate"][str(rec["best"])] == best and all(rec["win_rate"][str(e)] < best for e in range(1, rec["best"]))
+    assert sorted(train["val_score_by_epoch"]) == ["1", "2", "3"] and rec["best"] == train["best_epoch"]
+    best = max(rec["score"].values())
+    assert rec["score"][str(rec["best"])] == best and all(rec["score"][str(e)] < best for e in range(1, rec["best"]))
     assert len(read(os.path.join(d, "prompts.jsonl"))) == 4 and len(read(os.path.join(d, "val_prompts.jsonl"))) == 2
     assert not [n for n in os.listdir(d) if n.startswith("model.epoch")]  # only the chosen model remains
     from common import model_fingerprint

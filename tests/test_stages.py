@@ -99,6 +99,8 @@ def test_killed_stage_resumes_exactly(tmp_path, tiny_ckpt):
     sample.main(args + ["--out", full])
     killed = str(tmp_path / "killed.jsonl")
     recs = read(full)
+    import shutil
+    shutil.copy(common.settings_path(full), common.settings_path(killed))  # written when the killed run started
     with open(common.shard_path(killed, 0), "w") as f:  # two records done, a third half written
         for r in (recs[3], recs[0]):
             f.write(json.dumps(r) + "\n")
