@@ -122,7 +122,7 @@ PRESETS["ste-demo"] = dict(
 OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
             "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
             "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False}, "ste_dpo": {None: False},
-            "lift": {None: False}, "thoughts": {None: True}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
+            "lift": {None: False}, "thoughts": {None: True}, "gold_solution": {None: True}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
             "thought_template": {None: os.path.join(ROOT, "data", "templates", "thought.txt")},
             "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
             "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
@@ -131,7 +131,7 @@ VERIFIED = ("irpo", "scpo")
 JUDGED = ("meta-rewarding", "self-rewarding")
 # flags only some methods read: given to another, they would be silently ignored, so they are refused
 METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_question": ("irpo",), "tau": ("scpo",),
-                "reasoning_template": VERIFIED, "thought_template": ("tpo",), "thoughts": ("tpo",),
+                "reasoning_template": VERIFIED, "gold_solution": ("irpo",), "thought_template": ("tpo",), "thoughts": ("tpo",),
                 "other_prompt": ("self-taught-evaluator",), "ste_dpo": ("self-taught-evaluator",),
                 "judge_pairs_iters": ("meta-rewarding",), "max_chosen_judgment_chars": ("meta-rewarding",),
                 "max_chosen_chars": JUDGED, "rho": JUDGED + ("tpo",), "score_mode": JUDGED + ("tpo",),
@@ -175,8 +175,7 @@ def prompt_slices(args):
     -> [(training prompts, validation prompts)] per iteration; a pool too small is an error now."""
     if args.method in VERIFIED:  # questions (with gold answers for IRPO: ours or GSM8K's), asked with the solution format
         template = load_template(args.reasoning_template, ("prompt",))
-        qs = reasoning.read_questions(args.prompts) if args.method == "irpo" else \
-            read_jsonl(args.prompts, required=("id", "prompt"), what="question", check=check_prompt_fields)
+        qs = reasoning.read_questions(args.prompts, gold=args.method == "irpo")  # ScPO votes: gold optional
         pool = [dict(q, prompt=render(template, prompt=q["prompt"]), question=q["prompt"]) for q in qs]
     else:
         pool = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
@@ -267,10 +266,10 @@ def judged_stages(args, t, f, seed, model_in):
 
 def verified_stages(args, t, f, seed, model_in):
     """IRPO and ScPO: the verifier (gold answers) or the vote in place of the judges."""
-    return [("reasoning_pairs", reasoning, [
-        "--responses", f("responses.jsonl"), "--out", f("reasoning_pairs.jsonl"), "--method", args.method,
-        "--pairs-per-question", str(args.pairs_per_question), "--tau", schedule(args.tau, t),
-        "--truncated", args.truncated, "--seed", seed])], [f("reasoning_pairs.jsonl")]
+    argv = ["--responses", f("responses.jsonl"), "--out", f("reasoning_pairs.jsonl"), "--method", args.method,
+            "--pairs-per-question", str(args.pairs_per_question), "--tau", schedule(args.tau, t),
+            "--truncated", args.truncated, "--seed", seed] + ([] if args.gold_solution else ["--no-gold-solution"])
+    return [("reasoning_pairs", reasoning, argv)], [f("reasoning_pairs.jsonl")]
 
 
 def lift_stages(args, t, f, seed, model_in):
@@ -285,7 +284,7 @@ def tpo_stages(args, t, f, seed, model_in):
              + ([] if args.thoughts else ["--no-thoughts"])),
             ("judgments", judge, judge_argv(args, t, f, seed, model_in, f("split.jsonl"), pairs=False)),
             ("tpo_pairs", tpo, ["--step", "pairs", "--judgments", f("judgments.jsonl"), "--out", f("tpo_pairs.jsonl"),
-                                "--rho", schedule(args.rho, t)])], [f("tpo_pairs.jsonl")]
+                                "--rho", schedule(args.rho, t), "--truncated", args.truncated])], [f("tpo_pairs.jsonl")]
 
 
 def evaluator_stages(args, t, f, seed, model_in):
@@ -322,6 +321,7 @@ def ste_eval_stages(args, d):
 def train_flags(args, sft=False):
     more = ["--min-lr-ratio", str(args.min_lr_ratio)] if args.min_lr_ratio is not None else []
     more += ["--nll-coef", str(args.nll_coef)] if args.nll_coef else []
+    more += ["--truncate", "skip"] if args.method == "irpo" else []  # IRPO drops a pair too long to train whole
     return (["--epochs", str(args.sft_epochs if sft else args.epochs), "--batch-size",
              str(args.sft_batch_size if sft else args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
              "--max-len", str(args.max_len), "--seed", str(args.seed), "--save-every", "50", "--resume",
@@ -391,7 +391,7 @@ def stage_prompts(args, t, d):
         def keep(p, asked):  # the pool's own system prompt, else --system-prompt; a gold answer travels along
             system = p.get("system") or args.system_prompt
             return {"id": p["id"], **asked, **({"system": system} if system else {}),
-                    **({"answer": p["answer"]} if "answer" in p else {})}
+                    **{k: p[k] for k in ("answer", "solution") if k in p}}
         # TPO asks for thoughts, keeping the request apart for the judge
         write_jsonl(os.path.join(d, "prompts.jsonl"), [keep(p, {"prompt": render(thought, prompt=p["prompt"]), "request": p["prompt"]}
                                                        if thought else {"prompt": p["prompt"]}) for p in train])
@@ -598,6 +598,8 @@ def add_method_flags(p):
                    help="how a question is asked ({prompt}); default data/templates/reasoning.txt: step by step, then `Final answer: <number>`")
     r.add_argument("--pairs-per-question", type=int, default=None, help="IRPO: pairs per question (K)")
     r.add_argument("--tau", default=None, help="ScPO: vote threshold, a schedule (e.g. 0.5,0.7)")
+    r.add_argument("--no-gold-solution", dest="gold_solution", action="store_false", default=None,
+                   help="IRPO: leave a question's gold worked solution (GSM8K's `solution`) out of its winning set")
     o = p.add_argument_group("tpo and self-taught-evaluator")
     o.add_argument("--thought-template", default=None,
                    help="TPO: the actor's prompt ({prompt}): thoughts, then the response, after two markers (default data/templates/thought.txt)")

@@ -177,7 +177,9 @@ def main(argv=None):
     template = load_template(args.template, ("max_words", "prompt"))
     rng = random.Random(args.seed)
     if args.pairs:
-        pairs = read_jsonl(args.pairs, required=("prompt", "chosen", "rejected"), what="pair", check=check_pair)
+        # an iteration whose judge made no pairs leaves an empty pair file: it has no copies either
+        empty = os.path.isfile(args.pairs) and os.path.getsize(args.pairs) == 0
+        pairs = [] if empty else read_jsonl(args.pairs, required=("prompt", "chosen", "rejected"), what="pair", check=check_pair)
         out = augment(pairs, rng, template, args.min_gap, args.loose_margin)  # the originals are in their own file
         counts = {"pairs_in": len(pairs), "lift_pairs": len(out), "loose": sum(p["kind"] == "lift-loose" for p in out),
                   "flipped": sum(p["flipped"] for p in out)}

@@ -267,3 +267,38 @@ def test_json_files_are_strict(tmp_path):
         raise ValueError(f"non-standard JSON constant {name}")
     assert json.loads(open(f).read(), parse_constant=no_constants) == {"a": None, "b": [1.5, None, {"c": None}], "d": 3}
     assert math.isnan(float("nan"))  # (the input really held NaN)
+
+
+def test_lift_copies_of_an_iteration_without_actor_pairs(tmp_path, tiny_ckpt):
+    """--lift beside the judge: an iteration whose judge made no actor pairs stopped on the empty pair file."""
+    run = str(tmp_path / "run")
+    iterate.main(["--run-dir", run, "--model", tiny_ckpt, "--iterations", "1", *SMALL, "--eval-prompts-n", "-1",
+                  "--judge-fn", "prog_judges:constant", "--lift", "--method", "self-rewarding"])
+    man = json.load(open(os.path.join(run, "iter1", "manifest.json")))["stages"]
+    assert man["lift_pairs"]["counts"]["lift_pairs"] == 0 and man["train"]["counts"]["steps"] == 0
+
+
+def gsm8k_file(path):
+    """Three questions in GSM8K's own format: no `id`, a worked `answer` with calculator marks and `#### N`."""
+    return write_jsonl(path, [{"question": f"Tom has {a} pens and buys {b} more. How many pens does he have?",
+                               "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} pens.\n#### {a + b}"}
+                              for a, b in ((2, 3), (4, 4), (7, 1))])
+
+
+def test_gsm8k_files_feed_both_verifiable_methods(tmp_path, tiny_ckpt):
+    """A GSM8K file (records without `id`) was read by --method irpo but refused by --method scpo; and IRPO's
+    gold worked solution did not travel with its question, so it could not join the winning set."""
+    qs = gsm8k_file(tmp_path / "gsm.jsonl")
+    for method in ("irpo", "scpo"):
+        doc = iterate.main(["--preset", "reasoning-demo", "--method", method, "--model", tiny_ckpt, "--prompts", qs,
+                            "--prompts-per-iter", "3", "--eval-prompts", qs, "--run-dir", str(tmp_path / method), "--dry-run"])
+        assert sorted(doc["iterations"][0]["prompt_ids"]) == ["q1", "q2", "q3"]
+    run = str(tmp_path / "run")
+    iterate.main(["--preset", "reasoning-demo", "--model", tiny_ckpt, "--prompts", qs, "--prompts-per-iter", "3",
+                  "--eval-prompts-n", "-1", "--n-responses", "2", "--max-new-tokens", "4", "--run-dir", run])
+    prompts = read(os.path.join(run, "iter1", "prompts.jsonl"))
+    assert {p["id"]: p["solution"] for p in prompts}["q1"] == "He has 2 + 3 = 5 pens.\nFinal answer: 5"
+    pairs = read(os.path.join(run, "iter1", "reasoning_pairs.jsonl"))
+    assert pairs and {p["chosen"] for p in pairs} <= {p["solution"] for p in prompts} | \
+        {r for rec in read(os.path.join(run, "iter1", "responses.jsonl")) for r in rec["responses"]}
+    assert any(p["chosen"] == p_["solution"] for p in pairs for p_ in prompts)
