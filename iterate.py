@@ -96,20 +96,23 @@ PRESETS["irpo-paper"] = dict(
     # Iterative RPO (Pang et al. 2024) on GSM8K: --prompts gsm8k_train.jsonl (its own format is read as is)
     PRESETS["paper"], method="irpo", iterations=4, prompts_per_iter="0",  # the whole training set each iteration
     n_responses=30, pairs_per_question=10, temperature="0.8,0.8,1.3", top_p=1.0,  # T 1.3 from iteration 3
-    max_new_tokens=512, beta=0.1, nll_coef=1.0, lr=7e-7, epochs=1, batch_size=16,  # ? epochs and batch
-    select="last", val_prompts_n=0, eval_samples=4)
+    max_new_tokens=512, beta=0.1, nll_coef=1.0, lr=7e-7, epochs=3, batch_size=16,  # ? epochs and batch
+    # the checkpoint chosen by accuracy on 1,000 held-out training questions, then trained again with them
+    # (--val-retrain, on by default here); choosing among epochs rather than steps is ours (?)
+    select="val", val_prompts_n=1000, eval_samples=4)
 PRESETS["scpo-paper"] = dict(
     # ScPO (Prasad et al. 2024): no gold answers; new questions each iteration (self_instruct.py with
     # data/templates/question.txt), passed as --prompts
     PRESETS["paper"], method="scpo", iterations=2, prompts_per_iter="0", n_responses=8, tau="0.5,0.7",
     temperature=0.7, top_p=0.9, max_new_tokens=512, beta=0.5, nll_coef=1.0, lr=5e-6, epochs=10, batch_size=16,  # ? batch
-    select="last", val_prompts_n=0, eval_samples=4)
+    select="val", val_prompts_n=500, eval_samples=4)  # the epoch by dev accuracy; 500 held-out questions (?)
 PRESETS["tpo-paper"] = dict(
     # Thinking LLMs / TPO (Wu et al. 2024): 8 samples, 5,000 prompts per iteration, 10 epochs, up to 5 iterations;
     # the paper judged with a separate judge model (pass --judge-model); its control is --no-thoughts
     PRESETS["paper"], method="tpo", iterations=5, n_responses=8, temperature=0.8, top_p=0.95,
     n_judgments=1, rho="0.5",  # ? one judgment (a reward model in the paper); rho in [0, 0.5]
-    judge_pairs_iters="", max_chosen_chars="0", select="last", val_prompts_n=0, eval_prompts_n=0)
+    judge_pairs_iters="", max_chosen_chars="0", eval_prompts_n=0,
+    select="val", val_prompts_n=200)  # the epoch by win rate on held-out prompts; 200 of them (?)
 PRESETS["ste-demo"] = dict(
     # the Self-Taught Evaluator on the embedded model: y- = the answer to another request; the model cannot write
     # a [[A]]/[[B]] verdict, so its probabilities of the letter after `Verdict: [[` decide (expected mode), and the
@@ -122,7 +125,8 @@ PRESETS["ste-demo"] = dict(
 OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
             "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
             "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False}, "ste_dpo": {None: False},
-            "lift": {None: False}, "thoughts": {None: True}, "gold_solution": {None: True}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
+            "lift": {None: False}, "thoughts": {None: True}, "gold_solution": {None: True}, "no_sft": {None: False},
+            "val_retrain": {None: False, "irpo-paper": True}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
             "thought_template": {None: os.path.join(ROOT, "data", "templates", "thought.txt")},
             "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
             "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
@@ -136,7 +140,7 @@ METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_questio
                 "judge_pairs_iters": ("meta-rewarding",), "max_chosen_judgment_chars": ("meta-rewarding",),
                 "max_chosen_chars": JUDGED, "rho": JUDGED + ("tpo",), "score_mode": JUDGED + ("tpo",),
                 "judge_model": JUDGED + ("tpo",), "judge_fn": JUDGED + ("tpo",), "judge_args": JUDGED + ("tpo",),
-                "meta_judge_args": ("meta-rewarding",)}
+                "meta_judge_args": ("meta-rewarding",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
 # flags only one evaluation metric reads
 METRIC_FLAGS = {"eval_limits": "length", "eval_samples": "accuracy"}
 
@@ -290,7 +294,10 @@ def tpo_stages(args, t, f, seed, model_in):
 def evaluator_stages(args, t, f, seed, model_in):
     """The Self-Taught Evaluator: contrasting pairs, the current judge's verdicts in both orders, the right ones
     (labels balanced) as SFT data; in iteration 1 also the held-out labelled pairs every iteration is scored on."""
-    stages = ste_eval_stages(args, os.path.dirname(f("x"))) if t == 1 and not args.sft_data else []
+    d = os.path.dirname(f("x"))
+    stages = ste_eval_stages(args, d) if t == 1 and not args.sft_data else []
+    if args.select == "val":  # the epoch is chosen by judge accuracy on pairs made from the held-out prompts
+        stages += labelled_pair_stages(args, d, f("val_prompts.jsonl"), "val", 0)
     contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in]
     stages += [("contrast", evaluator, ["--step", "contrast", "--responses", f("responses.jsonl"), "--out", f("contrast.jsonl"),
                                         "--seed", seed] + contrast),
@@ -309,13 +316,18 @@ def ste_eval_stages(args, d):
     answer to another of them."""
     if args.method != "self-taught-evaluator" or args.eval_prompts_n < 0:
         return []
-    f = lambda name: os.path.join(d, name)  # noqa: E731
-    return [("eval_answers", sample, ["--model", args.model, "--prompts", args.eval_prompts, "--limit",
-                                      str(args.eval_prompts_n), "--out", f("eval_answers.jsonl"), "--n-responses", "1",
-                                      "--temperature", schedule(args.temperature, 1), "--max-new-tokens",
-                                      str(args.eval_max_new_tokens), "--seed", str(args.seed * 1000 + 1)] + engine_flags(args)),
-            ("eval_pairs", evaluator, ["--step", "contrast", "--other-prompt", "--responses", f("eval_answers.jsonl"),
-                                       "--out", f("eval_pairs.jsonl"), "--seed", str(args.seed * 1000 + 1)])]
+    return labelled_pair_stages(args, d, args.eval_prompts, "eval", args.eval_prompts_n)
+
+
+def labelled_pair_stages(args, d, prompts, name, limit):
+    """Labelled pairs for judge accuracy: the seed's answers to `prompts`, each paired with the answer to another
+    of them (<name>_answers.jsonl, <name>_pairs.jsonl in d)."""
+    f, seed = lambda x: os.path.join(d, f"{name}_{x}.jsonl"), str(args.seed * 1000 + 1)  # noqa: E731
+    return [(f"{name}_answers", sample, ["--model", args.model, "--prompts", prompts, "--limit", str(limit), "--out",
+                                         f("answers"), "--n-responses", "1", "--temperature", schedule(args.temperature, 1),
+                                         "--max-new-tokens", str(args.eval_max_new_tokens), "--seed", seed] + engine_flags(args)),
+            (f"{name}_pairs", evaluator, ["--step", "contrast", "--other-prompt", "--responses", f("answers"),
+                                          "--out", f("pairs"), "--seed", seed])]
 
 
 def train_flags(args, sft=False):
@@ -378,7 +390,7 @@ def run_stage(args, t, d, name, module, argv, model_in):
     if name == "report":
         return stage_report(args, t, d)
     if name in ("train", "train_dpo"):
-        return stage_train(args, t, d, argv, model_in)
+        return stage_train(args, t, d, name, argv, model_in)
     return module.main(argv)
 
 
@@ -393,15 +405,16 @@ def stage_prompts(args, t, d):
             return {"id": p["id"], **asked, **({"system": system} if system else {}),
                     **{k: p[k] for k in ("answer", "solution") if k in p}}
         # TPO asks for thoughts, keeping the request apart for the judge
+        asked = train + (val if args.val_retrain else [])  # --val-retrain trains on the held-out prompts at the end
         write_jsonl(os.path.join(d, "prompts.jsonl"), [keep(p, {"prompt": render(thought, prompt=p["prompt"]), "request": p["prompt"]}
-                                                       if thought else {"prompt": p["prompt"]}) for p in train])
+                                                       if thought else {"prompt": p["prompt"]}) for p in asked])
         if val:  # as the pool gives them: evaluate.py asks with the method's template itself
             write_jsonl(os.path.join(d, "val_prompts.jsonl"), [keep(p, {"prompt": p.get("question", p["prompt"])}) for p in val])
     barrier(args.world)
     return {"prompts": len(train), "val_prompts": len(val)}
 
 
-def stage_train(args, t, d, argv, model_in):
+def stage_train(args, t, d, name, argv, model_in):
     """DPO (or iteration 0's SFT) on the data files that hold records; with none, the next model is this one."""
     i, j = argv.index("--data") + 1, argv.index("--out")
     missing = [f for f in argv[i:j] if not os.path.exists(f)]
@@ -420,7 +433,7 @@ def stage_train(args, t, d, argv, model_in):
         barrier(args.world)
         return {"steps": 0, "skipped": "no training data; model copied unchanged"}
     argv = argv[:i] + files + argv[j:]
-    if t >= 1 and args.select == "val" and args.epochs > 1:
+    if t >= 1 and args.select == "val" and name == "train":
         counts = select_epoch(args, d, argv, out, model_in)
     else:
         counts = train_dpo.main(argv)
@@ -429,7 +442,12 @@ def stage_train(args, t, d, argv, model_in):
 
 # --select val scores each epoch with the method's own measure (higher is better): the win rate against M_t,
 # greedy accuracy on held-out questions, or the share of word limits kept
-SELECT_METRIC = {"irpo": "accuracy", "scpo": "accuracy", "lift": "length"}
+SELECT_METRIC = {"irpo": "accuracy", "scpo": "accuracy", "lift": "length", "self-taught-evaluator": "judge-accuracy"}
+
+
+def train_epochs(args):
+    """The epochs of an iteration's training: the Self-Taught Evaluator's is an SFT."""
+    return args.sft_epochs if args.method == "self-taught-evaluator" else args.epochs
 
 
 def select_argv(args, model, model_in, d, folder):
@@ -442,6 +460,9 @@ def select_argv(args, model, model_in, d, folder):
         return argv + ["--reasoning-template", args.reasoning_template, "--samples", "1"]
     if metric == "length":
         return argv + ["--limits", args.eval_limits]
+    if metric == "judge-accuracy":
+        argv[argv.index("--prompts") + 1] = os.path.join(d, "val_pairs.jsonl")
+        return argv + ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)]
     # judged by the fixed judge when there is one, else by M_t itself, in both orders
     return argv + ["--b", model_in, "--judge", args.judge_model or model_in, "--verdict-mode", args.verdict_mode,
                    "--judge-max-new-tokens", str(args.meta_max_new_tokens)] + \
@@ -450,17 +471,39 @@ def select_argv(args, model, model_in, d, folder):
 
 def selection_score(res):
     return {"winrate": lambda: res["win_rate"], "accuracy": lambda: res["a"]["greedy"],
-            "length": lambda: 1 - res["a"]["instructed"]["violation_rate"]}[res["metric"]]()
+            "length": lambda: 1 - res["a"]["instructed"]["violation_rate"],
+            "judge-accuracy": lambda: res["a"]["accuracy"]}[res["metric"]]()
+
+
+def without_val(args, d, argv):
+    """--val-retrain: the held-out prompts were sampled and paired with the rest, so the data files are written
+    again without their pairs (a pair's id is its prompt's id, or starts with it and a slash) for the selection."""
+    val = {str(p["id"]) for p in read_jsonl(os.path.join(d, "val_prompts.jsonl"))}
+    i, j = argv.index("--data") + 1, argv.index("--out")
+    kept = []
+    for path in argv[i:j]:
+        sel = os.path.splitext(path)[0] + ".selection.jsonl"
+        if int(os.environ.get("RANK", 0)) == 0:
+            write_jsonl(sel, [r for r in read_jsonl(path, required=()) if str(r.get("id", "")).split("/")[0] not in val])
+        barrier(args.world)
+        kept += [sel] if os.path.getsize(sel) > 0 else []
+    if not kept:
+        raise SystemExit(f"iteration folder {d}: every pair is from a held-out prompt; raise --prompts-per-iter")
+    return argv[:i] + kept + argv[j:]
 
 
 def select_epoch(args, d, argv, out, model_in):
     """--select val: train epoch by epoch; after each, score the epoch's model on the iteration's held-out
     prompts (selection_score). Only the best epoch so far stays on disk (an 8B model is 16 GB); at the end it
-    becomes the iteration's model. Resumable: select.json records each epoch's training and score."""
+    becomes the iteration's model, or with --val-retrain the number of epochs to train again for, the held-out
+    prompts' pairs included (IRPO's way). Resumable: select.json records each epoch's training and score."""
     record_f, rank0 = os.path.join(d, "select.json"), int(os.environ.get("RANK", 0)) == 0
     load = lambda: json.load(open(record_f)) if os.path.exists(record_f) else {"trained": 0, "score": {}, "best": None}  # noqa: E731
-    rec, counts = load(), {}
-    for e in range(1, args.epochs + 1):
+    rec, counts, full = load(), {}, argv
+    if args.val_retrain:
+        argv = without_val(args, d, argv)
+        argv[argv.index("--out") + 1] = out = os.path.join(d, "selection_model")
+    for e in range(1, train_epochs(args) + 1):
         if str(e) in rec["score"]:
             continue
         if rec["trained"] < e:  # a training killed after its last epoch ended is not redone (train_dpo knows)
@@ -490,14 +533,16 @@ def select_epoch(args, d, argv, out, model_in):
             write_json(record_f, rec)
         barrier(args.world)
         rec = load()
+    if args.val_retrain:  # the same start and data order, the held-out pairs back in, for the chosen epochs
+        counts = dict(train_dpo.main(full + ["--epochs", str(rec["best"])]), retrained_epochs=rec["best"])
     if rank0:  # the last epoch's run wrote `out`; the best epoch replaces it unless that is the last one
         best = f"{out}.epoch{rec['best']}"
-        if rec["best"] != args.epochs and os.path.exists(best):
+        if not args.val_retrain and rec["best"] != train_epochs(args) and os.path.exists(best):
             shutil.rmtree(out, ignore_errors=True)
             os.replace(best, out)
         parent, base = os.path.split(os.path.abspath(out))
         for name in os.listdir(parent):  # every epoch folder, also one a kill left between two steps
-            if name.startswith(base + ".epoch"):
+            if name.startswith(base + ".epoch") or (args.val_retrain and name == base):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     barrier(args.world)
     return dict(counts, select="val", select_metric=SELECT_METRIC.get(args.method, "winrate"),
@@ -572,6 +617,10 @@ def build_parser():
     t.add_argument("--select", default=None, choices=("last", "val"),
                    help="the iteration's model: the last epoch's, or the best on held-out prompts against M_t")
     t.add_argument("--val-prompts-n", type=int, default=None, help="--select val: prompts of each iteration's slice held out of training")
+    t.add_argument("--val-retrain", action="store_true", default=None,
+                   help="--select val: then train again for the chosen number of epochs with the held-out prompts' pairs included (IRPO)")
+    t.add_argument("--no-sft", action="store_true", default=None,
+                   help="skip iteration 0 on purpose in a preset whose recipe has it (paper, self-rewarding-paper)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-prompts", default=None, help="held-out prompts (default: data/eval_prompts.jsonl)")
     e.add_argument("--eval-prompts-n", type=int, default=None, help="held-out prompts per evaluation (0 = all, -1 = no evaluation)")
@@ -633,10 +682,16 @@ def check_run(args):
                 ("--eval-prompts-n", args.eval_prompts_n, args.eval_prompts_n >= -1, ">= -1 (-1 = no evaluation)"),
                 ("--val-prompts-n", args.val_prompts_n, args.val_prompts_n >= (1 if args.select == "val" else 0),
                  "at least 1 with --select val"),
-                ("--select", args.select, args.select != "val" or args.epochs > 1,
-                 "last with --epochs 1 (there is only one epoch to choose: the held-out prompts would go unused)"),
-                ("--select", args.select, args.select != "val" or args.method != "self-taught-evaluator",
-                 "last with --method self-taught-evaluator (its judge is scored on labelled pairs, not by epochs)"))
+                ("--select", args.select, args.select != "val" or train_epochs(args) > 1,
+                 "last with one epoch (there is only one to choose: the held-out prompts would go unused)"),
+                ("--val-retrain", args.val_retrain, not args.val_retrain or args.select == "val", "given with --select val only"),
+                ("--sft-data", args.sft_data, args.sft_data or args.no_sft or args.preset not in ("paper", "self-rewarding-paper"),
+                 f"given: --preset {args.preset} starts with iteration 0, SFT on EFT and IFT data (make it with `python "
+                 "eft.py --oasst TREES.jsonl --model DIR --out runs/eft`, then --sft-data runs/eft/eft.jsonl runs/eft/ift.jsonl), "
+                 "or say --no-sft to skip it on purpose"),
+                ("--judge-model", args.judge_model, args.judge_model or args.preset != "tpo-paper",
+                 "given: the TPO paper judged with a separate, fixed judge model (give the policy's own folder to judge "
+                 "with the policy itself)"))
     for key, methods in METHOD_FLAGS.items():
         check_flags((flag(key), getattr(args, key), key not in args.given or args.method in methods,
                      f"left out: only --method {' / '.join(methods)} uses it, and this run is --method {args.method}"))

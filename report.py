@@ -111,7 +111,7 @@ def training_section(d, train, what):
     lines += [f"| {m['step']} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |" for m in metrics]
     if "val_score_by_epoch" in train:
         what = {"winrate": "win rate against the starting model", "accuracy": "greedy accuracy",
-                "length": "share of word limits kept"}[train["select_metric"]]
+                "length": "share of word limits kept", "judge-accuracy": "judge accuracy"}[train["select_metric"]]
         lines += ["", f"Checkpoint selection on held-out prompts ({what}) by epoch: {train['val_score_by_epoch']}; "
                       f"epoch {train['best_epoch']} kept."]
     try:

@@ -142,7 +142,8 @@ def test_paper_preset_dry_run(tmp_path, capsys):
     selection), the caps and rho per iteration, meta-judging in iterations 1-2 only, the DPO values; and
     --method self-rewarding differs only by the meta-judge and its pairs."""
     p = pool(tmp_path / "pool.jsonl", 20_000)
-    base = ["--preset", "paper", "--model", "/models/llama3-8b", "--prompts", p, "--run-dir", str(tmp_path / "run"), "--dry-run"]
+    base = ["--preset", "paper", "--model", "/models/llama3-8b", "--prompts", p, "--run-dir", str(tmp_path / "run"), "--dry-run",
+            "--no-sft"]
     doc = iterate.main(base)
     json.loads(capsys.readouterr().out)  # what it printed is one JSON document
     its = doc["iterations"]
