@@ -18,7 +18,7 @@ import argparse
 import os
 
 import judge
-from common import barrier, init_distributed, load_template, print0, read_jsonl, write_jsonl
+from common import barrier, finite, init_distributed, load_template, print0, read_jsonl, strict_json, write_jsonl
 
 # -----------------------------------------------------------------------------
 # The rules
@@ -64,9 +64,8 @@ def check_ranked(rec):
     if problem:
         return problem
     r = rec["ranks"]
-    if not isinstance(r, list) or len(r) != len(rec["responses"]) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in r):
-        return "`ranks` must be a list of numbers, one per response (0 = best)"
+    if not isinstance(r, list) or len(r) != len(rec["responses"]) or not all(finite(x) and not isinstance(x, bool) for x in r):
+        return "`ranks` must be a list of finite numbers, one per response (0 = best)"
     if len(r) < 2:
         return "needs at least 2 ranked responses"
     return None
@@ -78,30 +77,50 @@ def read_ranked(path):
                                   check=check_ranked)]
 
 
+def tree_id(tree):
+    return tree.get("message_tree_id") or tree["prompt"].get("message_id")
+
+
+def check_tree(tree):
+    """An Open Assistant tree, as far as read_oasst reads it; a message or None."""
+    root = tree.get("prompt")
+    if not isinstance(root, dict) or not isinstance(root.get("text"), str) or not isinstance(root.get("replies", []), list):
+        return "expected an Open Assistant tree: `prompt` a message with `text` and `replies`"
+    rid = tree_id(tree)
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or not str(rid).strip():
+        return "no tree id: give `message_tree_id`, or `message_id` in its `prompt`"
+    if not root["text"].strip():
+        return "the prompt's `text` is empty"
+    for r in root.get("replies", []):
+        if not isinstance(r, dict):
+            return "every reply in `prompt.replies` must be a message (a JSON object)"
+        if r.get("rank") is not None and (not isinstance(r["rank"], int) or isinstance(r["rank"], bool)):
+            return f"a reply's `rank` is {r['rank']!r}: it must be a whole number (0 = best), or null when unranked"
+    return None
+
+
 def read_oasst(path, lang="en"):
     """The first turn of each tree of an Open Assistant `trees` export (one conversation tree per line): the
     root prompt and its ranked assistant replies, best first. Unranked and deleted replies are left out, and a
     tree with fewer than two ranked replies has nothing to order. -> (records, skip counts)."""
-    def check(tree):
-        root = tree.get("prompt")
-        if not isinstance(root, dict) or not isinstance(root.get("text"), str) or not isinstance(root.get("replies", []), list):
-            return "expected an Open Assistant tree: `prompt` a message with `text` and `replies`"
-        return None
-
-    out, skips = [], {"other language": 0, "fewer than 2 ranked replies": 0}
-    for tree in read_jsonl(path, required=("prompt",), what="Open Assistant tree", check=check):
-        root = tree["prompt"]
+    trees = read_jsonl(path, required=("prompt",), what="Open Assistant tree", check=check_tree)
+    out, skips, seen = [], {"other language": 0, "fewer than 2 ranked replies": 0}, {}
+    for i, tree in enumerate(trees):
+        root, rid = tree["prompt"], str(tree_id(tree))
+        if rid in seen:  # the id of every later record (judgments, EFT targets): two trees cannot share one
+            raise SystemExit(f"{trees.where(i)}: duplicate tree id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = trees.lines[i]
         if lang and root.get("lang") != lang:
             skips["other language"] += 1
             continue
-        replies = [r for r in root.get("replies", []) if isinstance(r, dict) and r.get("role") == "assistant"
-                   and isinstance(r.get("rank"), int) and not r.get("deleted") and isinstance(r.get("text"), str)]
+        replies = [r for r in root.get("replies", []) if r.get("role") == "assistant" and isinstance(r.get("rank"), int)
+                   and not r.get("deleted") and isinstance(r.get("text"), str)]
         if len(replies) < 2:
             skips["fewer than 2 ranked replies"] += 1
             continue
         replies.sort(key=lambda r: r["rank"])
-        out.append({"id": tree.get("message_tree_id") or root.get("message_id"), "prompt": root["text"],
-                    "responses": [r["text"] for r in replies], "ranks": [r["rank"] for r in replies]})
+        out.append({"id": rid, "prompt": root["text"], "responses": [r["text"] for r in replies],
+                    "ranks": [r["rank"] for r in replies]})
     return out, skips
 
 
@@ -119,6 +138,7 @@ def build_parser():
     p.add_argument("--model", default=None, help="the judging model, HF folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--n-judgments", type=int, default=3, help="judgments per response (each index j is one candidate set)")
     p.add_argument("--judge-args", default="", help="more judge.py flags, e.g. \"--score-mode expected --temperature 0.7\"")
+    p.add_argument("--redo", action="store_true", help="judge again from scratch instead of resuming earlier judgments")
     return p
 
 
@@ -133,7 +153,7 @@ def judge_argv(args):
     import shlex
     model = ["--model", args.model] if args.model else []
     return model + ["--responses", os.path.join(args.out, "ranked.jsonl"), "--out", os.path.join(args.out, "judgments.jsonl"),
-                    "--n-judgments", str(args.n_judgments)] + shlex.split(args.judge_args)
+                    "--n-judgments", str(args.n_judgments)] + shlex.split(args.judge_args) + (["--redo"] if args.redo else [])
 
 
 def main(argv=None):
@@ -153,7 +173,7 @@ def main(argv=None):
         template, rubric = load_template(jargs.template, ()), load_template(jargs.rubric, ()).strip()
         judged = read_jsonl(os.path.join(args.out, "judgments.jsonl"))
         eft = [r for rec in judged for r in eft_records(rec, template, rubric)]
-        write_jsonl(os.path.join(args.out, "eft.jsonl"), eft)
+        write_jsonl(os.path.join(args.out, "eft.jsonl"), strict_json(eft))  # a judge's score may be NaN
         write_jsonl(os.path.join(args.out, "ift.jsonl"), [ift_record(rec) for rec in judged])
         sets = sum(len(rec["judgments"][0]) for rec in judged)
         kept = len({r["id"].rsplit("/", 1)[0] for r in eft})

@@ -27,7 +27,7 @@ import sample
 import tpo
 from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
-                    sampling_rules, stable_seed, start_stage, write_json, write_jsonl)
+                    sampling_rules, stable_seed, start_stage, strict_json, write_json, write_jsonl)
 from judge import probe_candidates, probe_logprobs
 from meta_judge import WINNER_MARK, parse_winner
 from sample import Request, generate
@@ -166,8 +166,8 @@ def compare(args, prompts, ans_a, ans_b, out):
                     x["logp_ab"] = [round(y, 4) for y in lp]
             for x, w in zip(v, winners):
                 x["winner"] = w
-            writer.write({"id": todo[k]["id"], "prompt": todo[k]["prompt"], "a_first": v[0], "b_first": v[1],
-                          "outcome": outcome(winners[0], winners[1])})
+            writer.write(strict_json({"id": todo[k]["id"], "prompt": todo[k]["prompt"], "a_first": v[0], "b_first": v[1],
+                                      "outcome": outcome(winners[0], winners[1])}))
     bar.close()
     writer.close()
     merge_shards(out, [str(p["id"]) for p in prompts])
@@ -249,8 +249,7 @@ def evaluate_winrate(args, rank, world):
     if args.export_alpaca_eval and rank == 0:
         export = [{"instruction": p["prompt"], "output": ans_a[str(p["id"])], "generator": args.generator_name or args.a}
                   for p in prompts]
-        with open(args.export_alpaca_eval, "w", encoding="utf-8") as f:
-            json.dump(export, f, indent=2, ensure_ascii=False)
+        write_json(args.export_alpaca_eval, export)
     return {"metric": "winrate", "a": args.a, "b": args.b, "judge": args.judge, "prompts": len(recs),
             "wins": sum(o > 0 for o in outcomes), "ties": sum(o == 0 for o in outcomes),
             "losses": sum(o < 0 for o in outcomes), "win_rate": round(win_rate(outcomes), 4),
@@ -373,8 +372,13 @@ def evaluate_judge_accuracy(args, rank, world):
     pair judged greedily in both orders; position-consistent accuracy (right in both orders 1, in one 1/2) with
     its bootstrap interval, how often the first-shown answer won, the unparsed rate; with B, the paired
     difference. Scores the Self-Taught Evaluator, and the judge of any iteration of the loop."""
-    recs = read_jsonl(args.prompts, required=("prompt", "chosen", "rejected"), what="labelled pair")
-    ids = [str(r.get("id", f"pair{recs.lines[i]}")) for i, r in enumerate(recs)][:args.limit or None]  # any file can serve
+    recs = read_jsonl(args.prompts, required=("prompt", "chosen", "rejected"), what="labelled pair", check=evaluator.check_pair)
+    named = ["id" in r for r in recs]
+    if any(named) and not all(named):  # made-up ids could collide with given ones
+        i = named.index(False)
+        raise SystemExit(f"{recs.where(i)}: no `id`, though other pairs have one; give every pair an id, or none "
+                         "(the line numbers then serve)")
+    ids = [str(r["id"]) if "id" in r else f"pair{recs.lines[i]}" for i, r in enumerate(recs)][:args.limit or None]
     recs = recs[:len(ids)]
     pfile = os.path.join(args.out_dir, "labelled_pairs.jsonl")
     if rank == 0:
@@ -388,7 +392,8 @@ def evaluate_judge_accuracy(args, rank, world):
         out = os.path.join(args.out_dir, f"verdicts_{side}.jsonl")
         evaluator.main(["--step", "judge", "--model", model, "--contrast", pfile, "--out", out, "--n-judgments", "1",
                         "--temperature", "0", "--max-new-tokens", str(args.judge_max_new_tokens),
-                        "--verdict-mode", args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed)])
+                        "--verdict-mode", args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed)]
+                       + (["--redo"] if args.redo else []))
         judged = {r["id"]: r for r in read_jsonl(out)}
         got = {k: r["verdicts"][0] for k, r in judged.items()}
         per[side] = [evaluator.consistent_accuracy(got[f"{i}/ab"], got[f"{i}/ba"]) for i in ids]
@@ -475,17 +480,30 @@ def build_parser():
     return parser
 
 
+# flags only some metrics read: set to anything but their default with another metric, they would be ignored
+METRIC_FLAGS = {"judge": ("winrate",), "template": ("winrate",), "export_alpaca_eval": ("winrate",),
+                "generator_name": ("winrate",), "strip_thoughts": ("winrate",), "thought_template": ("winrate",),
+                "verdict_mode": ("winrate", "judge-accuracy"), "judge_max_new_tokens": ("winrate", "judge-accuracy"),
+                "pairwise_template": ("judge-accuracy",), "samples": ("accuracy",), "reasoning_template": ("accuracy",),
+                "limits": ("length",), "lift_template": ("length",), "paraphrase_template": ("length",)}
+
+
 def parse_args(argv=None):
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    check_flags(*[("--" + key.replace("_", "-"), getattr(a, key), a.metric in ms or getattr(a, key) == parser.get_default(key),
+                   f"left out: only --metric {' / '.join(ms)} reads it, and this is --metric {a.metric}")
+                  for key, ms in METRIC_FLAGS.items()])
     check_flags(("--limit", a.limit, a.limit >= 0, ">= 0 (0 = all)"), ("--bootstrap", a.bootstrap, a.bootstrap >= 1, "at least 1"),
                 ("--judge-max-new-tokens", a.judge_max_new_tokens, a.judge_max_new_tokens >= 1, "at least 1"),
                 ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"), ("--samples", a.samples, a.samples >= 1, "at least 1"),
                 ("--b", a.b, a.b is not None or a.metric != "winrate", "given: the win rate compares A with B"), *sampling_rules(a))
     try:
-        ok = all(int(x) >= 1 for x in a.limits.split(","))
+        limits = [int(x) for x in a.limits.split(",")]
+        ok = min(limits) >= 1 and len(set(limits)) == len(limits)  # each limit once: it names its prompts
     except ValueError:
         ok = False
-    check_flags(("--limits", a.limits, ok, "a comma list of positive integers"))
+    check_flags(("--limits", a.limits, ok, "a comma list of distinct positive integers"))
     return a
 
 

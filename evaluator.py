@@ -23,9 +23,10 @@ import re
 
 import torch
 
+import judge
 import sample
-from common import (TEMPLATES, barrier, check_flags, init_distributed, load_model, load_template, read_jsonl, render,
-                    stable_seed, write_jsonl)
+from common import (TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_model,
+                    load_template, print0, read_jsonl, render, stable_seed, strict_json, write_jsonl)
 
 VERDICT = re.compile(r"\[\[\s*([AB])\s*\]\]")
 VERDICT_MARK = re.compile(r"(?:verdict\s*[:：]\s*)?\[\[", re.IGNORECASE)
@@ -60,13 +61,29 @@ def consistent_accuracy(first, second):
 
 
 def other_prompt_pairs(records, seed):
-    """--other-prompt contrast pairs: y- of each record is the first response to the next record in a shuffled
-    order (a derangement, so never its own)."""
-    order = list(range(len(records)))
+    """--other-prompt contrast pairs: y- of each record is the first response of the next record, in a shuffled
+    cyclic order, that answers another request and differs from the record's own y+ (an answer identical to y+,
+    or one to the same request, is no worse than it). -> (pairs, how many records had no such partner)."""
+    first, n = [r["responses"][0] for r in records], len(records)
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    nxt = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
-    return [{"id": str(r["id"]), "prompt": r["prompt"], "chosen": r["responses"][0],
-             "rejected": records[nxt[i]]["responses"][0], "how": "other prompt"} for i, r in enumerate(records)]
+    place = {i: k for k, i in enumerate(order)}
+    pairs = []
+    for i, r in enumerate(records):
+        later = (order[(place[i] + j) % n] for j in range(1, n))
+        other = next((m for m in later if first[m] != first[i] and records[m]["prompt"] != r["prompt"]), None)
+        if other is not None:
+            pairs.append({"id": str(r["id"]), "prompt": r["prompt"], "chosen": first[i], "rejected": first[other],
+                          "how": "other prompt"})
+    return pairs, n - len(pairs)
+
+
+def sigmoid(x):
+    """1 / (1 + e^-x) for any x, inf included: e is only ever raised to a power <= 0, so nothing overflows."""
+    if x >= 0:
+        return 1 / (1 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1 + e)
 
 
 def letter(logp_a, logp_b, temperature, seed):
@@ -75,15 +92,33 @@ def letter(logp_a, logp_b, temperature, seed):
     (a judge that prefers one position 80:20 still says the other one a fifth of the time)."""
     if temperature <= 0:
         return "A" if logp_a > logp_b else "B" if logp_b > logp_a else None
-    p_b = 1 / (1 + math.exp((logp_a - logp_b) / temperature))
+    p_b = sigmoid((logp_b - logp_a) / temperature)  # a tiny temperature makes the ratio huge: stable form
     return "B" if random.Random(seed).random() < p_b else "A"
 
 
 def write0(path, recs):
-    """Rank 0 writes a derived file; every rank waits for it (the next step reads it on all of them)."""
+    """Rank 0 writes a derived file in strict JSON (no NaN); every rank waits for it (the next step reads it on
+    all of them)."""
     if int(os.environ.get("RANK", 0)) == 0:
-        write_jsonl(path, recs)
+        write_jsonl(path, strict_json(recs))
     barrier(int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def check_pair(rec):
+    """A labelled pair: a non-empty prompt and two different answers (the same text twice has no better side)."""
+    problem = check_prompt_fields(rec)
+    if problem or not all(isinstance(rec[k], str) for k in ("chosen", "rejected")):
+        return problem or "`chosen` and `rejected` must be strings"
+    return "`chosen` and `rejected` are the same text: neither is better" if rec["chosen"] == rec["rejected"] else None
+
+
+def read_stage_input(path, what, required, check=None):
+    """The records a step before wrote; a file it left empty (it made none) is no records, said plainly, so
+    that the steps after it pass through with nothing to do instead of failing on every re-run."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        print0(f"{path}: no {what}s (the step that wrote it made none); nothing to do")
+        return []
+    return read_jsonl(path, required=required, what=what, check=check)
 
 
 def orders(pair):
@@ -95,43 +130,61 @@ def orders(pair):
 # The steps
 
 
+def generate(args, prompts, out, n=1, dedup=True):
+    """One resumable generation stage through sample.py at this step's sampling settings."""
+    sample.main(["--prompts", prompts, "--out", out, "--n-responses", str(n), "--temperature", str(args.temperature),
+                 "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)] + ([] if dedup else ["--no-dedup"]) +
+                (["--model", args.model] if args.model else []) + (["--redo"] if args.redo else []))
+
+
 def step_contrast(args):
-    recs = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record")
+    """The labelled pairs (x, y+, y-) -> (pairs, records without a pair by reason: no_request, the model wrote no
+    usable x'; no_answer, its answer to x' is empty; same_text, y- would be y+ itself, and nothing in it is worse;
+    no_partner, --other-prompt found no answer to another request that differs from y+)."""
+    recs = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record",
+                      check=judge.check_responses_record)
     if args.other_prompt:
-        return other_prompt_pairs(recs, args.seed)
+        if len(recs) < 2:
+            raise SystemExit(f"{args.responses}: --other-prompt needs at least 2 records (y- is the answer to another "
+                             f"request), and it holds {len(recs)}")
+        pairs, alone = other_prompt_pairs(recs, args.seed)
+        return pairs, {"no_partner": alone}
     # the model writes x' for each request, then answers it: two resumable generation stages
     import self_instruct
     work = os.path.splitext(args.out)[0]
     t = load_template(args.contrast_template, ("prompt",))
     write0(f"{work}.requests.jsonl", [{"id": str(r["id"]), "prompt": render(t, prompt=r["prompt"])} for r in recs])
-    gen = lambda src, out: sample.main(["--prompts", src, "--out", out, "--n-responses", "1", "--temperature",  # noqa: E731
-                                        str(args.temperature), "--max-new-tokens", str(args.max_new_tokens),
-                                        "--seed", str(args.seed)] + (["--model", args.model] if args.model else []))
-    gen(f"{work}.requests.jsonl", f"{work}.new_requests.jsonl")
+    generate(args, f"{work}.requests.jsonl", f"{work}.new_requests.jsonl")
     new = {str(r["id"]): self_instruct.parse_request(r["responses"][0]) for r in read_jsonl(f"{work}.new_requests.jsonl")}
-    asked = [r for r in recs if new.get(str(r["id"]))]
-    write0(f"{work}.other.jsonl", [{"id": str(r["id"]), "prompt": new[str(r["id"])]} for r in asked])
-    gen(f"{work}.other.jsonl", f"{work}.other_answers.jsonl")
-    other = {str(r["id"]): r["responses"][0] for r in read_jsonl(f"{work}.other_answers.jsonl")}
-    return [{"id": str(r["id"]), "prompt": r["prompt"], "chosen": r["responses"][0], "rejected": other[str(r["id"])],
-             "other_prompt": new[str(r["id"])], "how": "modified prompt"} for r in asked if other.get(str(r["id"]))]
+    # an x' that only repeats x would make y- an answer to the same request
+    asked = [r for r in recs if new.get(str(r["id"])) and new[str(r["id"])] != r["prompt"].strip()]
+    other = {}
+    if asked:  # (sample.py refuses an empty prompt file)
+        write0(f"{work}.other.jsonl", [{"id": str(r["id"]), "prompt": new[str(r["id"])]} for r in asked])
+        generate(args, f"{work}.other.jsonl", f"{work}.other_answers.jsonl")
+        other = {str(r["id"]): r["responses"][0] for r in read_jsonl(f"{work}.other_answers.jsonl")}
+    answered = [r for r in asked if other.get(str(r["id"]))]
+    pairs = [{"id": str(r["id"]), "prompt": r["prompt"], "chosen": r["responses"][0], "rejected": other[str(r["id"])],
+              "other_prompt": new[str(r["id"])], "how": "modified prompt"}
+             for r in answered if other[str(r["id"])] != r["responses"][0]]
+    return pairs, {"no_request": len(recs) - len(asked), "no_answer": len(asked) - len(answered),
+                   "same_text": len(answered) - len(pairs)}
 
 
 def step_judge(args):
     """Pairwise judgments of every labelled pair in both orders (sample.py does the generation, resumably),
     each judgment's verdict parsed or, in expected mode, the likelier of A and B after `Verdict: [[`."""
-    pairs = read_jsonl(args.contrast, required=("id", "prompt", "chosen", "rejected"), what="labelled pair")
+    pairs = read_stage_input(args.contrast, "labelled pair", ("id", "prompt", "chosen", "rejected"), check_pair)
+    if not pairs:
+        return []
     t = load_template(args.template, ("prompt", "response_a", "response_b"))
     work = os.path.splitext(args.out)[0]
     rows = [{"id": f"{p['id']}/{o}", "prompt": render(t, prompt=p["prompt"], response_a=a, response_b=b), "label": right}
             for p in pairs for o, a, b, right in orders(p)]
     write0(f"{work}.prompts.jsonl", rows)
-    sample.main(["--prompts", f"{work}.prompts.jsonl", "--out", f"{work}.texts.jsonl", "--n-responses", str(args.n_judgments),
-                 "--no-dedup", "--temperature", str(args.temperature), "--max-new-tokens", str(args.max_new_tokens),
-                 "--seed", str(args.seed)] + (["--model", args.model] if args.model else []))
+    generate(args, f"{work}.prompts.jsonl", f"{work}.texts.jsonl", n=args.n_judgments, dedup=False)
     judged = read_jsonl(f"{work}.texts.jsonl")
     if args.verdict_mode == "expected":
-        import judge
         model, tok, _ = load_model(args.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         expect = judge.probe_candidates(tok, "Verdict: [[", ["A", "B"])
     out = []
@@ -142,7 +195,7 @@ def step_judge(args):
             lps = judge.probe_logprobs(model, tok, [tok.encode_prompt(rec["prompt"])] * len(texts), texts, VERDICT_MARK,
                                        expect).tolist()
             verdicts = [letter(a, b, args.temperature, stable_seed(args.seed, f"{rec['id']}/{k}")) for k, (a, b) in enumerate(lps)]
-            p_a = [1 / (1 + math.exp(b - a)) for a, b in lps]  # p(A) among the two letters
+            p_a = [sigmoid(a - b) for a, b in lps]  # p(A) among the two letters
             # the verdict the judgment ends with, written out, so a model trained on it learns the format too
             texts = [judge.cut_at_last(x, VERDICT_MARK) + (f"\nVerdict: [[{v}]]" if v else "") for x, v in zip(texts, verdicts)]
         out.append({"id": rec["id"], "prompt": rec["prompt"], "label": rec["label"], "judgments": texts,
@@ -155,7 +208,7 @@ def step_select(args):
     """Rejection sampling: per prompt (a pair in one order) the first judgment whose verdict is the label and
     that ended (on its own, or in expected mode with its verdict written out after the cut); labels balanced.
     -> SFT records; the DPO pairs (a right and a wrong judgment of one prompt) go to <out root>.pairs.jsonl."""
-    judged = read_jsonl(args.judged, required=("id", "prompt", "label", "judgments", "verdicts"), what="pairwise record")
+    judged = read_stage_input(args.judged, "pairwise record", ("id", "prompt", "label", "judgments", "verdicts"))
     right, pairs = [], []
     for rec in judged:
         ended = [rec.get("verdict_written") or f != "length" for f in rec["finish_reasons"]]
@@ -188,6 +241,7 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (judgments, x', y-)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of what is generated")
     p.add_argument("--seed", type=int, default=0, help="seed (pairing, sampling, balancing)")
+    p.add_argument("--redo", action="store_true", help="discard the step's earlier generations instead of resuming them")
     return p
 
 
@@ -196,6 +250,7 @@ def parse_args(argv=None):
     need = {"contrast": a.responses, "judge": a.contrast, "select": a.judged}[a.step]
     check_flags((f"--step {a.step}", a.step, need is not None, "given its input (--responses, --contrast or --judged)"),
                 ("--n-judgments", a.n_judgments, a.n_judgments >= 1, "at least 1"),
+                ("--temperature", a.temperature, finite(a.temperature) and a.temperature >= 0, ">= 0"),
                 ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "at least 1"))
     return a
 
@@ -204,8 +259,11 @@ def main(argv=None):
     args = parse_args(argv)
     init_distributed()
     if args.step == "contrast":
-        out = step_contrast(args)
-        counts = {"pairs": len(out)}
+        out, dropped = step_contrast(args)
+        counts = {"pairs": len(out), **dropped}
+        if not out:  # an empty file, not an error: the steps after pass through it, as the loop's other pair stages do
+            print0(f"evaluator contrast | no pair from {args.responses} (records without one: {dropped}); {args.out} is "
+                   "empty and the judge and select steps have nothing to do")
     elif args.step == "judge":
         out = step_judge(args)
         verdicts = [(v, r["label"]) for r in out for v in r["verdicts"]]

@@ -8,7 +8,8 @@ most `--max-overlap`.
     python self_instruct.py --model DIR --pool data/prompts.jsonl --out new.jsonl --count 5000 --shots 8
 
 Resumable: accepted prompts are appended as they come, each with the call that produced it; a re-run
-continues from the call after the last accepted one and decides exactly as an uninterrupted run would.
+continues from the call after the last accepted one and decides exactly as an uninterrupted run would. A re-run
+with other settings is refused, naming what changed (--redo starts over); a larger --count continues.
 """
 import argparse
 import os
@@ -16,8 +17,8 @@ import random
 import re
 import time
 
-from common import (TEMPLATES, ShardWriter, add_engine_args, check_flags, done_records, init_distributed, load_model,
-                    load_template, merge_shards, read_jsonl, render, stable_seed)
+from common import (TEMPLATES, ShardWriter, add_engine_args, check_flags, done_records, file_digest, init_distributed,
+                    load_model, load_template, merge_shards, model_fingerprint, read_jsonl, render, stable_seed, start_stage)
 from sample import Request, complete
 
 LABEL = re.compile(r"^\s*(?:\*\*)?\s*(?:new\s+)?(?:request|task|instruction|prompt)\s*\d*\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*", re.I)
@@ -116,7 +117,11 @@ def main(argv=None):
         raise SystemExit("self_instruct.py runs as a single process (each call depends on the prompts accepted before it)")
     pool = [p["prompt"] for p in read_jsonl(args.pool, required=("id", "prompt"), what="prompt")]
     template = load_template(args.template, ("examples",))
-    model, tok, _ = load_model(args.model, device, args.dtype, args.chat_format)
+    model, tok, path = load_model(args.model, device, args.dtype, args.chat_format)
+    # what decides each call (not --count or --max-calls: asking for more continues a run); --redo starts over
+    keep = ("shots", "max_overlap", "batch", "temperature", "top_p", "max_new_tokens", "seed", "id_prefix", "dtype", "chat_format")
+    settings = {"model": model_fingerprint(path), "pool": file_digest(args.pool), "template": file_digest(args.template)}
+    start_stage(args.out, dict(settings, **{k: getattr(args, k) for k in keep}), args.redo, 0, 1)
     done = sorted(done_records(args.out), key=lambda r: r["call"])
     accepted = [(r["prompt"], r["call"]) for r in done]
     index = OverlapIndex()

@@ -43,8 +43,48 @@ def test_bad_trees_are_named(tmp_path):
         eft.read_oasst(str(bad))
     ranked = tmp_path / "ranked.jsonl"
     ranked.write_text(json.dumps({"id": "a", "prompt": "p", "responses": ["x", "y"], "ranks": [0]}) + "\n")
-    with pytest.raises(SystemExit, match=r"ranked.jsonl:1: `ranks` must be a list of numbers"):
+    with pytest.raises(SystemExit, match=r"ranked.jsonl:1: `ranks` must be a list of finite numbers"):
         eft.read_ranked(str(ranked))
+
+
+def tree(tid="t1", text="Which bread keeps longest?", ranks=(0, 1), **root):
+    replies = [{"role": "assistant", "text": f"reply {k}", "rank": r} for k, r in enumerate(ranks)]
+    return {**({"message_tree_id": tid} if tid else {}), "prompt": {"text": text, "lang": "en", "replies": replies, **root}}
+
+
+@pytest.mark.parametrize("trees,message", [
+    # every one of these used to pass the reader and fail later on eft.py's own ranked.jsonl, or not at all
+    ([tree(), tree(tid=None)], r"trees.jsonl:2: no tree id"),
+    ([tree(tid=None, message_id="m1"), tree("t2"), tree("m1")], r"trees.jsonl:3: duplicate tree id 'm1' \(first on line 1\)"),
+    ([tree(text="  ")], r"trees.jsonl:1: the prompt's `text` is empty"),
+    ([tree(ranks=(0, True))], r"trees.jsonl:1: a reply's `rank` is True"),  # bool is an int to Python, not a rank
+    ([tree(ranks=(0, 1.5))], r"trees.jsonl:1: a reply's `rank` is 1.5"),
+])
+def test_oasst_trees_are_checked_where_the_user_wrote_them(tmp_path, trees, message):
+    path = tmp_path / "trees.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in trees))
+    with pytest.raises(SystemExit, match=message):
+        eft.read_oasst(str(path))
+
+
+def test_ranks_must_be_finite(tmp_path):
+    ranked = tmp_path / "ranked.jsonl"
+    ranked.write_text('{"id": "a", "prompt": "p", "responses": ["x", "y"], "ranks": [0, NaN]}\n')  # Python's json reads NaN
+    with pytest.raises(SystemExit, match=r"ranked.jsonl:1: `ranks` must be a list of finite numbers"):
+        eft.read_ranked(str(ranked))
+
+
+def test_redo_reaches_the_judge_stage(tmp_path):
+    """eft.py had no --redo, so a judge stage refused for changed settings could not be started again."""
+    import prog_judges
+    out = str(tmp_path / "eft")
+    first = eft.main(["--oasst", FIXTURE, "--out", out, "--judge-args", "--judge-fn prog_judges:shorter"])
+    other = ["--oasst", FIXTURE, "--out", out, "--judge-args", "--judge-fn prog_judges:letters"]
+    with pytest.raises(SystemExit, match=r"judgments.jsonl: was started with other settings.*--redo"):
+        eft.main(other)
+    assert eft.main(other + ["--redo"])["prompts"] == first["prompts"] == 2
+    rec = read(os.path.join(out, "judgments.jsonl"))[0]
+    assert rec["scores"][0][0] == pytest.approx(prog_judges.letters(rec["prompt"], rec["responses"][0]))
 
 
 def read(path):

@@ -1,6 +1,7 @@
 """tpo.py and evaluator.py: their rules against hand-worked tables, and both methods end to end on the tiny
 model (files, manifest, resume)."""
 import json
+import math
 import os
 import random
 
@@ -78,9 +79,48 @@ def test_balance_and_consistent_accuracy():
 
 def test_other_prompt_pairs_never_pair_a_record_with_itself():
     recs = [{"id": str(i), "prompt": f"p{i}", "responses": [f"a{i}"]} for i in range(7)]
-    pairs = evaluator.other_prompt_pairs(recs, seed=3)
-    assert [p["chosen"] for p in pairs] == [f"a{i}" for i in range(7)]
+    pairs, alone = evaluator.other_prompt_pairs(recs, seed=3)
+    assert [p["chosen"] for p in pairs] == [f"a{i}" for i in range(7)] and alone == 0
     assert all(p["rejected"] != p["chosen"] for p in pairs) and sorted(p["rejected"] for p in pairs) == sorted(p["chosen"] for p in pairs)
+
+
+@pytest.mark.parametrize("answers,prompts,want", [
+    # (y+ of each record, its prompt) -> the pairs made; an answer equal to y+ (or one to the same request) is no y-
+    (["same", "same", "other"], ["p0", "p1", "p2"], [("same", "other"), ("same", "other"), ("other", "same")]),
+    (["same", "same", "same"], ["p0", "p1", "p2"], []),
+    (["a0", "a1"], ["p", "p"], []),  # one request asked twice: neither answer is worse for it
+    (["a0", "a1"], ["p0", "p1"], [("a0", "a1"), ("a1", "a0")]),
+])
+def test_other_prompt_pairs_never_pair_an_answer_with_its_own_text(answers, prompts, want):
+    recs = [{"id": str(i), "prompt": p, "responses": [a]} for i, (a, p) in enumerate(zip(answers, prompts))]
+    for seed in range(5):
+        pairs, alone = evaluator.other_prompt_pairs(recs, seed)
+        assert sorted((p["chosen"], p["rejected"]) for p in pairs) == sorted(want) and alone == len(recs) - len(want)
+
+
+@pytest.mark.parametrize("x,want", [
+    (0.0, 0.5), (math.log(4), 0.8), (-math.log(4), 0.2), (800.0, 1.0), (-800.0, 0.0), (5e3, 1.0), (-5e3, 0.0),
+    (math.inf, 1.0), (-math.inf, 0.0),
+])
+def test_sigmoid_never_overflows(x, want):
+    assert evaluator.sigmoid(x) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("logp_a,logp_b,temperature,want", [
+    (0.0, -5.0, 1e-3, "A"),  # a gap of 5 at temperature 1e-3 is e^5000 to 1: math.exp used to overflow here
+    (-5.0, 0.0, 1e-3, "B"),
+    (0.0, -1e6, 1e-300, "A"), (-700.0, 0.0, 1e-300, "B"),
+    (-1.0, -2.0, 0.0, "A"), (-2.0, -1.0, 0.0, "B"), (-1.0, -1.0, 0.0, None),  # greedy; a tie has no verdict
+])
+def test_letter_at_extreme_temperatures(logp_a, logp_b, temperature, want):
+    assert {evaluator.letter(logp_a, logp_b, temperature, seed) for seed in range(50)} == {want}
+
+
+@pytest.mark.parametrize("temperature,p_b", [(1.0, 0.2), (2.0, 1 / 3)])  # softmax(log(0.8, 0.2) / T)
+def test_letter_draws_at_the_judges_odds(temperature, p_b):
+    n = 4000
+    said_b = sum(evaluator.letter(math.log(0.8), math.log(0.2), temperature, seed) == "B" for seed in range(n)) / n
+    assert said_b == pytest.approx(p_b, abs=4 * math.sqrt(p_b * (1 - p_b) / n))
 
 
 def test_tpo_end_to_end(tmp_path):
