@@ -51,30 +51,40 @@ def parse_winner(text):
     return m.group(1).upper()
 
 
+def first_won(b):
+    """How much the judgment shown first won a battle: 1 or 0 for a parsed verdict, None for an unparseable
+    one (a tie: no weight either way), or with soft verdicts (expected mode) the judge's probability that
+    the first-shown judgment is the better one, p(A) / (p(A) + p(B))."""
+    if b.get("p_first") is not None:
+        return b["p_first"]
+    return {"A": 1.0, "B": 0.0}.get(b["winner"])
+
+
 def position_weights(battles):
-    """(omega1, omega2) from the stage's decisive battles: w1 wins by the judgment shown first, w2 second.
+    """(omega1, omega2) from the stage's battles: w1 wins by the judgment shown first, w2 second (with soft
+    verdicts, sums of probabilities).
 
     A first-position win weighs w2/(w1+w2) and a second-position win w1/(w1+w2), so the favoured position
     counts less. Without any decisive battle both weigh 0.5."""
-    w1 = sum(b["winner"] == "A" for b in battles)
-    w2 = sum(b["winner"] == "B" for b in battles)
+    won = [x for x in map(first_won, battles) if x is not None]
+    w1, w2 = sum(won), sum(1 - x for x in won)
     if w1 + w2 == 0:
         return 0.5, 0.5
     return w2 / (w1 + w2), w1 / (w1 + w2)
 
 
 def battle_matrix(battles, ids, omega1, omega2):
-    """B[m][n] = omega1 [m beat n shown first] + omega2 [m beat n shown second], summed over battles."""
+    """B[m][n] = omega1 [m beat n shown first] + omega2 [m beat n shown second], summed over battles; with
+    soft verdicts the indicators are the probabilities of winning."""
     index = {j: k for k, j in enumerate(ids)}
     B = np.zeros((len(ids), len(ids)))
     for b in battles:
-        if b["winner"] is None:
-            continue  # unparseable verdicts are ties: no weight either way
-        first, second = b["first"], b["second"]
-        if b["winner"] == "A":
-            B[index[first], index[second]] += omega1
-        else:
-            B[index[second], index[first]] += omega2
+        x = first_won(b)
+        if x is None:
+            continue
+        first, second = index[b["first"]], index[b["second"]]
+        B[first, second] += omega1 * x
+        B[second, first] += omega2 * (1 - x)
     return B
 
 
@@ -269,16 +279,18 @@ def plan_battles(args, records, tok, template, rubric, max_seq_len):
 
 
 def decide(battles, prompts, args, model, tok, expect):
-    """Each battle's winner: its parsed verdict, or in expected mode the likelier of A and B after
-    `Winner: Judgement` (one probe pass per record, the battles' shared prompt part prefilled once)."""
+    """Each battle's winner: its parsed verdict, or in expected mode the judge's probabilities of A and B after
+    `Winner: Judgement` (one probe pass per record): `p_first` = p(A) / (p(A) + p(B)) is the soft verdict that
+    the position weights and the battle matrix use, `winner` the likelier letter (for the counts)."""
     if expect is None:
         for b in battles:
             b["winner"] = b["parsed"]
         return
     lps = probe_logprobs(model, tok, prompts, [b["verdict"] for b in battles], WINNER_MARK, expect, args.max_rows)
-    for b, lp in zip(battles, lps.tolist()):
-        b["logp_ab"] = [round(x, 4) for x in lp]
-        b["winner"] = "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None
+    for b, (a, b_) in zip(battles, lps.tolist()):
+        b["logp_ab"] = [round(a, 4), round(b_, 4)]
+        b["p_first"] = round(1 / (1 + math.exp(min(b_ - a, 700.0))), 6)
+        b["winner"] = "A" if a > b_ else "B" if b_ > a else None
 
 
 def meta_record(rec, plan, battles):
@@ -319,6 +331,7 @@ def rate_and_pair(args, merged, records, template, rubric):
     return {"records": len(merged), "battles": len(battles),
             "unparseable_rate": round(sum(b["parsed"] is None for b in battles) / max(len(battles), 1), 4),
             "first_position_win_rate": round(sum(b["winner"] == "A" for b in battles) / max(decisive, 1), 4),
+            **({"mean_p_first": round(float(np.mean([b["p_first"] for b in battles])), 4)} if battles and "p_first" in battles[0] else {}),
             "omega1": round(omega1, 4), "omega2": round(omega2, 4), "judge_pairs": len(pairs), "pair_skips": skips}
 
 

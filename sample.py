@@ -507,32 +507,39 @@ def common_prefix(seqs):
 
 
 @torch.no_grad()
-def next_token_logprobs(model, prompts, continuations, candidates, max_rows=64):
+def next_token_logprobs(model, prompts, continuations, candidates, max_rows=64, max_tokens=1 << 16):
     """Log-probs of the `candidates` token ids right after prompts[j] + continuations[j] -> (J, len(cands)).
 
-    The prompts' common prefix is prefilled once and held once; the rest of each prompt and its continuation
-    run together as members of that slot. Used for the `expected` score and verdict modes (the distribution
-    of the digit after `Score: `, of the letter after `Winner: ...`)."""
+    Used for the `expected` score and verdict modes (the distribution of the digit after `Score: `, of the
+    letter after `Winner: ...`). It is a prefill whose prefix is the prompt: equal prompts (the N judgments of
+    one response) are prefilled once and copied, and each continuation then attends to its own slot only, so
+    the work is the continuations' tokens plus each distinct prompt once. Batches hold at most `max_rows`
+    sequences and `max_tokens` cache positions."""
     device = model.tok_embeddings.weight.device
-    L = common_prefix(prompts)
-    prefix, out = prompts[0][:L], []
-    for c0 in range(0, len(prompts), max_rows):
-        exts = [p[L:] + c for p, c in zip(prompts[c0:c0 + max_rows], continuations[c0:c0 + max_rows])]
-        n, T = len(exts), max(len(e) for e in exts)
-        if L + T > model.args.max_seq_len:
-            raise ValueError(f"prompt + continuation = {L + T} tokens exceeds the model's context ({model.args.max_seq_len})")
-        cache = KVCache.for_model(model, slots=1, max_len=L + n * T)
-        zeros = torch.zeros(n, dtype=torch.long, device=device)
-        if L > 0:
-            model(torch.tensor([prefix], device=device), cache=cache.fresh(zeros[:1], L), last=zeros[:1] + L - 1)
-        # the n continuations are the n members of slot 0, each T tokens long (right-padded: a member's padding
-        # comes after its last real token, so it never changes what that token sees)
-        view = cache.grouped(zeros, torch.arange(n, device=device), zeros + L, zeros, T, n, 1, L + n * T)
-        logits = model(pad(exts, device), cache=view)  # (n, T, V)
-        last = torch.tensor([len(e) - 1 for e in exts], device=device)
-        logps = torch.log_softmax(logits[torch.arange(n, device=device), last], -1)
-        out.append(logps[:, torch.tensor(candidates, device=device)].cpu())
-    return torch.cat(out)
+    out = torch.empty(len(prompts), len(candidates))
+    cands = torch.tensor(candidates, device=device)
+    order = sorted(range(len(prompts)), key=lambda j: prompts[j])  # equal prompts side by side, so they share
+
+    def run(batch):
+        seqs = [prompts[j] + continuations[j] for j in batch]
+        longest = max(map(len, seqs))
+        if longest > model.args.max_seq_len:
+            raise ValueError(f"prompt + continuation = {longest} tokens exceeds the model's context ({model.args.max_seq_len})")
+        cache = KVCache.for_model(model, slots=len(batch), max_len=longest + 1)  # +1: room for padding keys
+        logits = prefill(model, cache, seqs, list(range(len(batch))), [len(prompts[j]) for j in batch])
+        out[batch] = torch.log_softmax(logits.float(), -1)[:, cands].cpu()
+
+    batch, width = [], 0
+    for j in order:
+        need = len(prompts[j]) + len(continuations[j]) + 1
+        if batch and (len(batch) == max_rows or (len(batch) + 1) * max(width, need) > max_tokens):
+            run(batch)
+            batch, width = [], 0
+        batch.append(j)
+        width = max(width, need)
+    if batch:
+        run(batch)
+    return out
 
 
 # -----------------------------------------------------------------------------

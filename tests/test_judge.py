@@ -156,6 +156,25 @@ def test_battle_matrix():
     assert np.allclose(B, [[0, 1.0, 0], [0, 0, 0.3], [0, 0, 0]])
 
 
+def test_soft_verdicts_hand_worked():
+    """Expected mode: a battle counts by the judge's probability that the first-shown judgment is better. A judge
+    that prefers the first position (p 0.9 and 0.7 for judgment 0 shown first and second) still ranks 0 above 1."""
+    battles = [{"first": 0, "second": 1, "winner": "A", "p_first": 0.9},
+               {"first": 1, "second": 0, "winner": "A", "p_first": 0.7}]
+    w1, w2 = 0.9 + 0.7, 0.1 + 0.3
+    omega1, omega2 = position_weights(battles)
+    assert (omega1, omega2) == pytest.approx((w2 / 2, w1 / 2))  # (0.2, 0.8)
+    B = battle_matrix(battles, [0, 1], omega1, omega2)
+    # B[0][1] = omega1 * 0.9 (won shown first) + omega2 * 0.3 (won shown second) = 0.18 + 0.24
+    # B[1][0] = omega1 * 0.7 + omega2 * 0.1 = 0.14 + 0.08
+    assert np.allclose(B, [[0, 0.42], [0.22, 0]])
+    e = bradley_terry(B, prior=0.0)
+    assert e[0] - e[1] == pytest.approx(np.log(0.42 / 0.22), abs=1e-8)  # two players: the log odds of the games
+    # parsed verdicts are the same rule with 0/1 indicators: argmax verdicts here would cancel out (omega1 = 0)
+    hard = [dict(b, p_first=None) for b in battles]
+    assert position_weights(hard) == (0.0, 1.0) and np.allclose(battle_matrix(hard, [0, 1], 0.0, 1.0), 0)
+
+
 def test_bradley_terry_two_players_closed_form():
     # with prior eps on each off-diagonal cell: sigma(e0 - e1) = (a + eps) / (a + b + 2 eps)
     for a, b in [(3.0, 1.0), (0.7, 0.2), (5.0, 0.0)]:

@@ -120,6 +120,21 @@ def test_next_token_logprobs_match_full_forward():
         assert (got[j] - full[[5, 6, 7]]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("max_rows, max_tokens", [(64, 1 << 16), (3, 1 << 16), (64, 40)])
+def test_next_token_logprobs_of_several_prompts_in_float64(max_rows, max_tokens):
+    """Prompts repeated (judgments of one response) and distinct, of different lengths, in any order and
+    however they are batched: each row equals a plain float64 forward of its prompt + continuation."""
+    model = tiny_model(seed=17).double()
+    ps = prompts(7, [3, 9, 5])
+    conts = prompts(8, [1, 4, 7, 2, 6, 3])
+    asked = [ps[1], ps[0], ps[1], ps[2], ps[0], ps[1]]
+    got = next_token_logprobs(model, asked, conts, candidates=[5, 6, 7, 8], max_rows=max_rows, max_tokens=max_tokens)
+    for j, (p, c) in enumerate(zip(asked, conts)):
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([p + c]))[0, -1], -1)
+        assert (got[j] - full[[5, 6, 7, 8]]).abs().max() < 1e-6  # float64 inside, float32 logits out
+
+
 def test_budget_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="exceeds the model's context"):
