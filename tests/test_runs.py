@@ -115,7 +115,7 @@ def test_select_val_with_one_epoch_is_refused(tmp_path, tiny_ckpt):
     """--select val --epochs 1 held prompts out of training and never used them."""
     run = str(tmp_path / "run")
     refuses(["--run-dir", run, "--model", tiny_ckpt, *SMALL, "--select", "val", "--val-prompts-n", "1", "--epochs", "1"],
-            "--select: 'val' is invalid.*--epochs 1", run)
+            "--select: 'val' is invalid.*last with one epoch", run)
 
 
 def test_judge_accuracy_of_another_method_reads_labelled_eval_prompts(tmp_path, tiny_ckpt):
