@@ -392,8 +392,8 @@ def evaluate_judge_accuracy(args, rank, world):
         out = os.path.join(args.out_dir, f"verdicts_{side}.jsonl")
         evaluator.main(["--step", "judge", "--model", model, "--contrast", pfile, "--out", out, "--n-judgments", "1",
                         "--temperature", "0", "--max-new-tokens", str(args.judge_max_new_tokens),
-                        "--verdict-mode", args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed)]
-                       + (["--redo"] if args.redo else []))
+                        "--verdict-mode", args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed),
+                        "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []))
         judged = {r["id"]: r for r in read_jsonl(out)}
         got = {k: r["verdicts"][0] for k, r in judged.items()}
         per[side] = [evaluator.consistent_accuracy(got[f"{i}/ab"], got[f"{i}/ba"]) for i in ids]

@@ -25,7 +25,7 @@ import torch
 
 import judge
 import sample
-from common import (TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_model,
+from common import (DTYPES, TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_model,
                     load_template, print0, read_jsonl, render, stable_seed, strict_json, write_jsonl)
 
 VERDICT = re.compile(r"\[\[\s*([AB])\s*\]\]")
@@ -133,7 +133,8 @@ def orders(pair):
 def generate(args, prompts, out, n=1, dedup=True):
     """One resumable generation stage through sample.py at this step's sampling settings."""
     sample.main(["--prompts", prompts, "--out", out, "--n-responses", str(n), "--temperature", str(args.temperature),
-                 "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)] + ([] if dedup else ["--no-dedup"]) +
+                 "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows", str(args.max_rows),
+                 "--dtype", args.dtype] + ([] if dedup else ["--no-dedup"]) +
                 (["--model", args.model] if args.model else []) + (["--redo"] if args.redo else []))
 
 
@@ -185,7 +186,7 @@ def step_judge(args):
     generate(args, f"{work}.prompts.jsonl", f"{work}.texts.jsonl", n=args.n_judgments, dedup=False)
     judged = read_jsonl(f"{work}.texts.jsonl")
     if args.verdict_mode == "expected":
-        model, tok, _ = load_model(args.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        model, tok, _ = load_model(args.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.dtype)
         expect = judge.probe_candidates(tok, "Verdict: [[", ["A", "B"])
     out = []
     for rec in judged:
@@ -193,7 +194,7 @@ def step_judge(args):
         verdicts = [parse_pairwise(x) for x in texts]
         if args.verdict_mode == "expected":
             lps = judge.probe_logprobs(model, tok, [tok.encode_prompt(rec["prompt"])] * len(texts), texts, VERDICT_MARK,
-                                       expect).tolist()
+                                       expect, args.max_rows).tolist()
             verdicts = [letter(a, b, args.temperature, stable_seed(args.seed, f"{rec['id']}/{k}")) for k, (a, b) in enumerate(lps)]
             p_a = [sigmoid(a - b) for a, b in lps]  # p(A) among the two letters
             # the verdict the judgment ends with, written out, so a model trained on it learns the format too
@@ -241,6 +242,8 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (judgments, x', y-)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of what is generated")
     p.add_argument("--seed", type=int, default=0, help="seed (pairing, sampling, balancing)")
+    p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--redo", action="store_true", help="discard the step's earlier generations instead of resuming them")
     return p
 
@@ -251,7 +254,9 @@ def parse_args(argv=None):
     check_flags((f"--step {a.step}", a.step, need is not None, "given its input (--responses, --contrast or --judged)"),
                 ("--n-judgments", a.n_judgments, a.n_judgments >= 1, "at least 1"),
                 ("--temperature", a.temperature, finite(a.temperature) and a.temperature >= 0, ">= 0"),
-                ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "at least 1"))
+                ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "at least 1"),
+                ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"),
+                ("--dtype", a.dtype, a.dtype == "auto" or a.dtype in DTYPES, f"auto or one of {', '.join(DTYPES)}"))
     return a
 
 

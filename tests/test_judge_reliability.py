@@ -124,6 +124,14 @@ def test_redo_reaches_the_nested_judge_stage(tmp_path, tiny_ckpt):
     assert evaluate.main(base + ["--judge-max-new-tokens", "4", "--redo"])["pairs"] == 2
 
 
+def test_judge_accuracy_passes_its_engine_flags_down(tmp_path, tiny_ckpt):
+    """--metric judge-accuracy ignored --dtype (and --max-rows): the judge step it runs never got them."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [dict(PAIR, id="x")])
+    evaluate.main(["--a", tiny_ckpt, "--metric", "judge-accuracy", "--prompts", pairs, "--out-dir", str(tmp_path / "ev"),
+                   "--judge-max-new-tokens", "3", "--dtype", "bfloat16", "--max-rows", "1"])
+    assert json.loads((tmp_path / "ev" / "verdicts_a.texts.settings.json").read_text())["dtype"] == "torch.bfloat16"
+
+
 @pytest.mark.parametrize("metric,extra,count", [
     ("winrate", ["--b", "CKPT", "--judge", "CKPT", "--judge-max-new-tokens", "3"], "prompts"),
     ("length", ["--limits", "10"], "prompts"),  # one limit: the Spearman correlation of limit and words is undefined
