@@ -126,7 +126,8 @@ OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr
             "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
             "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False}, "ste_dpo": {None: False},
             "lift": {None: False}, "thoughts": {None: True}, "gold_solution": {None: True}, "no_sft": {None: False},
-            "val_retrain": {None: False, "irpo-paper": True}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
+            "val_retrain": {None: False, "irpo-paper": True},
+            "judge_eval": {"demo": os.path.join(ROOT, "data", "judge_eval.jsonl")}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
             "thought_template": {None: os.path.join(ROOT, "data", "templates", "thought.txt")},
             "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
             "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
@@ -140,7 +141,7 @@ METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_questio
                 "judge_pairs_iters": ("meta-rewarding",), "max_chosen_judgment_chars": ("meta-rewarding",),
                 "max_chosen_chars": JUDGED, "rho": JUDGED + ("tpo",), "score_mode": JUDGED + ("tpo",),
                 "judge_model": JUDGED + ("tpo",), "judge_fn": JUDGED + ("tpo",), "judge_args": JUDGED + ("tpo",),
-                "meta_judge_args": ("meta-rewarding",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
+                "meta_judge_args": ("meta-rewarding",), "judge_eval": JUDGED + ("tpo",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
 # flags only one evaluation metric reads
 METRIC_FLAGS = {"eval_limits": "length", "eval_samples": "accuracy"}
 
@@ -353,7 +354,7 @@ def eval_and_report(args, d, model_in, t=0):
     """The iteration's model (A) against its starting model (B) on held-out data, by the evaluation metric (each
     metric gets only its own flags), then the report."""
     if args.eval_prompts_n < 0:
-        return [("report", None, [])]
+        return judge_eval_stage(args, d, model_in) + [("report", None, [])]
     m, prompts, limit = args.eval_metric, args.eval_prompts, str(args.eval_prompts_n)
     if m == "judge-accuracy" and args.method == "self-taught-evaluator":  # made in the run's first iteration
         prompts, limit = os.path.join(args.run, "iter0" if args.sft_data else "iter1", "eval_pairs.jsonl"), "0"
@@ -365,7 +366,21 @@ def eval_and_report(args, d, model_in, t=0):
              "judge-accuracy": ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)],
              "accuracy": ["--samples", str(args.eval_samples), "--reasoning-template", args.reasoning_template],
              "length": ["--limits", args.eval_limits]}[m]
-    return [("evaluate", evaluate, argv + shlex.split(args.eval_args or "")), ("report", None, [])]
+    return [("evaluate", evaluate, argv + shlex.split(args.eval_args or ""))] + judge_eval_stage(args, d, model_in) + \
+        [("report", None, [])]
+
+
+def judge_eval_stage(args, d, model_in):
+    """--judge-eval: the iteration's model as a judge of labelled pairs (position-consistent accuracy, and p(right)
+    in expected mode), so the report can follow the judge across iterations beside the actor's win rate; the
+    run's first iteration also scores its starting model (B), the baseline."""
+    if not args.judge_eval or args.method not in JUDGED + ("tpo",):
+        return []
+    first = os.path.join(args.run, "iter0" if args.sft_data else "iter1")
+    return [("judge_eval", evaluate, ["--a", os.path.join(d, "model")] + (["--b", model_in] if d == first else []) + [
+        "--metric", "judge-accuracy", "--prompts", args.judge_eval, "--out-dir", os.path.join(d, "judge_eval"),
+        "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens), "--max-rows",
+        str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)])]
 
 
 def iterations(args):
@@ -631,6 +646,9 @@ def build_parser():
     e.add_argument("--eval-samples", type=int, default=None, help="sampled answers per question of --eval-metric accuracy (default 4)")
     e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
     e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
+    e.add_argument("--judge-eval", default=None, metavar="FILE",
+                   help="labelled pairs (prompt, chosen, rejected): score each iteration's model as a judge on them, "
+                        "to follow the judge across iterations in the report")
     g = p.add_argument_group("engine and pass-through")
     g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
@@ -735,6 +753,8 @@ def check_models(args):
 def check_eval_data(args):
     """The evaluation's inputs: enough held-out prompts for --eval-prompts-n, gold answers for accuracy, and
     labelled pairs for judge accuracy (made from the prompts by the Self-Taught Evaluator, else given)."""
+    if args.judge_eval:
+        read_jsonl(args.judge_eval, required=("prompt", "chosen", "rejected"), what="labelled pair (--judge-eval)")
     if args.eval_prompts_n < 0:
         return
     if args.eval_metric == "judge-accuracy" and args.method != "self-taught-evaluator":
@@ -760,7 +780,7 @@ def fingerprint(value):
 
 
 # flags that name files or folders: the run is tied to their contents
-PATH_FLAGS = ("model", "prompts", "eval_prompts", "reasoning_template", "thought_template", "judge_model",
+PATH_FLAGS = ("model", "prompts", "eval_prompts", "judge_eval", "reasoning_template", "thought_template", "judge_model",
               "eval_judge", "sft_data")
 
 

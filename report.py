@@ -96,8 +96,63 @@ def write_report(d, t, manifest):
                   f"wins {ev['wins']}, ties {ev['ties']}, losses {ev['losses']}; win rate {ev['win_rate']} "
                   f"(95% CI {ev['win_rate_ci95']}), length-controlled {ev['lc_win_rate']}; mean length A "
                   f"{ev['mean_chars_a']} vs B {ev['mean_chars_b']} chars; unparseable verdicts {ev['unparseable_verdicts']}"]
+    lines += across_iterations(d, t)
     with open(os.path.join(d, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _results(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def across_iterations(d, t):
+    """The actor and the judge side by side, from the run's first iteration to this one: each iteration's win rate
+    against its starting model, and its model's accuracy as a judge of the --judge-eval pairs (the starting
+    model's first, as the baseline). A plot too, where matplotlib is installed."""
+    run = os.path.dirname(os.path.abspath(d))
+    rows = []
+    for s in range(0, t + 1):
+        ev, je = (_results(os.path.join(run, f"iter{s}", x, "results.json")) for x in ("eval", "judge_eval"))
+        if not je:
+            continue
+        if not rows and "b" in je:
+            rows.append(("start (M0)", None, je["b"]))
+        rows.append((f"iteration {s}", ev.get("win_rate"), je["a"]))
+    if not rows:
+        return []
+    fmt = lambda v, ci=None: "" if v is None else f"{v} {ci}" if ci else f"{v}"  # noqa: E731
+    lines = ["", "## The actor and the judge across iterations", "",
+             "Win rate: the iteration's model against its starting model on held-out prompts. Judge accuracy: the model "
+             "judging the labelled pairs of --judge-eval in both orders (right in both 1, in one 1/2); p(right letter) is "
+             "its probability of the right verdict (expected mode), which moves before the verdicts do.", "",
+             "| model | win rate vs its start | judge accuracy | p(right letter) | first-shown answer preferred |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {fmt(wr)} | {fmt(j['accuracy'], j['accuracy_ci95'])} | {fmt(j.get('p_right'), j.get('p_right_ci95'))} "
+              f"| {j['first_position_rate']} |" for name, wr, j in rows]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3))
+        x = list(range(len(rows)))
+        for key, label in (("accuracy", "judge accuracy"), ("p_right", "p(right letter)")):
+            ys = [j.get(key) for _, _, j in rows]
+            if any(y is not None for y in ys):
+                ax.plot(x, ys, marker="o", label=label)
+        ax.plot(x, [wr for _, wr, _ in rows], marker="s", label="win rate vs start")
+        ax.set_xticks(x, [name for name, _, _ in rows], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(d, "across_iterations.png"))
+        plt.close(fig)
+        lines += ["", "![the actor and the judge across iterations](across_iterations.png)"]
+    except ImportError:
+        pass
+    return lines
 
 
 def training_section(d, train, what):

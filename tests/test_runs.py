@@ -388,3 +388,22 @@ def test_val_retrain_trains_again_with_the_held_out_pairs(tmp_path):
     assert train["retrained_epochs"] == train["best_epoch"] and train["examples"] == len(pairs)
     assert sorted(n for n in os.listdir(d) if n.startswith(("model", "selection_model"))) == ["model", "model.train",
                                                                                               "selection_model.train"]
+
+
+def test_the_judge_is_followed_across_iterations(tmp_path, tiny_ckpt):
+    """--judge-eval: each iteration scores its model as a judge of labelled pairs; the report puts the judge's
+    accuracy beside the actor's win rate, from the starting model on."""
+    run = str(tmp_path / "run")
+    labelled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "judge_eval.jsonl")
+    iterate.main(["--run-dir", run, "--model", tiny_ckpt, "--iterations", "2", *SMALL, "--judge-eval", labelled,
+                  "--verdict-mode", "expected"])
+    first = json.load(open(os.path.join(run, "iter1", "judge_eval", "results.json")))
+    second = json.load(open(os.path.join(run, "iter2", "judge_eval", "results.json")))
+    assert first["pairs"] == second["pairs"] == 12 and "b" in first and "b" not in second
+    assert 0 <= first["a"]["p_right"] <= 1
+    report = open(os.path.join(run, "iter2", "report.md")).read()
+    table = report[report.index("## The actor and the judge across iterations"):]
+    rows = [line for line in table.splitlines() if line.startswith("| start") or line.startswith("| iteration")]
+    assert [r.split(" | ")[0] for r in rows] == ["| start (M0)", "| iteration 1", "| iteration 2"]
+    assert f"| iteration 2 | {json.load(open(os.path.join(run, 'iter2', 'eval', 'results.json')))['win_rate']} |" in table
+    assert str(second["a"]["accuracy"]) in rows[2]
