@@ -299,13 +299,13 @@ def evaluator_stages(args, t, f, seed, model_in):
     stages = ste_eval_stages(args, d) if t == 1 and not args.sft_data else []
     if args.select == "val":  # the epoch is chosen by judge accuracy on pairs made from the held-out prompts
         stages += labelled_pair_stages(args, d, f("val_prompts.jsonl"), "val", 0)
-    contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in]
+    contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in] + engine_flags(args)
     stages += [("contrast", evaluator, ["--step", "contrast", "--responses", f("responses.jsonl"), "--out", f("contrast.jsonl"),
                                         "--seed", seed] + contrast),
                ("pairwise", evaluator, ["--step", "judge", "--model", model_in, "--contrast", f("contrast.jsonl"),
                                         "--out", f("pairwise.jsonl"), "--n-judgments", str(args.n_judgments),
                                         "--verdict-mode", args.verdict_mode, "--temperature", schedule(args.judge_temperature, t),
-                                        "--max-new-tokens", str(args.judge_max_new_tokens), "--seed", seed]),
+                                        "--max-new-tokens", str(args.judge_max_new_tokens), "--seed", seed] + engine_flags(args)),
                ("select", evaluator, ["--step", "select", "--judged", f("pairwise.jsonl"), "--out", f("ste_sft.jsonl"),
                                       "--seed", seed])]
     return stages, [f("ste_sft.jsonl")]
@@ -754,12 +754,14 @@ def check_eval_data(args):
     """The evaluation's inputs: enough held-out prompts for --eval-prompts-n, gold answers for accuracy, and
     labelled pairs for judge accuracy (made from the prompts by the Self-Taught Evaluator, else given)."""
     if args.judge_eval:
-        read_jsonl(args.judge_eval, required=("prompt", "chosen", "rejected"), what="labelled pair (--judge-eval)")
+        read_jsonl(args.judge_eval, required=("prompt", "chosen", "rejected"), what="labelled pair (--judge-eval)",
+                   check=evaluator.check_pair)
     if args.eval_prompts_n < 0:
         return
     if args.eval_metric == "judge-accuracy" and args.method != "self-taught-evaluator":
         n = len(read_jsonl(args.eval_prompts, required=("prompt", "chosen", "rejected"), what="labelled pair "
-                           "(--eval-metric judge-accuracy scores the judge on prompt/chosen/rejected records)"))
+                           "(--eval-metric judge-accuracy scores the judge on prompt/chosen/rejected records)",
+                           check=evaluator.check_pair))
     elif args.eval_metric == "accuracy":
         n = len(reasoning.read_questions(args.eval_prompts))  # gold answers to score against
     else:

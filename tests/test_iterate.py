@@ -36,7 +36,8 @@ def test_meta_and_self_rewarding_runs(tmp_path, ckpt):
     for t in (1, 2):
         d = os.path.join(run, f"iter{t}")
         man = json.load(open(os.path.join(d, "manifest.json")))
-        assert list(man["stages"]) == ["prompts", "responses", "judgments", "meta_judgments", "train", "evaluate", "report"]
+        assert list(man["stages"]) == ["prompts", "responses", "judgments", "meta_judgments", "train", "evaluate",
+                                      "judge_eval", "report"]
         assert all(s["done"] for s in man["stages"].values())
         assert man["model_in"] == (ckpt if t == 1 else os.path.join(run, "iter1", "model"))
         for f in ("prompts.jsonl", "responses.jsonl", "judgments.jsonl", "actor_pairs.jsonl", "meta_judgments.jsonl",
@@ -202,7 +203,7 @@ def test_iteration0_sft_resumes_after_a_kill(tmp_path, ckpt):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     subprocess.run(cmd + ["--run-dir", full] + args, env=env, check=True, capture_output=True, timeout=600)
     man = json.load(open(os.path.join(full, "iter0", "manifest.json")))
-    assert list(man["stages"]) == ["train", "report"] and man["stages"]["train"]["counts"]["steps"] == 72
+    assert list(man["stages"]) == ["train", "judge_eval", "report"] and man["stages"]["train"]["counts"]["steps"] == 72
     assert json.load(open(os.path.join(full, "iter1", "manifest.json")))["model_in"] == os.path.join(full, "iter0", "model")
     proc = subprocess.Popen(cmd + ["--run-dir", killed] + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = os.path.join(killed, "iter0", "model.train", "metrics.jsonl")

@@ -132,7 +132,8 @@ def test_tpo_end_to_end(tmp_path):
     iterate.main(args)
     d = os.path.join(run, "iter1")
     man = json.load(open(os.path.join(d, "manifest.json")))
-    assert list(man["stages"]) == ["prompts", "responses", "split", "judgments", "tpo_pairs", "train", "evaluate", "report"]
+    assert list(man["stages"]) == ["prompts", "responses", "split", "judgments", "tpo_pairs", "train", "evaluate",
+                                      "judge_eval", "report"]
     p = json.loads(open(os.path.join(d, "prompts.jsonl")).readline())
     assert T in p["prompt"] and p["request"] in p["prompt"] and T not in p["request"]
     split = [json.loads(x) for x in open(os.path.join(d, "split.jsonl"))]
