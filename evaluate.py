@@ -46,10 +46,14 @@ def outcome(first_a, first_b):
     return a_first if a_first == b_first else 0
 
 
-def win_rate(outcomes):
-    """Wins count 1, ties 0.5."""
+def win_scores(outcomes):
+    """Each prompt's score for A: a win 1, a tie 0.5, a loss 0."""
     o = np.asarray(outcomes, dtype=float)
-    return float(((o > 0) + 0.5 * (o == 0)).mean())
+    return (o > 0) + 0.5 * (o == 0)
+
+
+def win_rate(outcomes):
+    return float(win_scores(outcomes).mean())
 
 
 def bootstrap_mean_ci(values, n_boot=2000, seed=0):
@@ -64,8 +68,7 @@ def bootstrap_mean_ci(values, n_boot=2000, seed=0):
 
 def bootstrap_ci(outcomes, n_boot=2000, seed=0):
     """95% percentile interval of the win rate, resampling prompts."""
-    o = np.asarray(outcomes, dtype=float)
-    return bootstrap_mean_ci((o > 0) + 0.5 * (o == 0), n_boot, seed)
+    return bootstrap_mean_ci(win_scores(outcomes), n_boot, seed)
 
 
 def mean_ci(values, n_boot, seed):
@@ -220,6 +223,14 @@ def summary_line(res):
             f"{res['mean_chars_b']} | unparseable {res['unparseable_verdicts']}/{2 * res['prompts']} | {res['seconds']}s")
 
 
+def soft_score(rec):
+    """A's soft score on one prompt from the judge's log-probs of the letters: p(A's answer is better) in each
+    order (shown first, "A" names it; shown second, "B" does), averaged over the two orders, which cancels a
+    position bias that is the same in both."""
+    first, second = rec["a_first"]["logp_ab"], rec["b_first"]["logp_ab"]
+    return (evaluator.sigmoid(first[0] - first[1]) + evaluator.sigmoid(second[1] - second[0])) / 2
+
+
 def evaluate_winrate(args, rank, world):
     """--metric winrate: A and B answer every prompt; the judge compares them in both orders."""
     prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
@@ -244,7 +255,11 @@ def evaluate_winrate(args, rank, world):
     outcomes = [r["outcome"] for r in recs]
     la = [len(ans_a[str(r["id"])]) for r in recs]
     lb = [len(ans_b[str(r["id"])]) for r in recs]
-    lo, hi = bootstrap_ci(outcomes, args.bootstrap, args.seed)
+    # each prompt's score for A: 1 for a win in both orders, 1/2 for a split, 0 for a loss; with soft verdicts the
+    # judge's mean probability over the two orders that A's answer is the better one
+    soft = args.verdict_mode == "expected"
+    scores = [soft_score(r) for r in recs] if soft else win_scores(outcomes).tolist()
+    rate, ci = mean_ci(scores, args.bootstrap, args.seed)
     verdicts = [r[o] for r in recs for o in ("a_first", "b_first")]
     if args.export_alpaca_eval and rank == 0:
         export = [{"instruction": p["prompt"], "output": ans_a[str(p["id"])], "generator": args.generator_name or args.a}
@@ -252,9 +267,8 @@ def evaluate_winrate(args, rank, world):
         write_json(args.export_alpaca_eval, export)
     return {"metric": "winrate", "a": args.a, "b": args.b, "judge": args.judge, "prompts": len(recs),
             "wins": sum(o > 0 for o in outcomes), "ties": sum(o == 0 for o in outcomes),
-            "losses": sum(o < 0 for o in outcomes), "win_rate": round(win_rate(outcomes), 4),
-            "win_rate_ci95": [round(lo, 4), round(hi, 4)],
-            "lc_win_rate": round(length_controlled_win_rate(outcomes, la, lb), 4),
+            "losses": sum(o < 0 for o in outcomes), "win_rate": rate, "win_rate_ci95": ci, "soft": soft,
+            "lc_win_rate": round(length_controlled_win_rate([2 * x - 1 for x in scores], la, lb), 4),
             "mean_chars_a": round(float(np.mean(la)), 1), "mean_chars_b": round(float(np.mean(lb)), 1),
             "unparseable_verdicts": sum(v["parsed"] is None for v in verdicts), "verdict_mode": args.verdict_mode}
 

@@ -92,7 +92,8 @@ def write_report(d, t, manifest):
                           f"{ev['paraphrased_violation_diff']} (paraphrase)"]
     if ev and "win_rate" in ev:
         lines += ["", "## Evaluation: this iteration's model (A) vs its starting model (B)", "",
-                  f"{ev['prompts']} held-out prompts, judge `{ev['judge']}` ({ev['verdict_mode']} verdicts): "
+                  f"{ev['prompts']} held-out prompts, judge `{ev['judge']}` ({ev['verdict_mode']} verdicts"
+                  f"{'; the win rate is soft: the mean of the judge probability that A is better, over both orders' if ev.get('soft') else ''}): "
                   f"wins {ev['wins']}, ties {ev['ties']}, losses {ev['losses']}; win rate {ev['win_rate']} "
                   f"(95% CI {ev['win_rate_ci95']}), length-controlled {ev['lc_win_rate']}; mean length A "
                   f"{ev['mean_chars_a']} vs B {ev['mean_chars_b']} chars; unparseable verdicts {ev['unparseable_verdicts']}"]

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluate import bootstrap_ci, length_controlled_win_rate, outcome, win_rate
+from evaluate import bootstrap_ci, length_controlled_win_rate, outcome, soft_score, win_rate
 
 
 @pytest.mark.parametrize("first_a,first_b,want", [
@@ -69,3 +69,13 @@ def test_length_controlled_rate_keeps_a_quality_edge():
     la, lb = rng.integers(50, 800, n), rng.integers(50, 800, n)
     outcomes = np.where(rng.random(n) < 0.8, 1, -1).tolist()
     assert length_controlled_win_rate(outcomes, la, lb) == pytest.approx(win_rate(outcomes), abs=0.05)
+
+
+def test_soft_score_averages_both_orders():
+    """Expected mode: A's score is p(A better) in each order, averaged. A judge that always says "first" with
+    p 0.8 scores every pair 0.5 however it is asked; a residual preference for A shows above 0.5."""
+    lg = lambda p: [math.log(p), math.log(1 - p)]  # noqa: E731  log-probs of the letters A and B
+    rec = lambda p1, p2: {"a_first": {"logp_ab": lg(p1)}, "b_first": {"logp_ab": lg(p2)}}  # noqa: E731
+    assert soft_score(rec(0.8, 0.8)) == pytest.approx(0.5)  # position only
+    assert soft_score(rec(0.9, 0.7)) == pytest.approx((0.9 + 0.3) / 2)  # A shown second still wins 0.3 of the mass
+    assert soft_score(rec(1.0 - 1e-12, 1e-12)) == pytest.approx(1.0)
