@@ -406,7 +406,23 @@ def run_stage(args, t, d, name, module, argv, model_in):
         return stage_report(args, t, d)
     if name in ("train", "train_dpo"):
         return stage_train(args, t, d, name, argv, model_in)
+    if name == "evaluate" and args.eval_metric == "winrate" and t >= 1 and model_in != args.model:  # B: a model of this run
+        reuse_answers(args, os.path.join(os.path.dirname(model_in), "eval"), os.path.join(d, "eval"))
     return module.main(argv)
+
+
+def reuse_answers(args, prev, folder):
+    """The win rate's B is the previous iteration's model, whose answers to the same prompts with the same
+    settings that iteration's evaluation already made as its A: they are copied rather than generated again
+    (sample.py checks the copied settings as for any resume, so answers made otherwise are never taken)."""
+    made = os.path.join(prev, "answers_a.settings.json")
+    if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(os.path.join(prev, "answers_a.jsonl")) \
+            and not os.path.exists(os.path.join(folder, "answers_b.jsonl")) and os.path.exists(made) \
+            and json.load(open(made)).get("model") == model_fingerprint(os.path.join(os.path.dirname(prev), "model")):
+        os.makedirs(folder, exist_ok=True)
+        for ext in (".jsonl", ".settings.json"):
+            shutil.copy2(os.path.join(prev, "answers_a" + ext), os.path.join(folder, "answers_b" + ext))
+    barrier(args.world)
 
 
 def stage_prompts(args, t, d):

@@ -407,3 +407,5 @@ def test_the_judge_is_followed_across_iterations(tmp_path, tiny_ckpt):
     assert [r.split(" | ")[0] for r in rows] == ["| start (M0)", "| iteration 1", "| iteration 2"]
     assert f"| iteration 2 | {json.load(open(os.path.join(run, 'iter2', 'eval', 'results.json')))['win_rate']} |" in table
     assert str(second["a"]["accuracy"]) in rows[2]
+    # iteration 2's B is iteration 1's model: its answers were taken from iteration 1's evaluation, not made again
+    assert read(os.path.join(run, "iter2", "eval", "answers_b.jsonl")) == read(os.path.join(run, "iter1", "eval", "answers_a.jsonl"))
