@@ -263,7 +263,7 @@ def judged_stages(args, t, f, seed, model_in):
             "--max-new-tokens", str(args.meta_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
             + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + shlex.split(args.meta_judge_args or "")))
         data.append(f("judge_pairs.jsonl"))
-    if args.lift:  # each actor pair also with a word limit that only its shorter response keeps
+    if args.lift:  # actor pairs 10+ words apart also with a loose limit (preference kept) and a binding one (shorter wins)
         stages.append(("lift_pairs", lift, ["--pairs", f("actor_pairs.jsonl"), "--out", f("lift_pairs.jsonl"), "--seed", seed]))
         data.append(f("lift_pairs.jsonl"))
     return stages, data
@@ -600,7 +600,7 @@ def build_parser():
                    help="with the meta-judge, or without it (every other value the same); lift: judge-free length-"
                         "instructed pairs; irpo, scpo: verifiable answers (gold, or a vote) instead of the judges; tpo: "
                         "thoughts judged by their responses; self-taught-evaluator: the judge trained on synthetic pairs")
-    p.add_argument("--lift", action="store_true", default=None, help="also train on a length-instructed copy of every actor pair (LIFT)")
+    p.add_argument("--lift", action="store_true", default=None, help="also train on length-instructed copies of the actor pairs (LIFT: a loose and a binding limit)")
     p.add_argument("--lift-per-prompt", type=int, default=None, help="--method lift: pairs per prompt")
     p.add_argument("--model", default=None, help="starting model M0 (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=None, help="prompt pool (JSONL id, prompt; with gold `answer` for irpo, scpo)")
