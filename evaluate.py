@@ -28,7 +28,7 @@ import tpo
 from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
                     sampling_rules, stable_seed, start_stage, strict_json, write_json, write_jsonl)
-from judge import probe_candidates, probe_logprobs
+from judge import make_probe, probe_candidates
 from meta_judge import WINNER_MARK, parse_winner
 from sample import Request, generate
 
@@ -142,28 +142,28 @@ def compare(args, prompts, ans_a, ans_b, out):
     model, tok, _ = load_model(args.judge, device, args.dtype)
     template = load_template(args.template, ("prompt", "response_a", "response_b"))
     expect = probe_candidates(tok, "Winner: Response", ["A", "B"]) if args.verdict_mode == "expected" else None
+    probe = make_probe(tok, WINNER_MARK, expect) if expect else {}  # the letters' log-probs, read while generating
     requests = []  # two per prompt: A shown first, then B shown first
     for p in todo:
         a, b = ans_a[str(p["id"])], ans_b[str(p["id"])]
         for x, y in ((a, b), (b, a)):
             ids = tok.encode_prompt(render(template, prompt=p["prompt"].strip(), response_a=x.strip(), response_b=y.strip()))
             requests.append(Request(ids, n=1, temperature=0.0, max_new_tokens=args.judge_max_new_tokens,
-                                    stop_ids=tuple(tok.stop_ids)))
+                                    stop_ids=tuple(tok.stop_ids), **probe))
     from tqdm import tqdm
     writer, got = ShardWriter(out, 0), {}
     bar = tqdm(total=len(requests), desc="compare", unit="verdict")
     for q, comps in generate(model, requests, max_rows=args.max_rows):
-        got[q] = tok.decode(comps[0].tokens)
+        got[q] = comps[0]
         bar.update(1)
         k = q // 2
         if (q ^ 1) in got:  # both orders of prompt k are in
-            texts = [got.pop(2 * k), got.pop(2 * k + 1)]
-            v = [{"verdict": t, "parsed": parse_winner(t)} for t in texts]
+            comp = [got.pop(2 * k), got.pop(2 * k + 1)]
+            v = [{"verdict": tok.decode(c.tokens), "parsed": parse_winner(tok.decode(c.tokens))} for c in comp]
             if expect is None:
                 winners = [x["parsed"] for x in v]
             else:
-                lps = probe_logprobs(model, tok, [requests[2 * k].prompt, requests[2 * k + 1].prompt], texts,
-                                     WINNER_MARK, expect, args.max_rows).tolist()
+                lps = [c.probe for c in comp]
                 winners = ["A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else None for lp in lps]
                 for x, lp in zip(v, lps):
                     x["logp_ab"] = [round(y, 4) for y in lp]

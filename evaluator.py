@@ -21,12 +21,10 @@ import os
 import random
 import re
 
-import torch
 
 import judge
 import sample
-from common import (DTYPES, TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_model,
-                    load_template, print0, read_jsonl, render, stable_seed, strict_json, write_jsonl)
+from common import (DTYPES, TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_template, print0, read_jsonl, render, stable_seed, strict_json, write_jsonl)
 
 VERDICT = re.compile(r"\[\[\s*([AB])\s*\]\]")
 VERDICT_MARK = re.compile(r"(?:verdict\s*[:：]\s*)?\[\[", re.IGNORECASE)
@@ -130,12 +128,12 @@ def orders(pair):
 # The steps
 
 
-def generate(args, prompts, out, n=1, dedup=True):
+def generate(args, prompts, out, n=1, dedup=True, probe=None):
     """One resumable generation stage through sample.py at this step's sampling settings."""
     sample.main(["--prompts", prompts, "--out", out, "--n-responses", str(n), "--temperature", str(args.temperature),
                  "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows", str(args.max_rows),
                  "--dtype", args.dtype] + ([] if dedup else ["--no-dedup"]) +
-                (["--model", args.model] if args.model else []) + (["--redo"] if args.redo else []))
+                (["--model", args.model] if args.model else []) + (["--redo"] if args.redo else []), probe=probe)
 
 
 def step_contrast(args):
@@ -183,18 +181,17 @@ def step_judge(args):
     rows = [{"id": f"{p['id']}/{o}", "prompt": render(t, prompt=p["prompt"], response_a=a, response_b=b), "label": right}
             for p in pairs for o, a, b, right in orders(p)]
     write0(f"{work}.prompts.jsonl", rows)
-    generate(args, f"{work}.prompts.jsonl", f"{work}.texts.jsonl", n=args.n_judgments, dedup=False)
+    # expected mode: the letters' log-probs after `Verdict: [[`, read where each judgment ends
+    probe = (lambda tok: judge.make_probe(tok, VERDICT_MARK, judge.probe_candidates(tok, "Verdict: [[", ["A", "B"]))) \
+        if args.verdict_mode == "expected" else None
+    generate(args, f"{work}.prompts.jsonl", f"{work}.texts.jsonl", n=args.n_judgments, dedup=False, probe=probe)
     judged = read_jsonl(f"{work}.texts.jsonl")
-    if args.verdict_mode == "expected":
-        model, tok, _ = load_model(args.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.dtype)
-        expect = judge.probe_candidates(tok, "Verdict: [[", ["A", "B"])
     out = []
     for rec in judged:
         texts = rec["responses"]
         verdicts = [parse_pairwise(x) for x in texts]
         if args.verdict_mode == "expected":
-            lps = judge.probe_logprobs(model, tok, [tok.encode_prompt(rec["prompt"])] * len(texts), texts, VERDICT_MARK,
-                                       expect, args.max_rows).tolist()
+            lps = rec["probes"]
             verdicts = [letter(a, b, args.temperature, stable_seed(args.seed, f"{rec['id']}/{k}")) for k, (a, b) in enumerate(lps)]
             p_a = [sigmoid(a - b) for a, b in lps]  # p(A) among the two letters
             # the verdict the judgment ends with, written out, so a model trained on it learns the format too

@@ -20,7 +20,7 @@ import time
 from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, check_prompt_fields, engine_rules,
                     file_digest, finish_stage, finite, init_distributed, load_function, load_model, load_template,
                     model_fingerprint, print0, read_jsonl, render, sampling_rules, stable_seed, start_stage, write_jsonl)
-from sample import Request, common_prefix, generate, next_token_logprobs
+from sample import Request, common_prefix, generate
 
 def judge_prompt(template, rubric, prompt, response):
     return render(template, rubric=rubric.strip(), prompt=prompt.strip(), response=response.strip())
@@ -88,13 +88,21 @@ def probe_candidates(tok, probe, options):
                      "use the parse score mode")
 
 
-def probe_logprobs(model, tok, prompts, texts, mark, expect, max_rows=64):
-    """Log-probs of the candidate tokens where a final verdict goes, for the `expected` modes: after each
-    prompt, its generated text cut before its own last `mark` (if any), a newline and the probe's head
-    (e.g. `Score: `) -> (len(texts), candidates). `expect` is (head, candidate ids) from probe_candidates."""
+def make_probe(tok, mark, expect):
+    """The Request fields that read the expected modes' distribution while the sample is generated (see
+    sample.Request.probe): after the sample cut before its own last `mark` (if any), a newline and the probe's
+    head (e.g. `Score: `), as the sample's own tokens up to the cut plus the tokens of the rest of that text, so
+    nothing before it is computed twice."""
     head, ids = expect
-    conts = [tok.encode(cut_at_last(t, mark) + "\n" + head) for t in texts]
-    return next_token_logprobs(model, prompts, conts, ids, max_rows)
+
+    def probe(tokens):
+        cut = cut_at_last(tok.decode(tokens), mark)
+        keep = len(tokens)  # the most tokens whose text is a prefix of the cut text
+        while keep and not cut.startswith(tok.decode(tokens[:keep])):
+            keep -= 1
+        return keep, tok.encode(cut[len(tok.decode(tokens[:keep])):] + "\n" + head)
+    # what follows the kept tokens is less than a token's text (a few for a character cut in its bytes)
+    return {"probe": probe, "probe_ids": tuple(ids), "probe_room": len(tok.encode("\n" + head)) + 16}
 
 
 def expected_value(logps, values):
@@ -194,17 +202,18 @@ def run_judge(args, model, tok, rank, world):
     if args.judge_fn:
         return run_programmatic_judge(args, records, todo, order, rank, world)
     expect = probe_candidates(tok, "Score:", [str(d) for d in range(6)]) if args.score_mode == "expected" else None
-    requests, owner, prompts = [], [], {}  # one request per response: owner[q] = (record index, response index)
+    probe = make_probe(tok, SCORE_MARK, expect) if expect else {}
+    requests, owner = [], []  # one request per response: owner[q] = (record index, response index)
     for ri, rec in enumerate(todo):
-        prompts[ri] = [tok.encode_prompt(judge_prompt(template, rubric, rec["prompt"], r)) for r in rec["responses"]]
-        shared = common_prefix(prompts[ri])  # the rubric and question: prefilled once for the K responses
-        for k, ids in enumerate(prompts[ri]):
-            if len(ids) + args.max_new_tokens > model.args.max_seq_len:
+        prompts = [tok.encode_prompt(judge_prompt(template, rubric, rec["prompt"], r)) for r in rec["responses"]]
+        shared = common_prefix(prompts)  # the rubric and question: prefilled once for the K responses
+        for k, ids in enumerate(prompts):
+            if len(ids) + args.max_new_tokens + probe.get("probe_room", 0) > model.args.max_seq_len:
                 raise SystemExit(f"{args.responses}: record {rec['id']!r} response {k}: judge prompt of {len(ids)} "
                                  f"tokens + --max-new-tokens exceeds the context ({model.args.max_seq_len})")
             requests.append(Request(ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
                                     max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
-                                    seed=stable_seed(args.seed, f"{rec['id']}/{k}"), shared_prefix=shared))
+                                    seed=stable_seed(args.seed, f"{rec['id']}/{k}"), shared_prefix=shared, **probe))
             owner.append((ri, k))
     print0(f"{len(records)} records, {len(done)} already judged, {len(todo)} on rank {rank}, "
            f"{len(requests) * args.n} judgments to write")
@@ -216,30 +225,29 @@ def run_judge(args, model, tok, rank, world):
     for q, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
                              compile=args.compile):
         ri, k = owner[q]
-        got.setdefault(ri, {})[k] = ([tok.decode(c.tokens) for c in comps], [c.finish_reason for c in comps])
+        got.setdefault(ri, {})[k] = comps
         tokens += sum(len(c.tokens) for c in comps)
         bar.update(len(comps))
         if len(got[ri]) == len(todo[ri]["responses"]):
-            by_k = got.pop(ri)
-            out = judged_record(todo[ri], [by_k[k][0] for k in range(len(by_k))], prompts.pop(ri), args, model, tok, expect)
-            writer.write(dict(out, judgment_finish=[by_k[k][1] for k in range(len(by_k))]))
+            by_k = [got[ri][k] for k in range(len(todo[ri]["responses"]))]
+            del got[ri]
+            out = judged_record(todo[ri], [[tok.decode(c.tokens) for c in cs] for cs in by_k], args,
+                                [[c.probe for c in cs] for cs in by_k] if expect else None)
+            writer.write(dict(out, judgment_finish=[[c.finish_reason for c in cs] for cs in by_k]))
     bar.close()
     writer.close()
     dt = time.time() - t0
     return finish_judge_stage(args, order, rank, world, seconds=round(dt, 2), tokens_per_s=round(tokens / max(dt, 1e-9), 1))
 
 
-def judged_record(rec, judgments, prompts, args, model, tok, expect):
+def judged_record(rec, judgments, args, probes=None):
     """The judgments record of one prompt: its K x N judgments, their parsed scores and the scores used
-    (parsed, or in expected mode the mean digit under p(digit) after `Score: `), and each response's mean."""
+    (parsed, or in expected mode the mean digit under p(digit) after `Score: `: `probes`, K x N log-probs of the
+    digits 0..5 read during generation), and each response's mean."""
     parsed = [[parse_score(t) for t in ts] for ts in judgments]
     out = dict(rec, judgments=judgments, scores=parsed, score_mode=args.score_mode, parsed_scores=parsed)
-    if expect is not None:
-        # one probe pass for the whole record: the judge prompts' shared part is prefilled once
-        flat = [(p, t) for p, ts in zip(prompts, judgments) for t in ts]
-        lps = probe_logprobs(model, tok, [p for p, _ in flat], [t for _, t in flat], SCORE_MARK, expect, args.max_rows)
-        ev = iter([expected_value(row.tolist(), range(6)) for row in lps])
-        pairs = [[next(ev) for _ in ts] for ts in judgments]
+    if probes is not None:
+        pairs = [[expected_value(lp, range(6)) for lp in lps] for lps in probes]
         out["scores"] = [[round(v, 4) for v, _ in ps] for ps in pairs]
         out["digit_mass"] = [[round(m, 4) for _, m in ps] for ps in pairs]
     out["score"] = [mean_or_none(ss) for ss in out["scores"]]

@@ -23,7 +23,7 @@ import numpy as np
 from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, engine_rules, file_digest,
                     finish_stage, init_distributed, load_model, load_template, model_fingerprint, print0, read_jsonl,
                     render, sampling_rules, stable_seed, start_stage, write_jsonl)
-from judge import add_judge_args, check_responses_record, judge_prompt, probe_candidates, probe_logprobs
+from judge import add_judge_args, check_responses_record, judge_prompt, make_probe, probe_candidates
 from sample import Request, common_prefix, generate
 
 # -----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def run_meta_judge(args, model, tok, rank, world):
     expect = probe_candidates(tok, "Winner: Judgement", ["A", "B"]) if args.verdict_mode == "expected" else None
     mine = [k for k, rec in enumerate(records) if str(rec["id"]) not in done and k % world == rank]
     requests, owner, plans, skipped = plan_battles(args, [(k, records[k]) for k in mine], tok, template, rubric,
-                                                   model.args.max_seq_len)
+                                                   model.args.max_seq_len, make_probe(tok, WINNER_MARK, expect) if expect else {})
     print0(f"{len(records)} records, {len(done)} already meta-judged, {len(requests)} battles on rank {rank}")
     writer = ShardWriter(args.out, rank)
     for k, plan in plans.items():  # records with a response but no pair of judgments to compare
@@ -227,9 +227,11 @@ def run_meta_judge(args, model, tok, rank, world):
         bar.update(1)
         plan = plans[k]
         plan["verdicts"][(m, n)] = {"first": m, "second": n, "verdict": text, "parsed": parse_winner(text)}
+        if expect:
+            plan["verdicts"][(m, n)]["logp_ab"] = comps[0].probe
         if len(plan["verdicts"]) == len(plan["orders"]):
             battles = [plan["verdicts"][o] for o in plan["orders"]]
-            decide(battles, plan["prompts"], args, model, tok, expect)
+            decide(battles)
             writer.write(meta_record(records[k], plans.pop(k), battles))
     bar.close()
     writer.close()
@@ -245,7 +247,7 @@ def run_meta_judge(args, model, tok, rank, world):
     return summary
 
 
-def plan_battles(args, records, tok, template, rubric, max_seq_len):
+def plan_battles(args, records, tok, template, rubric, max_seq_len, probe):
     """The battles of these (index, record)s: for each, every ordered pair of the valid judgments of its most
     disputed response, as one request each -> (requests, owner of each request, plan per record, skips)."""
     requests, owner, plans, skipped = [], [], {}, {}
@@ -265,29 +267,27 @@ def plan_battles(args, records, tok, template, rubric, max_seq_len):
                                             judgment_a=judgments[m].strip(), judgment_b=judgments[n].strip()))
                    for m, n in orders]
         shared = common_prefix(prompts) if prompts else 0  # rubric, question and answer: prefilled once
-        plans[k] = {"response_index": resp, "judgment_indices": valid, "orders": orders, "verdicts": {},
-                    "prompts": prompts}
+        plans[k] = {"response_index": resp, "judgment_indices": valid, "orders": orders, "verdicts": {}}
         for (m, n), ids in zip(orders, prompts):
-            if len(ids) + args.max_new_tokens > max_seq_len:
+            if len(ids) + args.max_new_tokens + probe.get("probe_room", 0) > max_seq_len:
                 raise SystemExit(f"{args.judgments}: record {rec['id']!r}: meta-judge prompt of {len(ids)} tokens + "
                                  f"--max-new-tokens exceeds the context ({max_seq_len})")
             requests.append(Request(ids, n=1, temperature=args.temperature, top_p=args.top_p,
                                     max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
-                                    seed=stable_seed(args.seed, f"{rec['id']}/{m}/{n}"), shared_prefix=shared))
+                                    seed=stable_seed(args.seed, f"{rec['id']}/{m}/{n}"), shared_prefix=shared, **probe))
             owner.append((k, m, n))
     return requests, owner, plans, skipped
 
 
-def decide(battles, prompts, args, model, tok, expect):
-    """Each battle's winner: its parsed verdict, or in expected mode the judge's probabilities of A and B after
-    `Winner: Judgement` (one probe pass per record): `p_first` = p(A) / (p(A) + p(B)) is the soft verdict that
-    the position weights and the battle matrix use, `winner` the likelier letter (for the counts)."""
-    if expect is None:
-        for b in battles:
+def decide(battles):
+    """Each battle's winner: its parsed verdict, or in expected mode (`logp_ab`: the judge's log-probs of A and B
+    after `Winner: Judgement`, read while the verdict was generated) the soft verdict `p_first` = p(A) / (p(A) +
+    p(B)) that the position weights and the battle matrix use, and the likelier letter as `winner` (the counts)."""
+    for b in battles:
+        if "logp_ab" not in b:
             b["winner"] = b["parsed"]
-        return
-    lps = probe_logprobs(model, tok, prompts, [b["verdict"] for b in battles], WINNER_MARK, expect, args.max_rows)
-    for b, (a, b_) in zip(battles, lps.tolist()):
+            continue
+        a, b_ = b["logp_ab"]
         b["logp_ab"] = [round(a, 4), round(b_, 4)]
         b["p_first"] = round(1 / (1 + math.exp(min(b_ - a, 700.0))), 6)
         b["winner"] = "A" if a > b_ else "B" if b_ > a else None

@@ -176,6 +176,12 @@ class Request:
     seed: int = 0
     logprobs: bool = False  # also return each generated token's log-prob (temperature-1 distribution)
     shared_prefix: int = 0  # leading prompt tokens that other requests share: prefilled once per admission
+    # expected modes: when a sample ends, probe(tokens) -> (keep, suffix ids); the sample's first `keep` tokens
+    # stay in the cache, the suffix (e.g. "\nScore: ") is fed after them, and the log-probs of the probe_ids
+    # tokens that would follow are returned with the completion: no second pass over prompt and sample
+    probe: object = None
+    probe_ids: tuple = ()
+    probe_room: int = 0  # the longest suffix the probe may return, in tokens (cache room is planned for it)
 
 
 @dataclass
@@ -183,6 +189,7 @@ class Completion:
     tokens: list[int]
     finish_reason: str  # "stop" (a stop token, not included in tokens) or "length"
     logprobs: list[float] | None = None
+    probe: list[float] | None = None  # log-probs of the request's probe_ids after its probe suffix
 
 
 # Counter-based randomness: the uniform that picks token `step` of a sample is a hash of (the sample's key, step).
@@ -267,6 +274,8 @@ class Row:
     key: int  # its random stream (sample_key)
     tokens: list = field(default_factory=list)  # generated so far; len(tokens) is the next sampling step
     logps: list = field(default_factory=list)
+    ended: Completion | None = None  # set when the sample has ended and its probe suffix is being fed
+    forced: list = field(default_factory=list)  # the probe suffix tokens still to feed
 
 
 def plan_cache(requests, max_rows, max_cache_tokens):
@@ -277,7 +286,7 @@ def plan_cache(requests, max_rows, max_cache_tokens):
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     # every slot has the same size, so any unit fits any free slot and the cache is one preallocated tensor
-    P, N = max(len(r.prompt) for r in requests), max(r.max_new_tokens for r in requests)
+    P, N = max(len(r.prompt) for r in requests), max(r.max_new_tokens + r.probe_room for r in requests)
     if max_cache_tokens < P + N:
         raise ValueError(f"a cache slot needs {P + N} tokens (the longest prompt + the most new tokens), "
                          f"more than --max-cache-tokens {max_cache_tokens}")
@@ -363,7 +372,7 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     if not requests:
         return
-    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    longest = max(len(r.prompt) + r.max_new_tokens + r.probe_room for r in requests)
     if longest > model.args.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {longest} exceeds the model's context ({model.args.max_seq_len})")
     B, M, G, S = plan_cache(requests, max_rows, max_cache_tokens)
@@ -383,7 +392,7 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
         # every shape is the largest one (all rows, slots and positions), so one graph serves every step.
         W, n_slots, kv_len = (B, G, S) if compile else eng.bounds(busy)
         logits = step_fn(model, eng.feed(W, cache.k.device), eng.view(cache, W, n_slots, kv_len))
-        yield from eng.record(busy, *sample_rows(logits[busy], [eng.rows[b] for b in busy], requests))
+        yield from eng.record(busy, *sample_rows(logits[busy], [eng.rows[b] for b in busy], requests), logits[busy])
         # compaction moves rows and slots, so it waits until nothing more can be admitted (the tail of the run,
         # when rows finish one by one); compiled, shapes never shrink and there is nothing to gain
         if not eng.pending and not compile:
@@ -430,8 +439,8 @@ class Engine:
                 self.rows[b] = Row(i, s0 + j, g, j, len(reqs[u].prompt), sample_key(reqs[u].seed, s0 + j))
                 new.append(b)
                 which.append(u)
-        rows = [self.rows[b] for b in new]
-        yield from self.record(new, *sample_rows(logits[torch.tensor(which, device=logits.device)], rows, self.requests))
+        rows, logits = [self.rows[b] for b in new], logits[torch.tensor(which, device=logits.device)]
+        yield from self.record(new, *sample_rows(logits, rows, self.requests), logits)
 
     def bounds(self, busy):
         """Host-side sizes of an eager step: rows up to the last busy one, slots up to the highest in use, and
@@ -450,27 +459,48 @@ class Engine:
         return cache.grouped(t(lambda r: r.slot, self.G), t(lambda r: r.member, 0), t(lambda r: r.plen, 0),
                              t(lambda r: len(r.tokens) - 1, 0), 1, self.M, n_slots, kv_len)
 
-    def record(self, rows, tokens, logps):
-        """Append each row's sampled token, or finish the row (a stop token, or its length limit); yields
-        (request, completions) for every request whose last sample finished."""
+    def record(self, rows, tokens, logps, logits):
+        """Append each row's sampled token, or end the sample (a stop token, or its length limit); a sample whose
+        request has a probe then feeds the probe's suffix, one token a step, and reads the probed log-probs from
+        the logits after the last one. Yields (request, completions) for every request whose last sample ended."""
         for k, (b, tok) in enumerate(zip(rows, tokens)):
             r = self.rows[b]
             req = self.requests[r.request]
+            if r.ended is not None:  # probing: the sampled token is ignored
+                if r.forced:
+                    r.tokens.append(r.forced.pop(0))
+                    continue
+                r.ended.probe = torch.log_softmax(logits[k].float(), -1)[list(req.probe_ids)].tolist()
+                yield from self.finish(b, r, r.ended)
+                continue
             stop = tok in req.stop_ids  # a stop token ends the sample and is not part of it
             if not stop:
                 r.tokens.append(tok)
                 if req.logprobs:
                     r.logps.append(logps[k])
             if stop or len(r.tokens) >= req.max_new_tokens:
-                self.results[r.request][r.sample] = Completion(r.tokens, "stop" if stop else "length",
-                                                               r.logps if req.logprobs else None)
-                self.rows[b] = None  # its row is free at once; its slot when its last sibling finishes
-                self.slot_live[r.slot] -= 1
-                if self.slot_live[r.slot] == 0:
-                    self.free_slots.append(r.slot)
-                self.left[r.request] -= 1
-                if self.left[r.request] == 0:
-                    yield r.request, self.results[r.request]
+                ended = Completion(r.tokens, "stop" if stop else "length", r.logps if req.logprobs else None)
+                if req.probe is None:
+                    yield from self.finish(b, r, ended)
+                    continue
+                keep, suffix = req.probe(r.tokens)
+                assert 0 <= keep <= len(r.tokens) and 1 <= len(suffix) <= req.probe_room, (keep, suffix, req.probe_room)
+                # the suffix overwrites the sample's cache from position `keep` on: the fed token of step s sits
+                # at step s's place, and a query never sees a place beyond its own step. A sample cut by its
+                # length limit has not fed its last token yet: it goes first, if it is kept
+                fed = min(keep, len(r.tokens) - (not stop))
+                feed = r.tokens[fed:keep] + list(suffix)
+                r.ended, r.tokens, r.forced = ended, r.tokens[:fed] + feed[:1], feed[1:]
+
+    def finish(self, b, r, completion):
+        self.results[r.request][r.sample] = completion
+        self.rows[b] = None  # its row is free at once; its slot when its last sibling finishes
+        self.slot_live[r.slot] -= 1
+        if self.slot_live[r.slot] == 0:
+            self.free_slots.append(r.slot)
+        self.left[r.request] -= 1
+        if self.left[r.request] == 0:
+            yield r.request, self.results[r.request]
 
     def compact(self, cache):
         """At the tail (nothing waiting), pack live rows at the lowest row indices and their slots at the lowest
@@ -506,42 +536,6 @@ def common_prefix(seqs):
     return n
 
 
-@torch.no_grad()
-def next_token_logprobs(model, prompts, continuations, candidates, max_rows=64, max_tokens=1 << 16):
-    """Log-probs of the `candidates` token ids right after prompts[j] + continuations[j] -> (J, len(cands)).
-
-    Used for the `expected` score and verdict modes (the distribution of the digit after `Score: `, of the
-    letter after `Winner: ...`). It is a prefill whose prefix is the prompt: equal prompts (the N judgments of
-    one response) are prefilled once and copied, and each continuation then attends to its own slot only, so
-    the work is the continuations' tokens plus each distinct prompt once. Batches hold at most `max_rows`
-    sequences and `max_tokens` cache positions."""
-    device = model.tok_embeddings.weight.device
-    out = torch.empty(len(prompts), len(candidates))
-    cands = torch.tensor(candidates, device=device)
-    order = sorted(range(len(prompts)), key=lambda j: prompts[j])  # equal prompts side by side, so they share
-
-    def run(batch):
-        seqs = [prompts[j] + continuations[j] for j in batch]
-        longest = max(map(len, seqs))
-        if longest > model.args.max_seq_len:
-            raise ValueError(f"prompt + continuation = {longest} tokens exceeds the model's context ({model.args.max_seq_len})")
-        cache = KVCache.for_model(model, slots=len(batch), max_len=longest + 1)  # +1: room for padding keys
-        logits = prefill(model, cache, seqs, list(range(len(batch))), [len(prompts[j]) for j in batch])
-        out[batch] = torch.log_softmax(logits.float(), -1)[:, cands].cpu()
-
-    batch, width = [], 0
-    for j in order:
-        need = len(prompts[j]) + len(continuations[j]) + 1
-        if batch and (len(batch) == max_rows or (len(batch) + 1) * max(width, need) > max_tokens):
-            run(batch)
-            batch, width = [], 0
-        batch.append(j)
-        width = max(width, need)
-    if batch:
-        run(batch)
-    return out
-
-
 # -----------------------------------------------------------------------------
 # The prompts -> responses stage
 
@@ -553,15 +547,19 @@ def stage_settings(args, model_path):
             **{k: getattr(args, k) for k in keep}}
 
 
-def run_stage(args, model, tok, model_path, rank, world):
+def run_stage(args, model, tok, model_path, rank, world, probe=None):
+    """The actor stage. `probe` (a caller's: the tokenizer -> Request probe fields) also reads a verdict's
+    distribution where each response ends, written as `probes` (log-probs per response)."""
+    probe = probe(tok) if probe else {}
     prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
     n_use = min(args.limit or len(prompts), len(prompts))
     if args.limit > len(prompts):
         print0(f"note: --limit {args.limit}, but {args.prompts} holds {len(prompts)} prompts; using all of them")
     order = [str(p["id"]) for p in prompts[:n_use]]
-    done = start_stage(args.out, stage_settings(args, model_path), args.redo, rank, world)
+    settings = dict(stage_settings(args, model_path), **({"probe_ids": probe["probe_ids"]} if probe else {}))
+    done = start_stage(args.out, settings, args.redo, rank, world)
     todo = [k for k in range(n_use) if order[k] not in done and k % world == rank]
-    limit = model.args.max_seq_len - args.max_new_tokens
+    limit = model.args.max_seq_len - args.max_new_tokens - probe.get("probe_room", 0)
     requests = []
     for k in todo:
         p = prompts[k]
@@ -571,7 +569,7 @@ def run_stage(args, model, tok, model_path, rank, world):
                              f"{args.max_new_tokens} the model's context ({model.args.max_seq_len}) allows {limit}")
         requests.append(Request(ids, n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
-                                seed=stable_seed(args.seed, p["id"])))
+                                seed=stable_seed(args.seed, p["id"]), **probe))
     print0(f"{n_use} prompts, {len(done)} already done, {len(todo)} on rank {rank}")
     from tqdm import tqdm
     writer = ShardWriter(args.out, rank)
@@ -581,7 +579,7 @@ def run_stage(args, model, tok, model_path, rank, world):
     for i, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
                              compile=args.compile):
         p = prompts[todo[i]]
-        texts, reasons, ntoks = [], [], []
+        texts, reasons, ntoks, probes = [], [], [], []
         for c in comps:
             text = tok.decode(c.tokens)
             counts["tokens"] += len(c.tokens)
@@ -592,12 +590,13 @@ def run_stage(args, model, tok, model_path, rank, world):
             texts.append(text)
             reasons.append(c.finish_reason)
             ntoks.append(len(c.tokens))
+            probes.append(c.probe)
         counts["samples"] += len(comps)
         extra = {k: v for k, v in p.items() if k not in ("id", "prompt", "system")}  # e.g. a gold `answer`
         writer.write({"id": p["id"], "prompt": p["prompt"], **({"system": p["system"]} if p.get("system") else {}), **extra,
                       "responses": texts, "finish_reasons": reasons, "num_tokens": ntoks, "model": model_path,
                       "seed": args.seed, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                      "top_k": args.top_k, "max_new_tokens": args.max_new_tokens})
+                      "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, **({"probes": probes} if probe else {})})
         bar.update(len(comps))
         bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.time() - t0, 1e-9):.0f}")
     bar.close()
@@ -638,11 +637,11 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv=None, probe=None):
     args = parse_args(argv)
     rank, world, device = init_distributed()
     model, tok, path = load_model(args.model, device, args.dtype, args.chat_format)
-    return run_stage(args, model, tok, path, rank, world)
+    return run_stage(args, model, tok, path, rank, world, probe)
 
 
 if __name__ == "__main__":

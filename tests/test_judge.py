@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from judge import parse_score, select_actor_pair, expected_value, cut_at_last, SCORE_MARK
+from judge import parse_score, select_actor_pair, expected_value, cut_at_last, make_probe, SCORE_MARK
 from meta_judge import bradley_terry, battle_matrix, parse_winner, pick_response, position_weights, make_judge_pair
 
 SCORE_CASES = [
@@ -251,3 +251,23 @@ def test_truncated_judgments_are_never_chosen():
     pair, _ = make_judge_pair(rec, truncated=[False, False, True, False])  # the worst one was cut: still rejected
     assert (pair["chosen"], pair["rejected"], pair["rejected_truncated"]) == ("x", "z", True)
     assert make_judge_pair(rec, truncated=[True, True, True, True]) == (None, "only truncated judgments")
+
+
+@pytest.mark.parametrize("text", [
+    "Clear and correct.",  # nothing to cut: the whole judgment, then the probe
+    "Clear and correct.\n\n",  # trailing newlines go (cut_at_last strips them)
+    "Good answer.\nScore: 4",  # the judgment's own score is cut off, the probe asks again
+    "**Score:** 3 ... on reflection, better.\nScore: 5 points",  # the last mark counts
+    "Très bien, élégant.\nScore: 2",  # characters of several bytes before the cut
+    "",  # an empty judgment (the first token was a stop)
+])
+def test_probe_feeds_the_cut_text_then_the_head(text, tiny_ckpt):
+    """What the expected mode reads the digit after: the judgment up to its last `Score:`, a newline and
+    `Score: `, fed as the judgment's own tokens up to the cut and the tokens of the rest."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    fields = make_probe(tok, SCORE_MARK, ("Score: ", [tok.encode(str(d))[0] for d in range(6)]))
+    tokens = tok.encode(text)
+    keep, suffix = fields["probe"](tokens)
+    assert 0 <= keep <= len(tokens) and len(suffix) <= fields["probe_room"]
+    assert tok.decode(tokens[:keep]) + tok.decode(suffix) == cut_at_last(text, SCORE_MARK) + "\nScore: "

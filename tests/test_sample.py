@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from sample import KVCache, Request, complete, next_token_logprobs, plan_cache, sample_next_token, uniform_from_keys
+from sample import KVCache, Request, complete, plan_cache, sample_next_token, uniform_from_keys
 
 
 def greedy_reference(model, prompt, max_new, stop_ids=()):
@@ -107,32 +107,6 @@ def test_sample_next_token_distribution_and_truncation():
     assert set(tok.tolist()) == {0}
     greedy = sample_next_token(logits[:3], torch.zeros(3), torch.ones(3), torch.zeros(3, dtype=torch.long), u[:3])
     assert greedy.tolist() == [0, 0, 0]
-
-
-def test_next_token_logprobs_match_full_forward():
-    model = tiny_model(seed=16)
-    prefix = prompts(5, [9])[0]
-    conts = prompts(6, [1, 4, 7])
-    got = next_token_logprobs(model, [prefix] * len(conts), conts, candidates=[5, 6, 7], max_rows=2)
-    for j, c in enumerate(conts):
-        with torch.no_grad():
-            full = torch.log_softmax(model(torch.tensor([prefix + c]))[0, -1], -1)
-        assert (got[j] - full[[5, 6, 7]]).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("max_rows, max_tokens", [(64, 1 << 16), (3, 1 << 16), (64, 40)])
-def test_next_token_logprobs_of_several_prompts_in_float64(max_rows, max_tokens):
-    """Prompts repeated (judgments of one response) and distinct, of different lengths, in any order and
-    however they are batched: each row equals a plain float64 forward of its prompt + continuation."""
-    model = tiny_model(seed=17).double()
-    ps = prompts(7, [3, 9, 5])
-    conts = prompts(8, [1, 4, 7, 2, 6, 3])
-    asked = [ps[1], ps[0], ps[1], ps[2], ps[0], ps[1]]
-    got = next_token_logprobs(model, asked, conts, candidates=[5, 6, 7, 8], max_rows=max_rows, max_tokens=max_tokens)
-    for j, (p, c) in enumerate(zip(asked, conts)):
-        with torch.no_grad():
-            full = torch.log_softmax(model(torch.tensor([p + c]))[0, -1], -1)
-        assert (got[j] - full[[5, 6, 7, 8]]).abs().max() < 1e-6  # float64 inside, float32 logits out
 
 
 def test_budget_errors():
@@ -284,3 +258,26 @@ def test_grouped_view_shares_one_prompt_copy():
 def test_plan_cache(shapes, max_rows, budget, want):
     reqs = [Request(list(range(L)), n=n, max_new_tokens=N) for L, n, N in shapes]
     assert plan_cache(reqs, max_rows, budget) == want
+
+
+@pytest.mark.parametrize("max_rows", [2, 64])
+def test_probe_while_generating_equals_a_full_forward(max_rows):
+    """Expected modes read the next-token distribution after a suffix fed where each sample ended (cut back a
+    few tokens, or not at all; a sample stopped by a stop token or by its length limit, whose last token was
+    never fed): in float64, the log-probs equal a plain forward of prompt + kept tokens + suffix."""
+    model = tiny_model(seed=3).double()
+
+    def probe(tokens):  # cut 0-2 tokens off, then a suffix of 1-3 tokens, as a text cut and `Score: ` would
+        keep = len(tokens) - len(tokens) % 3 if len(tokens) % 2 else len(tokens)
+        return keep, [11, 12, 13][:1 + len(tokens) % 3]
+    reqs = [Request(p, n=3, temperature=1.0, max_new_tokens=5 + i, stop_ids=tuple(range(30, 36)), seed=i, probe=probe,
+                    probe_ids=(5, 6, 7), probe_room=3) for i, p in enumerate(prompts(11, [5, 9, 7, 3]))]
+    out = complete(model, reqs, max_rows=max_rows)
+    reasons = {c.finish_reason for comps in out for c in comps}
+    assert reasons == {"stop", "length"}  # both ways of ending are covered
+    for r, comps in zip(reqs, out):
+        for c in comps:
+            keep, suffix = probe(c.tokens)
+            with torch.no_grad():
+                full = torch.log_softmax(model(torch.tensor([r.prompt + c.tokens[:keep] + suffix]))[0, -1], -1)
+            assert (torch.tensor(c.probe) - full[[5, 6, 7]]).abs().max() < 1e-6  # float64 inside, float32 out
