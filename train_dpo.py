@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import Transformer, read_hf_config, read_hf_state, rope_inv_freq, save_hf
+from model import Transformer, attention, read_hf_config, read_hf_state, rope_inv_freq, save_hf
 from safetensors import SafetensorError
 
 from common import (barrier, check_flags, file_digest, finite, init_distributed, model_fingerprint, print0, read_jsonl,
@@ -42,6 +42,55 @@ def sequence_logps(model, tokens, loss_mask):
     targets = tokens[:, 1:].masked_fill(mask == 0, -1)
     logps = model(tokens[:, :-1], targets=targets)  # (B, T-1)
     return logps.sum(-1), mask.sum(-1)
+
+
+class SharedPromptView:
+    """Attention of packed pair rows (collate_pairs): prompt, chosen, the prompt's last token again, rejected.
+    A token sees the earlier tokens of the prompt and of its own branch (the chosen side, with the prompt's last
+    token; or the rejected side, with its copy), at the positions the rows give, so each response is computed
+    exactly as after its own copy of the prompt while the prompt is computed once. No cache is kept."""
+
+    def __init__(self, positions, branch):
+        self.positions = positions  # (B, T)
+        T = branch.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=branch.device).tril()  # key index <= query index
+        keys, queries = branch[:, None, :], branch[:, :, None]
+        self.mask = (causal & ((keys == 0) | (keys == queries)))[:, None]  # (B, 1, T, T)
+
+    def attend(self, layer, q, k, v, backend):
+        return attention(q, k, v, mask=self.mask, backend="sdpa")
+
+
+def collate_pairs(examples, idx, device):
+    """One row per pair (prompt once, then both responses; see SharedPromptView), right-padded -> the model's
+    inputs (B, T-1), targets (B, T-1) (-1 where nothing is predicted), the view, and masks (B, T-1) of the
+    targets that belong to the chosen and to the rejected response."""
+    rows = []
+    for i in idx:
+        p, (c, r) = examples[i]["prompt"], examples[i]["responses"]
+        rows.append((p + c + p[-1:] + r,  # the last prompt token again: its logits predict the rejected side's start
+                     list(range(len(p) + len(c))) + list(range(len(p) - 1, len(p) + len(r))),
+                     [0] * (len(p) - 1) + [1] * (1 + len(c)) + [2] * (1 + len(r)),
+                     [0] * len(p) + [1] * len(c) + [0] + [2] * len(r)))  # the response each token is part of
+    T = max(len(t) for t, *_ in rows)
+    tokens, positions, side = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
+    branch = torch.full((len(rows), T), 3, dtype=torch.long)  # padding: a branch of its own, seen by no one else
+    for b, (t, pos, br, sd) in enumerate(rows):
+        n = len(t)
+        tokens[b, :n], positions[b, :n], branch[b, :n], side[b, :n] = (torch.tensor(x) for x in (t, pos, br, sd))
+    tokens, positions, branch, side = (x.to(device) for x in (tokens, positions, branch, side))
+    target_side = side[:, 1:]  # input position i predicts token i + 1
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:].masked_fill(target_side == 0, -1),
+            "view": SharedPromptView(positions[:, :-1], branch[:, :-1]),
+            "chosen": (target_side == 1).float(), "rejected": (target_side == 2).float()}
+
+
+def pair_logps(model, batch):
+    """Summed log-probs of each pair's chosen and rejected response and their token counts, each (B,), from one
+    packed forward (collate_pairs)."""
+    logps = model(batch["tokens"], targets=batch["targets"], cache=batch["view"])  # (B, T-1)
+    return ((logps * batch["chosen"]).sum(-1), (logps * batch["rejected"]).sum(-1),
+            batch["chosen"].sum(-1), batch["rejected"].sum(-1))
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -172,6 +221,11 @@ def make_batches(n, batch_size, seed, epoch):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def example_len(ex):
+    """The padded width an example needs: its prompt and its longest response."""
+    return len(ex["prompt"]) + max(map(len, ex["responses"]))
+
+
 def collate(examples, idx, device):
     """Each example's prompt with each of its responses, response by response (DPO: every chosen row, then
     every rejected row; SFT: the target rows), right-padded: tokens (R, T), loss_mask (R, T), 1 on responses."""
@@ -186,10 +240,15 @@ def collate(examples, idx, device):
     return tokens.to(device), mask.to(device)
 
 
-def rank_slices(idx, world, micro):
+def rank_slices(idx, world, micro, length=None):
     """Split a global batch over ranks (contiguous) and micro-batches; every rank gets the same number of
-    micro-batches (a rank short of pairs repeats one with weight 0, so the collectives stay matched)."""
+    micro-batches (a rank short of pairs repeats one with weight 0, so the collectives stay matched). With
+    `length` (example -> tokens), each rank's share is ordered by length before it is cut, so a micro-batch
+    holds examples of like length and pads little: a long judge prompt no longer pads short actor pairs. The
+    step's gradient is the same sum whatever the order."""
     per = [idx[len(idx) * r // world: len(idx) * (r + 1) // world] for r in range(world)]
+    if length is not None:
+        per = [sorted(p, key=length) for p in per]
     steps = max(1, max(math.ceil(len(p) / micro) for p in per))
     out = []
     for p in per:
@@ -255,14 +314,13 @@ def compute_ref_logps(model, examples, micro, world, rank, device, autocast):
     model.eval()
     out = torch.zeros(len(examples), 2, device=device)
     idx = list(range(len(examples)))
+    idx.sort(key=lambda i: example_len(examples[i]))  # micro-batches of like length pad little
     for mbs in zip(*rank_slices(idx, world, micro)):  # step all ranks together (FSDP collectives)
         batch, w = mbs[rank]
-        tokens, mask = collate(examples, batch, device)
         with autocast():
-            logps, _ = sequence_logps(model, tokens, mask)
+            chosen, rejected, _, _ = pair_logps(model, collate_pairs(examples, batch, device))
         if w > 0:
-            b = len(batch)
-            out[batch, 0], out[batch, 1] = logps[:b].float(), logps[b:].float()
+            out[batch, 0], out[batch, 1] = chosen.float(), rejected.float()
     if world > 1:
         torch.distributed.all_reduce(out)  # each example was computed by exactly one rank
         # FSDP2 keeps the root's parameters gathered after a forward without grad; training from that
@@ -392,16 +450,16 @@ def save_model(model, world, rank, out, tokenizer_dir):
 
 
 def reference(args, model, examples, work, world, rank, device, bf16, autocast):
-    """ref(tokens, mask, batch) -> reference log-probs of the batch's chosen and rejected responses: looked up
-    from log-probs computed once up front (cached in `work` by content), or from a frozen model in memory."""
+    """ref(packed, batch) -> reference log-probs of the batch's chosen and rejected responses: looked up from
+    log-probs computed once up front (cached in `work` by content), or from a frozen model in memory."""
     ref_path = args.ref or args.model
     if args.ref_mode == "online":
         ref_model = build_model(ref_path, device, world, bf16).eval().requires_grad_(False)
 
-        def online(tokens, mask, batch):
+        def online(packed, batch):
             with torch.no_grad():
-                logps, _ = sequence_logps(ref_model, tokens, mask)
-            return logps[:len(batch)].float(), logps[len(batch):].float()
+                chosen, rejected, _, _ = pair_logps(ref_model, packed)
+            return chosen.float(), rejected.float()
         return online
     from safetensors.torch import load_file, save_file
     cache = os.path.join(work, f"ref_logps-{ref_cache_key(args.data, ref_path, examples, args)}.safetensors")
@@ -419,7 +477,7 @@ def reference(args, model, examples, work, world, rank, device, bf16, autocast):
             except (OSError, SafetensorError) as e:
                 raise SystemExit(f"{cache}: cannot write the reference log-probs ({getattr(e, 'strerror', None) or e})") from None
         print0(f"reference log-probs of {len(examples)} pairs in {time.time() - t0:.1f}s -> {cache}")
-    return lambda tokens, mask, batch: (table[batch, 0].to(device), table[batch, 1].to(device))
+    return lambda packed, batch: (table[batch, 0].to(device), table[batch, 1].to(device))
 
 
 def sft_step(model, ref, examples, idx, args, world, rank, device, autocast):
@@ -427,7 +485,7 @@ def sft_step(model, ref, examples, idx, args, world, rank, device, autocast):
     token counts once, however the batch is split over ranks and micro-batches) -> metrics."""
     total = sum(len(examples[i]["responses"][0]) for i in idx)  # known on the host: exact normalisation
     sums = torch.zeros(2, device=device)  # NLL, target tokens
-    for batch, w in rank_slices(idx, world, args.micro_batch_size)[rank]:
+    for batch, w in rank_slices(idx, world, args.micro_batch_size, lambda i: example_len(examples[i]))[rank]:
         tokens, mask = collate(examples, batch, device)
         with autocast():
             logps, lengths = sequence_logps(model, tokens, mask)
@@ -447,15 +505,14 @@ def train_step(model, ref, examples, idx, args, world, rank, device, autocast):
     """Forward and backward of the global batch `idx` (this rank's share, in micro-batches) -> its metrics,
     means over the batch's pairs (and its token count), the same on every rank."""
     sums = dict.fromkeys(METRICS, 0.0)
-    for batch, w in rank_slices(idx, world, args.micro_batch_size)[rank]:
-        tokens, mask = collate(examples, batch, device)
-        n = len(batch)
+    for batch, w in rank_slices(idx, world, args.micro_batch_size, lambda i: example_len(examples[i]))[rank]:
+        packed = collate_pairs(examples, batch, device)
         with autocast():
-            logps, lengths = sequence_logps(model, tokens, mask)  # chosen rows first, then rejected
-            ref_c, ref_r = ref(tokens, mask, batch)
-        pc, pr = logps.float()[:n], logps.float()[n:]
+            pc, pr, n_c, n_r = pair_logps(model, packed)
+            ref_c, ref_r = ref(packed, batch)
+        pc, pr = pc.float(), pr.float()
         weight = torch.tensor([examples[i]["weight"] for i in batch], device=device)
-        losses, rc, rr = preference_loss(pc, pr, ref_c, ref_r, lengths[:n], lengths[n:], weight, args.loss,
+        losses, rc, rr = preference_loss(pc, pr, ref_c, ref_r, n_c, n_r, weight, args.loss,
                                          args.beta, args.label_smoothing, args.nll_coef)
         # the step follows the mean over the global batch, and FSDP averages gradients over the ranks; w = 0
         # marks a dummy micro-batch that only keeps this rank's collectives in step with the others
@@ -463,7 +520,7 @@ def train_step(model, ref, examples, idx, args, world, rank, device, autocast):
         with torch.no_grad():
             for k, v in (("loss", losses), ("reward_acc", (rc > rr).float()), ("margin", rc - rr),
                          ("chosen_reward", rc), ("rejected_reward", rr), ("chosen_logps", pc), ("rejected_logps", pr),
-                         ("tokens", mask.float())):
+                         ("tokens", n_c + n_r)):
                 sums[k] = sums[k] + w * v.sum()
     vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in METRICS])
     if world > 1:

@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_checkpoint, tiny_model
 
 import train_dpo
-from train_dpo import lr_at, preference_loss, sequence_logps
+from train_dpo import collate_pairs, lr_at, pair_logps, preference_loss, sequence_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +81,34 @@ def test_sequence_logps_counts_response_tokens_only():
     with torch.no_grad():
         lp2, _ = sequence_logps(model, tokens2, mask)
     assert abs(lp2[0].item() - naive) > 1e-3
+
+
+def test_packed_pairs_equal_two_plain_forwards_in_float64():
+    """A pair is one row (the prompt once, its last token copied before the rejected side): each response's
+    log-probs and their gradients equal those of a plain forward of prompt + that response, in float64, for
+    prompts and responses of different lengths padded together (a 1-token prompt and 1-token responses too)."""
+    model = tiny_model(seed=22).double()
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(3, 97, (n,), generator=g).tolist()  # noqa: E731
+    examples = [{"prompt": rand(p), "responses": [rand(c), rand(r)]} for p, c, r in ((7, 5, 3), (1, 1, 1), (4, 9, 6))]
+    packed = collate_pairs(examples, [0, 1, 2], "cpu")
+    chosen, rejected, n_c, n_r = pair_logps(model, packed)
+    (chosen.sum() + 2 * rejected.sum()).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want = []
+    for ex in examples:
+        for k, resp in enumerate(ex["responses"]):
+            seq = torch.tensor([ex["prompt"] + resp])
+            lp = torch.log_softmax(model(seq)[0].double(), -1)
+            p = len(ex["prompt"])
+            total = sum(lp[t - 1, seq[0, t]] for t in range(p, p + len(resp)))  # token t predicted at t-1
+            (total * (1 + k)).backward()
+            want.append(total.item())
+    assert torch.allclose(torch.stack([chosen, rejected], 1).flatten(), torch.tensor(want, dtype=chosen.dtype), atol=1e-6)
+    assert n_c.tolist() == [5, 1, 9] and n_r.tolist() == [3, 1, 6]
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6), n
 
 
 def test_lr_schedule():
