@@ -79,6 +79,11 @@ def committed_problems(name):
 def test_committed_arith_test_problems_are_never_trained_on():
     train, test = committed_problems("arith_train.jsonl"), committed_problems("arith_test.jsonl")
     assert not set(test) & set(train)  # not even as the commutative twin (3 + 4 against 4 + 3)
+    # nor inside the few-shot prompt every question is asked with: its worked examples are not test problems
+    import re
+    shots = open(os.path.join(ROOT, "data", "templates", "reasoning_fewshot.txt")).read()
+    shown = {(op, min(int(a), int(b)), max(int(a), int(b))) for a, op, b in re.findall(r"(\d+) ([+]|times) (\d+)", shots)}
+    assert shown and not shown & set(test)
     assert len(set(test)) == len(test) >= 20  # one question per held-out problem, enough of them to measure
     assert {op for op, *_ in test} == {"+", "times"}
 
