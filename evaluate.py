@@ -235,6 +235,13 @@ def evaluate_winrate(args, rank, world):
     """--metric winrate: A and B answer every prompt; the judge compares them in both orders."""
     prompts = read_jsonl(args.prompts, required=("id", "prompt"), what="prompt", check=check_prompt_fields)
     prompts = prompts[:args.limit or None]
+    if args.system_prompt:  # asked the way the loop asks its actor: its system prompt where a record has none
+        pfile = os.path.join(args.out_dir, "asked_prompts.jsonl")
+        if rank == 0:
+            write_jsonl(pfile, [dict(p, system=p.get("system") or args.system_prompt) for p in prompts])
+        barrier(world)
+        prompts = read_jsonl(pfile)
+        args = argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0})
     ask = {"a": args, "b": args}
     think = {side: args.strip_thoughts in ("both", side) for side in "ab"}
     if args.strip_thoughts:  # the thinking side(s) get the TPO prompt; the judge sees only what follows the thoughts
@@ -445,7 +452,8 @@ def default_out_dir(args):
     ident = [args.metric, args.limits, args.samples, fp(args.a), fp(args.b), fp(args.judge),
              file_digest(args.prompts), args.limit, args.temperature, args.top_p, args.max_new_tokens, args.seed,
              file_digest(args.template), args.verdict_mode, args.judge_max_new_tokens, args.dtype, args.strip_thoughts,
-             file_digest(args.thought_template) if args.strip_thoughts else None, file_digest(args.pairwise_template)]
+             file_digest(args.thought_template) if args.strip_thoughts else None, file_digest(args.pairwise_template),
+             args.system_prompt]
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:10]
     return os.path.join("runs", "eval", f"{name(args.a)}_vs_{name(args.b or 'none')}-{key}")
 
@@ -476,6 +484,8 @@ def build_parser():
     j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     j.add_argument("--export-alpaca-eval", default=None, metavar="FILE", help="write A's answers as AlpacaEval model outputs (instruction, output, generator)")
     j.add_argument("--generator-name", default=None, help="`generator` field of the export (default: the --a path)")
+    j.add_argument("--system-prompt", default=None,
+                   help="system prompt of every held-out prompt whose record has none (ask as the loop asked its actor)")
     j.add_argument("--strip-thoughts", nargs="?", const="both", default=None, choices=("both", "a", "b"),
                    help="ask with the TPO thought prompt and judge only the response part of each answer: both models "
                         "(the flag alone), or only a or b (a TPO model against its direct-answer control)")
@@ -496,7 +506,7 @@ def build_parser():
 
 # flags only some metrics read: set to anything but their default with another metric, they would be ignored
 METRIC_FLAGS = {"judge": ("winrate",), "template": ("winrate",), "export_alpaca_eval": ("winrate",),
-                "generator_name": ("winrate",), "strip_thoughts": ("winrate",), "thought_template": ("winrate",),
+                "generator_name": ("winrate",), "strip_thoughts": ("winrate",), "system_prompt": ("winrate",), "thought_template": ("winrate",),
                 "verdict_mode": ("winrate", "judge-accuracy"), "judge_max_new_tokens": ("winrate", "judge-accuracy"),
                 "pairwise_template": ("judge-accuracy",), "samples": ("accuracy",), "reasoning_template": ("accuracy",),
                 "limits": ("length",), "lift_template": ("length",), "paraphrase_template": ("length",)}

@@ -51,7 +51,8 @@ PRESETS = {
                  score_mode="expected", verdict_mode="expected", rho="0", judge_pairs_iters="1,2",
                  max_chosen_chars="0", max_chosen_judgment_chars="0", beta=0.1, lr=1e-5, epochs=2, batch_size=4,
                  micro_batch_size=2, max_len=1024, select="last", val_prompts_n=0, eval_prompts_n=12,
-                 eval_max_new_tokens=96, max_rows=32, sft_lr=1e-5, sft_epochs=1, sft_batch_size=4),
+                 eval_max_new_tokens=96, max_rows=96,  # all 72 judgments of an iteration decode together
+                 sft_lr=1e-5, sft_epochs=1, sft_batch_size=4),
     # Meta-Rewarding (Wu et al. 2024) on a Llama-3-8B-Instruct-class model, iteration 0 = SFT on EFT data
     "paper": dict(method="meta-rewarding", iterations=4,
                   prompts_per_iter="5000",  # fresh prompts per iteration, from a pool of 20,000
@@ -362,7 +363,8 @@ def eval_and_report(args, d, model_in, t=0):
             "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens), "--max-rows",
             str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)]
     argv += {"winrate": ["--judge", args.eval_judge, "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
-                         str(args.meta_max_new_tokens)] + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else []),
+                         str(args.meta_max_new_tokens)] + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
+             + (["--system-prompt", args.system_prompt] if args.system_prompt else []),
              "judge-accuracy": ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)],
              "accuracy": ["--samples", str(args.eval_samples), "--reasoning-template", args.reasoning_template],
              "length": ["--limits", args.eval_limits]}[m]
@@ -497,7 +499,8 @@ def select_argv(args, model, model_in, d, folder):
     # judged by the fixed judge when there is one, else by M_t itself, in both orders
     return argv + ["--b", model_in, "--judge", args.judge_model or model_in, "--verdict-mode", args.verdict_mode,
                    "--judge-max-new-tokens", str(args.meta_max_new_tokens)] + \
-        (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
+        (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else []) + \
+        (["--system-prompt", args.system_prompt] if args.system_prompt else [])
 
 
 def selection_score(res):
