@@ -133,10 +133,7 @@ def across_iterations(d, t):
              "|---|---|---|---|---|"]
     lines += [f"| {name} | {fmt(wr)} | {fmt(j['accuracy'], j['accuracy_ci95'])} | {fmt(j.get('p_right'), j.get('p_right_ci95'))} "
               f"| {j['first_position_rate']} |" for name, wr, j in rows]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def draw(plt):
         fig, ax = plt.subplots(figsize=(5, 3))
         x = list(range(len(rows)))
         for key, label in (("accuracy", "judge accuracy"), ("p_right", "p(right letter)")):
@@ -147,13 +144,24 @@ def across_iterations(d, t):
         ax.set_xticks(x, [name for name, _, _ in rows], fontsize=7)
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, "across_iterations.png"))
-        plt.close(fig)
-        lines += ["", "![the actor and the judge across iterations](across_iterations.png)"]
-    except ImportError:
-        pass
+        return fig
+    lines += plot(d, "across_iterations.png", "the actor and the judge across iterations", draw)
     return lines
+
+
+def plot(d, name, caption, draw):
+    """`draw(pyplot)` -> a figure, saved as d/name where matplotlib is installed -> the report's lines for it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(os.path.join(d, name))
+    plt.close(fig)
+    return ["", f"![{caption}]({name})"]
 
 
 def training_section(d, train, what):
@@ -170,22 +178,15 @@ def training_section(d, train, what):
                 "length": "share of word limits kept", "judge-accuracy": "judge accuracy"}[train["select_metric"]]
         lines += ["", f"Checkpoint selection on held-out prompts ({what}) by epoch: {train['val_score_by_epoch']}; "
                       f"epoch {train['best_epoch']} kept."]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def draw(plt):
         keys = [c for c in ("loss", "reward_acc", "margin") if c in cols]
         fig, ax = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
         for a, key in zip(ax[0], keys):
             a.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker="o")
             a.set_title(key)
             a.set_xlabel("step")
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, "training.png"))
-        plt.close(fig)
-        lines += ["", "![training curves](training.png)"]
-    except ImportError:
-        pass
+        return fig
+    lines += plot(d, "training.png", "training curves", draw)
     return lines
 
 

@@ -75,3 +75,18 @@ STOPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123"
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", stop_chars=STOPS)
+
+
+def write_jsonl(path, recs):
+    """A JSONL file of records (dicts) or raw lines (strings, for malformed input) -> its path."""
+    import json
+    with open(path, "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def read(path):
+    import json
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint, tiny_model
+from conftest import make_tiny_checkpoint, read, tiny_model, write_jsonl
 
 import common
 import eft
@@ -27,18 +27,6 @@ from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def write_jsonl(path, recs):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
-def read(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def prompts_file(path, n=3, **extra):

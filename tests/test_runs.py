@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import STOPS, make_tiny_checkpoint
+from conftest import STOPS, make_tiny_checkpoint, read, write_jsonl
 
 import common
 import iterate
@@ -15,18 +15,6 @@ import sample
 SMALL = ["--prompts-per-iter", "3", "--n-responses", "2", "--n-judgments", "2", "--max-new-tokens", "6",
          "--judge-max-new-tokens", "4", "--meta-max-new-tokens", "3", "--eval-prompts-n", "2",
          "--eval-max-new-tokens", "4", "--lr", "1e-3"]
-
-
-def write_jsonl(path, recs):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
-def read(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def sft_file(path, n=4):
