@@ -30,7 +30,7 @@ from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_f
                     sampling_rules, stable_seed, start_stage, strict_json, write_json, write_jsonl)
 from judge import make_probe, probe_candidates
 from meta_judge import WINNER_MARK, parse_winner
-from sample import Request, generate
+from sample import Request, common_prefix, generate
 
 DEFAULT_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_prompts.jsonl")
 
@@ -146,10 +146,11 @@ def compare(args, prompts, ans_a, ans_b, out):
     requests = []  # two per prompt: A shown first, then B shown first
     for p in todo:
         a, b = ans_a[str(p["id"])], ans_b[str(p["id"])]
-        for x, y in ((a, b), (b, a)):
-            ids = tok.encode_prompt(render(template, prompt=p["prompt"].strip(), response_a=x.strip(), response_b=y.strip()))
-            requests.append(Request(ids, n=1, temperature=0.0, max_new_tokens=args.judge_max_new_tokens,
-                                    stop_ids=tuple(tok.stop_ids), **probe))
+        both = [tok.encode_prompt(render(template, prompt=p["prompt"].strip(), response_a=x.strip(), response_b=y.strip()))
+                for x, y in ((a, b), (b, a))]
+        shared = common_prefix(both)  # the instructions and the question: prefilled once for both orders
+        requests += [Request(ids, n=1, temperature=0.0, max_new_tokens=args.judge_max_new_tokens,
+                             stop_ids=tuple(tok.stop_ids), shared_prefix=shared, **probe) for ids in both]
     from tqdm import tqdm
     writer, got = ShardWriter(out, 0), {}
     bar = tqdm(total=len(requests), desc="compare", unit="verdict")

@@ -560,16 +560,19 @@ def run_stage(args, model, tok, model_path, rank, world, probe=None):
     done = start_stage(args.out, settings, args.redo, rank, world)
     todo = [k for k in range(n_use) if order[k] not in done and k % world == rank]
     limit = model.args.max_seq_len - args.max_new_tokens - probe.get("probe_room", 0)
+    encoded = [tok.encode_prompt(prompts[k]["prompt"], prompts[k].get("system")) for k in todo]
+    # a head every prompt shares (a system prompt, few-shot examples, a judge's instructions) is prefilled once
+    # per admission and copied, not once per prompt
+    shared = common_prefix(encoded) if len(encoded) > 1 else 0
     requests = []
-    for k in todo:
-        p = prompts[k]
-        ids = tok.encode_prompt(p["prompt"], p.get("system"))
+    for k, ids in zip(todo, encoded):
         if len(ids) > limit:
             raise SystemExit(f"{prompts.where(k)}: prompt is {len(ids)} tokens; with --max-new-tokens "
                              f"{args.max_new_tokens} the model's context ({model.args.max_seq_len}) allows {limit}")
         requests.append(Request(ids, n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
-                                seed=stable_seed(args.seed, p["id"]), **probe))
+                                seed=stable_seed(args.seed, prompts[k]["id"]), shared_prefix=shared if shared >= 16 else 0,
+                                **probe))
     print0(f"{n_use} prompts, {len(done)} already done, {len(todo)} on rank {rank}")
     from tqdm import tqdm
     writer = ShardWriter(args.out, rank)
