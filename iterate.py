@@ -49,7 +49,7 @@ PRESETS = {
                  system_prompt="Answer briefly, in at most three sentences.",
                  temperature=0.8, top_p=0.95, max_new_tokens=128, judge_max_new_tokens=64, meta_max_new_tokens=32,
                  score_mode="expected", verdict_mode="expected", rho="0", judge_pairs_iters="1,2",
-                 max_chosen_chars="0", max_chosen_judgment_chars="0", beta=0.1, lr=1e-5, epochs=2, batch_size=4,
+                 max_chosen_chars="0", max_chosen_judgment_chars="0", beta=0.1, lr=2e-5, epochs=1, batch_size=4,
                  micro_batch_size=2, max_len=1024, select="last", val_prompts_n=0, eval_prompts_n=12,
                  eval_max_new_tokens=64, max_rows=96,  # all 72 judgments of an iteration decode together
                  sft_lr=1e-5, sft_epochs=1, sft_batch_size=4),
