@@ -306,6 +306,19 @@ def test_resume_runs_no_code_planted_in_the_state(tmp_path, tiny_ckpt):
     assert got["steps"] == 4 and [m["step"] for m in read(out + ".train/metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_a_half_deleted_state_does_not_block_resume(tmp_path, tiny_ckpt):
+    """A kill while the state was being deleted left trainer.json without its step folder, and --resume was
+    refused for good; it now says so and trains again from step 0."""
+    import shutil
+    out = str(tmp_path / "m")
+    base = ["--model", tiny_ckpt, "--pairs", pairs_file(tmp_path / "p.jsonl"), "--out", out, "--epochs", "2",
+            "--batch-size", "4", "--micro-batch-size", "2"]
+    train_dpo.main(base + ["--stop-after", "2"])
+    shutil.rmtree(os.path.join(out + ".train", "state", "step2"))
+    assert train_dpo.main(base + ["--resume"])["steps"] == 4
+    assert [m["step"] for m in read(out + ".train/metrics.jsonl")] == [1, 2, 3, 4]
+
+
 def test_resume_refuses_another_runs_state(tmp_path, tiny_ckpt):
     """State of a run with other settings under this run's folder is another experiment: refused by name."""
     import shutil
