@@ -21,10 +21,11 @@ import os
 import random
 import re
 
-
 import judge
 import sample
-from common import (DTYPES, TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_template, print0, read_jsonl, render, stable_seed, strict_json, write_jsonl)
+from common import (DTYPES, TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_template,
+                    print0, read_jsonl, render, stable_seed, strict_json, write_jsonl)
+from presets import engine_flags, schedule
 
 VERDICT = re.compile(r"\[\[\s*([AB])\s*\]\]")
 VERDICT_MARK = re.compile(r"(?:verdict\s*[:：]\s*)?\[\[", re.IGNORECASE)
@@ -278,6 +279,49 @@ def main(argv=None):
     write0(args.out, out)
     print(f"evaluator {args.step} | " + " | ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     return counts
+
+
+# -----------------------------------------------------------------------------
+# The stages in iterate.py's plan
+
+
+def loop_stages(args, t, f, seed, model_in):
+    """The Self-Taught Evaluator: contrasting pairs, the current judge's verdicts in both orders, the right ones
+    (labels balanced) as SFT data; in iteration 1 also the held-out labelled pairs every iteration is scored on."""
+    d = os.path.dirname(f("x"))
+    stages = eval_pair_stages(args, d) if t == 1 and not args.sft_data else []
+    if args.select == "val":  # the epoch is chosen by judge accuracy on pairs made from the held-out prompts
+        stages += labelled_pair_stages(args, d, f("val_prompts.jsonl"), "val", 0)
+    contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in] + engine_flags(args)
+    stages += [("contrast", "evaluator", ["--step", "contrast", "--responses", f("responses.jsonl"), "--out", f("contrast.jsonl"),
+                                        "--seed", seed] + contrast),
+               ("pairwise", "evaluator", ["--step", "judge", "--model", model_in, "--contrast", f("contrast.jsonl"),
+                                        "--out", f("pairwise.jsonl"), "--n-judgments", str(args.n_judgments),
+                                        "--verdict-mode", args.verdict_mode, "--temperature", schedule(args.judge_temperature, t),
+                                        "--max-new-tokens", str(args.judge_max_new_tokens), "--seed", seed] + engine_flags(args)),
+               ("select", "evaluator", ["--step", "select", "--judged", f("pairwise.jsonl"), "--out", f("ste_sft.jsonl"),
+                                      "--seed", seed])]
+    return stages, [f("ste_sft.jsonl")]
+
+
+def eval_pair_stages(args, d):
+    """The Self-Taught Evaluator's held-out labelled pairs, made once in the run's first iteration (0 or 1) and
+    scored by every iteration's evaluation: the seed's answers to the evaluation prompts, each paired with the
+    answer to another of them."""
+    if args.method != "self-taught-evaluator" or args.eval_prompts_n < 0:
+        return []
+    return labelled_pair_stages(args, d, args.eval_prompts, "eval", args.eval_prompts_n)
+
+
+def labelled_pair_stages(args, d, prompts, name, limit):
+    """Labelled pairs for judge accuracy: the seed's answers to `prompts`, each paired with the answer to another
+    of them (<name>_answers.jsonl, <name>_pairs.jsonl in d)."""
+    f, seed = lambda x: os.path.join(d, f"{name}_{x}.jsonl"), str(args.seed * 1000 + 1)  # noqa: E731
+    return [(f"{name}_answers", "sample", ["--model", args.model, "--prompts", prompts, "--limit", str(limit), "--out",
+                                         f("answers"), "--n-responses", "1", "--temperature", schedule(args.temperature, 1),
+                                         "--max-new-tokens", str(args.eval_max_new_tokens), "--seed", seed] + engine_flags(args)),
+            (f"{name}_pairs", "evaluator", ["--step", "contrast", "--other-prompt", "--responses", f("answers"),
+                                          "--out", f("pairs"), "--seed", seed])]
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ with --sft-data, an iteration 0 first (SFT of the seed model on EFT and IFT data
 Each iteration writes <run-dir>/iter<t>/ (file formats in the README) and records finished stages in its
 manifest.json; re-running the same command continues where a killed run stopped and does nothing once all
 is done. Per-iteration schedules are comma lists, the last value repeating: --rho 0,0.32,0.32,0.4.
-Every stage is a script (sample.py, judge.py, meta_judge.py, train_dpo.py, evaluate.py) run in this process
-with the command line --dry-run prints; --sample-args, --judge-args, ... add any of that script's flags.
+Every stage is a script (sample.py, judge.py, meta_judge.py, train_dpo.py, evaluate.py, and the sibling methods'
+own) run in this process with the command line --dry-run prints; --sample-args, --judge-args, ... add any of
+that script's flags. The presets are in presets.py; a sibling method's stages (`loop_stages`) beside its rules.
 """
 import argparse
 import json
@@ -36,125 +37,11 @@ import train_dpo
 from common import (barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed,
                     load_function, load_template, lock_folder, model_fingerprint, print0, read_jsonl, render,
                     resolve_model, strict_json, write_json, write_jsonl)
+from presets import (JUDGED, METHOD_FLAGS, METRIC_FLAGS, OPTIONAL, PRESETS, ROOT, SELECT_METRIC, VERIFIED, engine_flags,
+                     in_schedule, schedule)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-# Presets fill every flag the user leaves unset; every value is a flag. A trailing "?" in a comment marks a
-# value that no primary source confirms (a secondary source, a guess where the paper is silent, or ours).
-PRESETS = {
-    # the embedded 135M model on a laptop CPU: the machinery end to end in minutes (expected score modes: the
-    # model cannot write a parseable score)
-    # and a system prompt asking for brevity, so that most answers end within 128 tokens (a cut one never wins)
-    "demo": dict(method="meta-rewarding", iterations=2, prompts_per_iter="6", n_responses=4, n_judgments=3,
-                 system_prompt="Answer briefly, in at most three sentences.",
-                 temperature=0.8, top_p=0.95, max_new_tokens=128, judge_max_new_tokens=64, meta_max_new_tokens=32,
-                 score_mode="expected", verdict_mode="expected", rho="0", judge_pairs_iters="1,2",
-                 max_chosen_chars="0", max_chosen_judgment_chars="0", beta=0.1, lr=2e-5, epochs=1, batch_size=4,
-                 micro_batch_size=2, max_len=1024, select="last", val_prompts_n=0, eval_prompts_n=12,
-                 eval_max_new_tokens=64, max_rows=96,  # all 72 judgments of an iteration decode together
-                 sft_lr=1e-5, sft_epochs=1, sft_batch_size=4),
-    # Meta-Rewarding (Wu et al. 2024) on a Llama-3-8B-Instruct-class model, iteration 0 = SFT on EFT data
-    "paper": dict(method="meta-rewarding", iterations=4,
-                  prompts_per_iter="5000",  # fresh prompts per iteration, from a pool of 20,000
-                  n_responses=7, n_judgments=11, temperature=0.8, top_p=0.95,
-                  max_new_tokens=1024, judge_max_new_tokens=512, meta_max_new_tokens=512,  # ?
-                  score_mode="parse", verdict_mode="parse",
-                  rho="0,0.32,0.32,0.4",  # ? (secondary source)
-                  judge_pairs_iters="1,2",  # judge pairs, and so meta-judging, in iterations 1-2 only
-                  max_chosen_chars="2500,0",  # ? chosen response at most 2,500 characters in iteration 1
-                  max_chosen_judgment_chars="1100,1000",  # ? chosen judgment caps in iterations 1 and 2
-                  beta=0.1, batch_size=32, lr=5e-6, epochs=10,  # ? lr, batch and epochs (secondary source)
-                  micro_batch_size=2, max_len=4096,
-                  select="val", val_prompts_n=200,  # ? the criterion is not published: ours, see README
-                  eval_prompts_n=0, eval_max_new_tokens=1024, max_rows=256,
-                  sft_lr=5.5e-6, sft_epochs=2, sft_batch_size=16),  # ? Self-Rewarding's SFT values, as recalled
-    # Self-Rewarding (Yuan et al. 2024) with its own settings; iteration 0 = SFT on IFT + EFT
-    "self-rewarding-paper": dict(method="self-rewarding", iterations=2,
-                                 prompts_per_iter="0",  # ? it made new prompts each iteration: pass a pool per run
-                                 n_responses=4, n_judgments=3, temperature=0.7, top_p=0.9,
-                                 max_new_tokens=1024, judge_max_new_tokens=512, meta_max_new_tokens=512,  # ?
-                                 score_mode="parse", verdict_mode="parse", rho="0", judge_pairs_iters="",
-                                 max_chosen_chars="0", max_chosen_judgment_chars="0",
-                                 beta=0.1, lr=1e-6, batch_size=16, epochs=1,  # ? epochs
-                                 micro_batch_size=2, max_len=4096, select="last", val_prompts_n=0,
-                                 eval_prompts_n=0, eval_max_new_tokens=1024, max_rows=256,
-                                 sft_lr=5.5e-6, sft_epochs=2, sft_batch_size=16),  # ? epochs
-}
-PRESETS["lift-demo"] = dict(
-    # LIFT on the embedded model, judge-free (word counts are arithmetic, so even a 135M model gets a real signal)
-    PRESETS["demo"], method="lift", iterations=1, prompts_per_iter="48", n_responses=4, system_prompt=None,
-    temperature=1.0, top_p=0.95, max_new_tokens=96, lr=1e-5, epochs=2, batch_size=8, micro_batch_size=4,
-    eval_prompts_n=20, eval_max_new_tokens=80, lift_per_prompt=3, truncated="keep")
-PRESETS["reasoning-demo"] = dict(
-    # IRPO (or --method scpo) on the embedded model: single-digit sums and products asked few-shot, on which it
-    # is right in about a quarter of its sampled answers (data/make_arith.py; the README has the probe)
-    PRESETS["demo"], method="irpo", iterations=1, prompts_per_iter="64", n_responses=6, system_prompt=None,
-    temperature=0.8, top_p=0.95, max_new_tokens=48, pairs_per_question=3, tau="0.5", nll_coef=1.0, lr=1e-5,
-    epochs=1, batch_size=8, micro_batch_size=4, eval_prompts_n=0, eval_max_new_tokens=48,
-    prompts=os.path.join(ROOT, "data", "arith_train.jsonl"), eval_prompts=os.path.join(ROOT, "data", "arith_test.jsonl"),
-    reasoning_template=os.path.join(ROOT, "data", "templates", "reasoning_fewshot.txt"))
-PRESETS["irpo-paper"] = dict(
-    # Iterative RPO (Pang et al. 2024) on GSM8K: --prompts gsm8k_train.jsonl (its own format is read as is)
-    PRESETS["paper"], method="irpo", iterations=4, prompts_per_iter="0",  # the whole training set each iteration
-    n_responses=30, pairs_per_question=10, temperature="0.8,0.8,1.3", top_p=1.0,  # T 1.3 from iteration 3
-    max_new_tokens=512, beta=0.1, nll_coef=1.0, lr=7e-7, epochs=3, batch_size=16,  # ? epochs and batch
-    # the checkpoint chosen by accuracy on 1,000 held-out training questions, then trained again with them
-    # (--val-retrain, on by default here); choosing among epochs rather than steps is ours (?)
-    select="val", val_prompts_n=1000, eval_samples=4)
-PRESETS["scpo-paper"] = dict(
-    # ScPO (Prasad et al. 2024): no gold answers; new questions each iteration (self_instruct.py with
-    # data/templates/question.txt), passed as --prompts
-    PRESETS["paper"], method="scpo", iterations=2, prompts_per_iter="0", n_responses=8, tau="0.5,0.7",
-    temperature=0.7, top_p=0.9, max_new_tokens=512, beta=0.5, nll_coef=1.0, lr=5e-6, epochs=10, batch_size=16,  # ? batch
-    select="val", val_prompts_n=500, eval_samples=4)  # the epoch by dev accuracy; 500 held-out questions (?)
-PRESETS["tpo-paper"] = dict(
-    # Thinking LLMs / TPO (Wu et al. 2024): 8 samples, 5,000 prompts per iteration, 10 epochs, up to 5 iterations;
-    # the paper judged with a separate judge model (pass --judge-model); its control is --no-thoughts
-    PRESETS["paper"], method="tpo", iterations=5, n_responses=8, temperature=0.8, top_p=0.95,
-    n_judgments=1, rho="0.5",  # ? one judgment (a reward model in the paper); rho in [0, 0.5]
-    judge_pairs_iters="", max_chosen_chars="0", eval_prompts_n=0,
-    select="val", val_prompts_n=200)  # the epoch by win rate on held-out prompts; 200 of them (?)
-PRESETS["ste-demo"] = dict(
-    # the Self-Taught Evaluator on the embedded model: y- = the answer to another request; the model cannot write
-    # a [[A]]/[[B]] verdict, so its probabilities of the letter after `Verdict: [[` decide (expected mode), and the
-    # letter is written out at the end of the judgment
-    PRESETS["demo"], method="self-taught-evaluator", iterations=1, prompts_per_iter="32", n_responses=1,
-    system_prompt=None, temperature=0.8, max_new_tokens=48, n_judgments=4, judge_max_new_tokens=32,
-    meta_max_new_tokens=32, verdict_mode="expected", sft_lr=3e-5, sft_epochs=2, sft_batch_size=8,
-    micro_batch_size=4, eval_prompts_n=20, eval_max_new_tokens=48, other_prompt=True)
-# flags that only some presets give a value: the rest take the default given here
-OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
-            "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
-            "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False}, "ste_dpo": {None: False},
-            "lift": {None: False}, "thoughts": {None: True}, "gold_solution": {None: True}, "no_sft": {None: False},
-            "val_retrain": {None: False, "irpo-paper": True},
-            "judge_eval": {"demo": os.path.join(ROOT, "data", "judge_eval.jsonl")}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
-            "thought_template": {None: os.path.join(ROOT, "data", "templates", "thought.txt")},
-            "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
-            "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
-            "reasoning_template": {None: os.path.join(ROOT, "data", "templates", "reasoning.txt")}}
-VERIFIED = ("irpo", "scpo")
-JUDGED = ("meta-rewarding", "self-rewarding")
-# flags only some methods read: given to another, they would be silently ignored, so they are refused
-METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_question": ("irpo",), "tau": ("scpo",),
-                "reasoning_template": VERIFIED, "gold_solution": ("irpo",), "thought_template": ("tpo",), "thoughts": ("tpo",),
-                "other_prompt": ("self-taught-evaluator",), "ste_dpo": ("self-taught-evaluator",),
-                "judge_pairs_iters": ("meta-rewarding",), "max_chosen_judgment_chars": ("meta-rewarding",),
-                "max_chosen_chars": JUDGED, "rho": JUDGED + ("tpo",), "score_mode": JUDGED + ("tpo",),
-                "judge_model": JUDGED + ("tpo",), "judge_fn": JUDGED + ("tpo",), "judge_args": JUDGED + ("tpo",),
-                "meta_judge_args": ("meta-rewarding",), "judge_eval": JUDGED + ("tpo",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
-# flags only one evaluation metric reads
-METRIC_FLAGS = {"eval_limits": "length", "eval_samples": "accuracy"}
-
-
-def schedule(value, t):
-    """The value of a comma-list schedule for iteration t (1-based); the last entry repeats."""
-    items = [x.strip() for x in str(value).split(",") if x.strip()]
-    return items[min(t, len(items)) - 1]
-
-
-def in_schedule(iters, t):
-    return str(t) in [x.strip() for x in str(iters).split(",")]
+# the scripts a stage can be, by the name the plan gives
+SCRIPTS = {m.__name__: m for m in (sample, judge, meta_judge, train_dpo, evaluate, lift, reasoning, tpo, evaluator)}
 
 
 def load_manifest(d):
@@ -206,58 +93,43 @@ def prompt_slices(args):
     return slices
 
 
-def engine_flags(args):
-    return ["--max-rows", str(args.max_rows), "--dtype", args.dtype]
-
-
 def plan(args, t, model_in):
-    """[(stage name, script module or None for the loop's own stages, argv)] of iteration t >= 1: the prompts and
+    """[(stage name, script name or None for the loop's own stages, argv)] of iteration t >= 1: the prompts and
     the actor's samples, then the method's own way from samples to pairs, training, evaluation and the report."""
     d = os.path.join(args.run, f"iter{t}")
     f = lambda name: os.path.join(d, name)  # noqa: E731
     seed = str(args.seed * 1000 + t)
     stages = [("prompts", None, []),
-              ("responses", sample, ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f("responses.jsonl"),
+              ("responses", "sample", ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f("responses.jsonl"),
                                      "--n-responses", str(args.n_responses), "--temperature", schedule(args.temperature, t),
                                      "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
                                      "--seed", seed] + (["--no-dedup"] if args.method in VERIFIED else [])  # votes count duplicates
               + engine_flags(args) + shlex.split(args.sample_args or ""))]
-    make = {"irpo": verified_stages, "scpo": verified_stages, "lift": lift_stages, "tpo": tpo_stages,
-            "self-taught-evaluator": evaluator_stages}.get(args.method, judged_stages)
+    make = {"irpo": reasoning.loop_stages, "scpo": reasoning.loop_stages, "lift": lift.loop_stages, "tpo": tpo.loop_stages,
+            "self-taught-evaluator": evaluator.loop_stages}.get(args.method, judged_stages)
     more, data = make(args, t, f, seed, model_in)
     dpo = lambda start, data, out: ["--model", start, "--data", *data, "--out", out, "--beta", str(args.beta),  # noqa: E731
                                     "--lr", str(args.lr)] + train_flags(args)
     if args.method == "self-taught-evaluator":  # its judges restart from the seed; --ste-dpo: then DPO + NLL
         sft_out = f("sft_model") if args.ste_dpo else f("model")
-        train = [("train", train_dpo, ["--model", args.model, "--objective", "sft", "--data", *data, "--out", sft_out,
+        train = [("train", "train_dpo", ["--model", args.model, "--objective", "sft", "--data", *data, "--out", sft_out,
                                        "--lr", str(args.sft_lr)] + train_flags(args, sft=True))]
         if args.ste_dpo:
-            train.append(("train_dpo", train_dpo, dpo(sft_out, [f("ste_sft.pairs.jsonl")], f("model"))
+            train.append(("train_dpo", "train_dpo", dpo(sft_out, [f("ste_sft.pairs.jsonl")], f("model"))
                           + ([] if args.nll_coef else ["--nll-coef", "1.0"])))
     else:
-        train = [("train", train_dpo, dpo(model_in, data, f("model")))]
+        train = [("train", "train_dpo", dpo(model_in, data, f("model")))]
     return stages + more + train + eval_and_report(args, d, model_in, t)
-
-
-def judge_argv(args, t, f, seed, model_in, responses, pairs=True):
-    cap = schedule(args.max_chosen_chars, t)
-    return (["--model", args.judge_model or model_in, "--responses", responses, "--out", f("judgments.jsonl")]
-            + (["--pairs", f("actor_pairs.jsonl"), "--rho", schedule(args.rho, t)] if pairs else [])
-            + ["--n-judgments", str(args.n_judgments), "--score-mode", args.score_mode,
-               "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
-               "--max-new-tokens", str(args.judge_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
-            + (["--max-chosen-chars", cap] if cap != "0" and pairs else []) + (["--judge-fn", args.judge_fn] if args.judge_fn else [])
-            + engine_flags(args) + shlex.split(args.judge_args or ""))
 
 
 def judged_stages(args, t, f, seed, model_in):
     """Meta-Rewarding and Self-Rewarding: the judge, the meta-judge where its pairs train, LIFT copies with --lift."""
-    stages = [("judgments", judge, judge_argv(args, t, f, seed, model_in, f("responses.jsonl")))]
+    stages = [("judgments", "judge", judge.loop_argv(args, t, f, seed, model_in, f("responses.jsonl")))]
     data = [f("actor_pairs.jsonl")]
     # the meta-judge runs only where its pairs are trained on: it is the costliest stage (N(N-1) battles)
     if args.method == "meta-rewarding" and in_schedule(args.judge_pairs_iters, t):
         cap = schedule(args.max_chosen_judgment_chars, t)
-        stages.append(("meta_judgments", meta_judge, [
+        stages.append(("meta_judgments", "meta_judge", [
             "--model", args.judge_model or model_in, "--judgments", f("judgments.jsonl"), "--out", f("meta_judgments.jsonl"),
             "--pairs", f("judge_pairs.jsonl"), "--verdict-mode", args.verdict_mode,
             "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
@@ -265,71 +137,9 @@ def judged_stages(args, t, f, seed, model_in):
             + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + shlex.split(args.meta_judge_args or "")))
         data.append(f("judge_pairs.jsonl"))
     if args.lift:  # actor pairs 10+ words apart also with a loose limit (preference kept) and a binding one (shorter wins)
-        stages.append(("lift_pairs", lift, ["--pairs", f("actor_pairs.jsonl"), "--out", f("lift_pairs.jsonl"), "--seed", seed]))
+        stages.append(lift.copy_stage(f, seed))
         data.append(f("lift_pairs.jsonl"))
     return stages, data
-
-
-def verified_stages(args, t, f, seed, model_in):
-    """IRPO and ScPO: the verifier (gold answers) or the vote in place of the judges."""
-    argv = ["--responses", f("responses.jsonl"), "--out", f("reasoning_pairs.jsonl"), "--method", args.method,
-            "--pairs-per-question", str(args.pairs_per_question), "--tau", schedule(args.tau, t),
-            "--truncated", args.truncated, "--seed", seed] + ([] if args.gold_solution else ["--no-gold-solution"])
-    return [("reasoning_pairs", reasoning, argv)], [f("reasoning_pairs.jsonl")]
-
-
-def lift_stages(args, t, f, seed, model_in):
-    """Judge-free LIFT: length-instructed pairs straight from the responses."""
-    return [("lift_pairs", lift, ["--responses", f("responses.jsonl"), "--out", f("lift_pairs.jsonl"), "--per-prompt",
-                                  str(args.lift_per_prompt), "--truncated", args.truncated, "--seed", seed])], [f("lift_pairs.jsonl")]
-
-
-def tpo_stages(args, t, f, seed, model_in):
-    """TPO: split each output into thought and response, judge the responses only, pair the whole outputs."""
-    return [("split", tpo, ["--step", "split", "--responses", f("responses.jsonl"), "--out", f("split.jsonl")]
-             + ([] if args.thoughts else ["--no-thoughts"])),
-            ("judgments", judge, judge_argv(args, t, f, seed, model_in, f("split.jsonl"), pairs=False)),
-            ("tpo_pairs", tpo, ["--step", "pairs", "--judgments", f("judgments.jsonl"), "--out", f("tpo_pairs.jsonl"),
-                                "--rho", schedule(args.rho, t), "--truncated", args.truncated])], [f("tpo_pairs.jsonl")]
-
-
-def evaluator_stages(args, t, f, seed, model_in):
-    """The Self-Taught Evaluator: contrasting pairs, the current judge's verdicts in both orders, the right ones
-    (labels balanced) as SFT data; in iteration 1 also the held-out labelled pairs every iteration is scored on."""
-    d = os.path.dirname(f("x"))
-    stages = ste_eval_stages(args, d) if t == 1 and not args.sft_data else []
-    if args.select == "val":  # the epoch is chosen by judge accuracy on pairs made from the held-out prompts
-        stages += labelled_pair_stages(args, d, f("val_prompts.jsonl"), "val", 0)
-    contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in] + engine_flags(args)
-    stages += [("contrast", evaluator, ["--step", "contrast", "--responses", f("responses.jsonl"), "--out", f("contrast.jsonl"),
-                                        "--seed", seed] + contrast),
-               ("pairwise", evaluator, ["--step", "judge", "--model", model_in, "--contrast", f("contrast.jsonl"),
-                                        "--out", f("pairwise.jsonl"), "--n-judgments", str(args.n_judgments),
-                                        "--verdict-mode", args.verdict_mode, "--temperature", schedule(args.judge_temperature, t),
-                                        "--max-new-tokens", str(args.judge_max_new_tokens), "--seed", seed] + engine_flags(args)),
-               ("select", evaluator, ["--step", "select", "--judged", f("pairwise.jsonl"), "--out", f("ste_sft.jsonl"),
-                                      "--seed", seed])]
-    return stages, [f("ste_sft.jsonl")]
-
-
-def ste_eval_stages(args, d):
-    """The Self-Taught Evaluator's held-out labelled pairs, made once in the run's first iteration (0 or 1) and
-    scored by every iteration's evaluation: the seed's answers to the evaluation prompts, each paired with the
-    answer to another of them."""
-    if args.method != "self-taught-evaluator" or args.eval_prompts_n < 0:
-        return []
-    return labelled_pair_stages(args, d, args.eval_prompts, "eval", args.eval_prompts_n)
-
-
-def labelled_pair_stages(args, d, prompts, name, limit):
-    """Labelled pairs for judge accuracy: the seed's answers to `prompts`, each paired with the answer to another
-    of them (<name>_answers.jsonl, <name>_pairs.jsonl in d)."""
-    f, seed = lambda x: os.path.join(d, f"{name}_{x}.jsonl"), str(args.seed * 1000 + 1)  # noqa: E731
-    return [(f"{name}_answers", sample, ["--model", args.model, "--prompts", prompts, "--limit", str(limit), "--out",
-                                         f("answers"), "--n-responses", "1", "--temperature", schedule(args.temperature, 1),
-                                         "--max-new-tokens", str(args.eval_max_new_tokens), "--seed", seed] + engine_flags(args)),
-            (f"{name}_pairs", evaluator, ["--step", "contrast", "--other-prompt", "--responses", f("answers"),
-                                          "--out", f("pairs"), "--seed", seed])]
 
 
 def train_flags(args, sft=False):
@@ -345,10 +155,10 @@ def train_flags(args, sft=False):
 def plan_sft(args):
     """Iteration 0: SFT of the seed model on --sft-data (EFT judgments and IFT replies), into iter0/model."""
     d = os.path.join(args.run, "iter0")
-    stages = [("train", train_dpo, ["--model", args.model, "--objective", "sft", "--data", *args.sft_data, "--out",
+    stages = [("train", "train_dpo", ["--model", args.model, "--objective", "sft", "--data", *args.sft_data, "--out",
                                     os.path.join(d, "model"), "--lr", str(args.sft_lr)] + train_flags(args, sft=True)
                + shlex.split(args.sft_args or ""))]
-    return stages + ste_eval_stages(args, d) + eval_and_report(args, d, args.model)
+    return stages + evaluator.eval_pair_stages(args, d) + eval_and_report(args, d, args.model)
 
 
 def eval_and_report(args, d, model_in, t=0):
@@ -368,7 +178,7 @@ def eval_and_report(args, d, model_in, t=0):
              "judge-accuracy": ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)],
              "accuracy": ["--samples", str(args.eval_samples), "--reasoning-template", args.reasoning_template],
              "length": ["--limits", args.eval_limits]}[m]
-    return [("evaluate", evaluate, argv + shlex.split(args.eval_args or ""))] + judge_eval_stage(args, d, model_in) + \
+    return [("evaluate", "evaluate", argv + shlex.split(args.eval_args or ""))] + judge_eval_stage(args, d, model_in) + \
         [("report", None, [])]
 
 
@@ -379,7 +189,7 @@ def judge_eval_stage(args, d, model_in):
     if not args.judge_eval or args.method not in JUDGED + ("tpo",):
         return []
     first = os.path.join(args.run, "iter0" if args.sft_data else "iter1")
-    return [("judge_eval", evaluate, ["--a", os.path.join(d, "model")] + (["--b", model_in] if d == first else []) + [
+    return [("judge_eval", "evaluate", ["--a", os.path.join(d, "model")] + (["--b", model_in] if d == first else []) + [
         "--metric", "judge-accuracy", "--prompts", args.judge_eval, "--out-dir", os.path.join(d, "judge_eval"),
         "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens), "--max-rows",
         str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)])]
@@ -401,7 +211,7 @@ def iterations(args):
 # Running a stage; the loop's own stages
 
 
-def run_stage(args, t, d, name, module, argv, model_in):
+def run_stage(args, t, d, name, script, argv, model_in):
     if name == "prompts":
         return stage_prompts(args, t, d)
     if name == "report":
@@ -410,7 +220,7 @@ def run_stage(args, t, d, name, module, argv, model_in):
         return stage_train(args, t, d, name, argv, model_in)
     if name == "evaluate" and args.eval_metric == "winrate" and t >= 1 and model_in != args.model:  # B: a model of this run
         reuse_answers(args, os.path.join(os.path.dirname(model_in), "eval"), os.path.join(d, "eval"))
-    return module.main(argv)
+    return SCRIPTS[script].main(argv)
 
 
 def reuse_answers(args, prev, folder):
@@ -471,11 +281,6 @@ def stage_train(args, t, d, name, argv, model_in):
     else:
         counts = train_dpo.main(argv)
     return dict(counts, data_files=[os.path.basename(f) for f in files])
-
-
-# --select val scores each epoch with the method's own measure (higher is better): the win rate against M_t,
-# greedy accuracy on held-out questions, or the share of word limits kept
-SELECT_METRIC = {"irpo": "accuracy", "scpo": "accuracy", "lift": "length", "self-taught-evaluator": "judge-accuracy"}
 
 
 def train_epochs(args):
@@ -744,9 +549,9 @@ def check_run(args):
             ok = key == "judge_pairs_iters" and items == [""]
         check_flags((flag(key), getattr(args, key), ok, f"a comma list of non-negative {kind.__name__}s"))
     for _, _, _, stages in iterations(args):
-        for name, module, argv in stages:
-            if module is not None:
-                module.parse_args(argv)
+        for name, script, argv in stages:
+            if script is not None:
+                SCRIPTS[script].parse_args(argv)
     if not args.dry_run:  # (a dry run may plan for models and data that live on another machine)
         check_models(args)
         for path in args.sft_data or ():  # iteration 0 trains on these: missing or empty is an error, never a skip
@@ -828,15 +633,13 @@ def check_run_settings(args):
 
 def dry_run(args):
     """The whole run as JSON: each iteration's prompt ids and every stage's full command line."""
-    scripts = {sample: "sample.py", judge: "judge.py", meta_judge: "meta_judge.py", train_dpo: "train_dpo.py",
-               evaluate: "evaluate.py", lift: "lift.py", reasoning: "reasoning.py", tpo: "tpo.py", evaluator: "evaluator.py"}
     doc = {"iterations": []}
     for t, d, model_in, stages in iterations(args):
         train, val = args.slices[t - 1] if t >= 1 else ([], [])
         doc["iterations"].append({
             "iteration": t, "model_in": model_in, "prompt_ids": [p["id"] for p in train],
             **({"val_prompt_ids": [p["id"] for p in val]} if val else {}),
-            "stages": [{"name": name, "argv": [scripts[m] if m else f"iterate.py:{name}"] + argv} for name, m, argv in stages]})
+            "stages": [{"name": name, "argv": [f"{m}.py" if m else f"iterate.py:{name}"] + argv} for name, m, argv in stages]})
     print(json.dumps(doc, indent=1))
     return doc
 
@@ -868,14 +671,14 @@ def main(argv=None):
         os.makedirs(d, exist_ok=True)
         manifest = load_manifest(d)
         manifest.update(iteration=t, model_in=model_in, model_out=os.path.join(d, "model"), method=args.method)
-        for name, module, stage_argv in stages:
+        for name, script, stage_argv in stages:
             done = manifest["stages"].get(name, {})
             if done.get("done"):
                 timings.append((t, name, done.get("seconds", 0.0), "done before"))
                 continue
             print0(f"\n=== iteration {t} | {name} ===")
             t0 = time.time()
-            counts = run_stage(args, t, d, name, module, stage_argv, model_in)
+            counts = run_stage(args, t, d, name, script, stage_argv, model_in)
             sec = round(time.time() - t0, 1)
             manifest["stages"][name] = {"done": True, "seconds": sec, "counts": counts or {}}
             save_manifest(d, manifest)

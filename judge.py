@@ -21,6 +21,9 @@ from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flag
                     file_digest, finish_stage, finite, init_distributed, load_function, load_model, load_template,
                     model_fingerprint, print0, read_jsonl, render, sampling_rules, stable_seed, start_stage, write_jsonl)
 from sample import Request, common_prefix, generate
+import shlex
+
+from presets import engine_flags, schedule
 
 def judge_prompt(template, rubric, prompt, response):
     return render(template, rubric=rubric.strip(), prompt=prompt.strip(), response=response.strip())
@@ -356,6 +359,22 @@ def main(argv=None):
         return run_judge(args, None, None, rank, world)
     model, tok, args.model_path = load_model(args.model, device, args.dtype, args.chat_format)
     return run_judge(args, model, tok, rank, world)
+
+
+# -----------------------------------------------------------------------------
+# The stage in iterate.py's plan
+
+
+def loop_argv(args, t, f, seed, model_in, responses, pairs=True):
+    """judge.py's command line in iteration t of iterate.py (f: a file of the iteration's folder)."""
+    cap = schedule(args.max_chosen_chars, t)
+    return (["--model", args.judge_model or model_in, "--responses", responses, "--out", f("judgments.jsonl")]
+            + (["--pairs", f("actor_pairs.jsonl"), "--rho", schedule(args.rho, t)] if pairs else [])
+            + ["--n-judgments", str(args.n_judgments), "--score-mode", args.score_mode,
+               "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
+               "--max-new-tokens", str(args.judge_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
+            + (["--max-chosen-chars", cap] if cap != "0" and pairs else []) + (["--judge-fn", args.judge_fn] if args.judge_fn else [])
+            + engine_flags(args) + shlex.split(args.judge_args or ""))
 
 
 if __name__ == "__main__":

@@ -197,5 +197,20 @@ def main(argv=None):
     return counts
 
 
+# -----------------------------------------------------------------------------
+# The stages in iterate.py's plan
+
+
+def loop_stages(args, t, f, seed, model_in):
+    """Judge-free LIFT: length-instructed pairs straight from the responses."""
+    return [("lift_pairs", "lift", ["--responses", f("responses.jsonl"), "--out", f("lift_pairs.jsonl"), "--per-prompt",
+                                  str(args.lift_per_prompt), "--truncated", args.truncated, "--seed", seed])], [f("lift_pairs.jsonl")]
+
+
+def copy_stage(f, seed):
+    """With iterate.py --lift: the actor pairs' length-instructed copies, a loose and a binding one each."""
+    return ("lift_pairs", "lift", ["--pairs", f("actor_pairs.jsonl"), "--out", f("lift_pairs.jsonl"), "--seed", seed])
+
+
 if __name__ == "__main__":
     main()

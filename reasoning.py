@@ -23,6 +23,7 @@ import re
 
 from common import check_flags, finite, read_jsonl, stable_seed, write_jsonl
 from lift import check_responses, cut_of
+from presets import schedule
 
 # -----------------------------------------------------------------------------
 # Final answers
@@ -250,6 +251,18 @@ def main(argv=None):
         write_jsonl(os.path.splitext(args.out)[0] + ".answers.jsonl", infos)
     print(f"{args.method} | " + " | ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     return counts
+
+
+# -----------------------------------------------------------------------------
+# The stages in iterate.py's plan
+
+
+def loop_stages(args, t, f, seed, model_in):
+    """IRPO and ScPO: the verifier (gold answers) or the vote in place of the judges."""
+    argv = ["--responses", f("responses.jsonl"), "--out", f("reasoning_pairs.jsonl"), "--method", args.method,
+            "--pairs-per-question", str(args.pairs_per_question), "--tau", schedule(args.tau, t),
+            "--truncated", args.truncated, "--seed", seed] + ([] if args.gold_solution else ["--no-gold-solution"])
+    return [("reasoning_pairs", "reasoning", argv)], [f("reasoning_pairs.jsonl")]
 
 
 if __name__ == "__main__":

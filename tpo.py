@@ -21,6 +21,8 @@ import os
 
 from common import check_flags, finite, read_jsonl, write_jsonl
 from lift import check_responses, cut_of
+import judge
+from presets import schedule
 
 THOUGHT, RESPONSE = "Here is my thought process:", "Here is my response:"
 
@@ -161,6 +163,19 @@ def main(argv=None):
         write_jsonl(args.out, recs)
     print(f"tpo {args.step} | " + " | ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     return counts
+
+
+# -----------------------------------------------------------------------------
+# The stages in iterate.py's plan
+
+
+def loop_stages(args, t, f, seed, model_in):
+    """TPO: split each output into thought and response, judge the responses only, pair the whole outputs."""
+    return [("split", "tpo", ["--step", "split", "--responses", f("responses.jsonl"), "--out", f("split.jsonl")]
+             + ([] if args.thoughts else ["--no-thoughts"])),
+            ("judgments", "judge", judge.loop_argv(args, t, f, seed, model_in, f("split.jsonl"), pairs=False)),
+            ("tpo_pairs", "tpo", ["--step", "pairs", "--judgments", f("judgments.jsonl"), "--out", f("tpo_pairs.jsonl"),
+                                "--rho", schedule(args.rho, t), "--truncated", args.truncated])], [f("tpo_pairs.jsonl")]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""
+The presets of iterate.py: every flag a run leaves unset takes its preset's value, and every value is a flag.
+A trailing "?" in a comment marks a value that no primary source confirms (a secondary source, a guess where the
+paper is silent, or ours). Also the per-iteration schedules (comma lists, the last value repeating) and which
+flags belong to which method, so that a flag another method would ignore is refused.
+
+    python iterate.py --preset paper --model DIR --prompts pool.jsonl --dry-run     # a preset's whole plan
+"""
+import os
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+PRESETS = {
+    # the embedded 135M model on a laptop CPU: the machinery end to end in minutes (expected score modes: the
+    # model cannot write a parseable score)
+    # and a system prompt asking for brevity, so that most answers end within 128 tokens (a cut one never wins)
+    "demo": dict(method="meta-rewarding", iterations=2, prompts_per_iter="6", n_responses=4, n_judgments=3,
+                 system_prompt="Answer briefly, in at most three sentences.",
+                 temperature=0.8, top_p=0.95, max_new_tokens=128, judge_max_new_tokens=64, meta_max_new_tokens=32,
+                 score_mode="expected", verdict_mode="expected", rho="0", judge_pairs_iters="1,2",
+                 max_chosen_chars="0", max_chosen_judgment_chars="0", beta=0.1, lr=2e-5, epochs=1, batch_size=4,
+                 micro_batch_size=2, max_len=1024, select="last", val_prompts_n=0, eval_prompts_n=12,
+                 eval_max_new_tokens=64, max_rows=96,  # all 72 judgments of an iteration decode together
+                 sft_lr=1e-5, sft_epochs=1, sft_batch_size=4),
+    # Meta-Rewarding (Wu et al. 2024) on a Llama-3-8B-Instruct-class model, iteration 0 = SFT on EFT data
+    "paper": dict(method="meta-rewarding", iterations=4,
+                  prompts_per_iter="5000",  # fresh prompts per iteration, from a pool of 20,000
+                  n_responses=7, n_judgments=11, temperature=0.8, top_p=0.95,
+                  max_new_tokens=1024, judge_max_new_tokens=512, meta_max_new_tokens=512,  # ?
+                  score_mode="parse", verdict_mode="parse",
+                  rho="0,0.32,0.32,0.4",  # ? (secondary source)
+                  judge_pairs_iters="1,2",  # judge pairs, and so meta-judging, in iterations 1-2 only
+                  max_chosen_chars="2500,0",  # ? chosen response at most 2,500 characters in iteration 1
+                  max_chosen_judgment_chars="1100,1000",  # ? chosen judgment caps in iterations 1 and 2
+                  beta=0.1, batch_size=32, lr=5e-6, epochs=10,  # ? lr, batch and epochs (secondary source)
+                  micro_batch_size=2, max_len=4096,
+                  select="val", val_prompts_n=200,  # ? the criterion is not published: ours, see README
+                  eval_prompts_n=0, eval_max_new_tokens=1024, max_rows=256,
+                  sft_lr=5.5e-6, sft_epochs=2, sft_batch_size=16),  # ? Self-Rewarding's SFT values, as recalled
+    # Self-Rewarding (Yuan et al. 2024) with its own settings; iteration 0 = SFT on IFT + EFT
+    "self-rewarding-paper": dict(method="self-rewarding", iterations=2,
+                                 prompts_per_iter="0",  # ? it made new prompts each iteration: pass a pool per run
+                                 n_responses=4, n_judgments=3, temperature=0.7, top_p=0.9,
+                                 max_new_tokens=1024, judge_max_new_tokens=512, meta_max_new_tokens=512,  # ?
+                                 score_mode="parse", verdict_mode="parse", rho="0", judge_pairs_iters="",
+                                 max_chosen_chars="0", max_chosen_judgment_chars="0",
+                                 beta=0.1, lr=1e-6, batch_size=16, epochs=1,  # ? epochs
+                                 micro_batch_size=2, max_len=4096, select="last", val_prompts_n=0,
+                                 eval_prompts_n=0, eval_max_new_tokens=1024, max_rows=256,
+                                 sft_lr=5.5e-6, sft_epochs=2, sft_batch_size=16),  # ? epochs
+}
+PRESETS["lift-demo"] = dict(
+    # LIFT on the embedded model, judge-free (word counts are arithmetic, so even a 135M model gets a real signal)
+    PRESETS["demo"], method="lift", iterations=1, prompts_per_iter="48", n_responses=4, system_prompt=None,
+    temperature=1.0, top_p=0.95, max_new_tokens=96, lr=1e-5, epochs=2, batch_size=8, micro_batch_size=4,
+    eval_prompts_n=20, eval_max_new_tokens=80, lift_per_prompt=3, truncated="keep")
+PRESETS["reasoning-demo"] = dict(
+    # IRPO (or --method scpo) on the embedded model: single-digit sums and products asked few-shot, on which it
+    # is right in about a quarter of its sampled answers (data/make_arith.py; the README has the probe)
+    PRESETS["demo"], method="irpo", iterations=1, prompts_per_iter="64", n_responses=6, system_prompt=None,
+    temperature=0.8, top_p=0.95, max_new_tokens=48, pairs_per_question=3, tau="0.5", nll_coef=1.0, lr=1e-5,
+    epochs=1, batch_size=8, micro_batch_size=4, eval_prompts_n=0, eval_max_new_tokens=48,
+    prompts=os.path.join(ROOT, "data", "arith_train.jsonl"), eval_prompts=os.path.join(ROOT, "data", "arith_test.jsonl"),
+    reasoning_template=os.path.join(ROOT, "data", "templates", "reasoning_fewshot.txt"))
+PRESETS["irpo-paper"] = dict(
+    # Iterative RPO (Pang et al. 2024) on GSM8K: --prompts gsm8k_train.jsonl (its own format is read as is)
+    PRESETS["paper"], method="irpo", iterations=4, prompts_per_iter="0",  # the whole training set each iteration
+    n_responses=30, pairs_per_question=10, temperature="0.8,0.8,1.3", top_p=1.0,  # T 1.3 from iteration 3
+    max_new_tokens=512, beta=0.1, nll_coef=1.0, lr=7e-7, epochs=3, batch_size=16,  # ? epochs and batch
+    # the checkpoint chosen by accuracy on 1,000 held-out training questions, then trained again with them
+    # (--val-retrain, on by default here); choosing among epochs rather than steps is ours (?)
+    select="val", val_prompts_n=1000, eval_samples=4)
+PRESETS["scpo-paper"] = dict(
+    # ScPO (Prasad et al. 2024): no gold answers; new questions each iteration (self_instruct.py with
+    # data/templates/question.txt), passed as --prompts
+    PRESETS["paper"], method="scpo", iterations=2, prompts_per_iter="0", n_responses=8, tau="0.5,0.7",
+    temperature=0.7, top_p=0.9, max_new_tokens=512, beta=0.5, nll_coef=1.0, lr=5e-6, epochs=10, batch_size=16,  # ? batch
+    select="val", val_prompts_n=500, eval_samples=4)  # the epoch by dev accuracy; 500 held-out questions (?)
+PRESETS["tpo-paper"] = dict(
+    # Thinking LLMs / TPO (Wu et al. 2024): 8 samples, 5,000 prompts per iteration, 10 epochs, up to 5 iterations;
+    # the paper judged with a separate judge model (pass --judge-model); its control is --no-thoughts
+    PRESETS["paper"], method="tpo", iterations=5, n_responses=8, temperature=0.8, top_p=0.95,
+    n_judgments=1, rho="0.5",  # ? one judgment (a reward model in the paper); rho in [0, 0.5]
+    judge_pairs_iters="", max_chosen_chars="0", eval_prompts_n=0,
+    select="val", val_prompts_n=200)  # the epoch by win rate on held-out prompts; 200 of them (?)
+PRESETS["ste-demo"] = dict(
+    # the Self-Taught Evaluator on the embedded model: y- = the answer to another request; the model cannot write
+    # a [[A]]/[[B]] verdict, so its probabilities of the letter after `Verdict: [[` decide (expected mode), and the
+    # letter is written out at the end of the judgment
+    PRESETS["demo"], method="self-taught-evaluator", iterations=1, prompts_per_iter="32", n_responses=1,
+    system_prompt=None, temperature=0.8, max_new_tokens=48, n_judgments=4, judge_max_new_tokens=32,
+    meta_max_new_tokens=32, verdict_mode="expected", sft_lr=3e-5, sft_epochs=2, sft_batch_size=8,
+    micro_batch_size=4, eval_prompts_n=20, eval_max_new_tokens=48, other_prompt=True)
+# flags that only some presets give a value: the rest take the default given here
+OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr 1e-6 decaying to 1e-7
+            "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
+            "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False}, "ste_dpo": {None: False},
+            "lift": {None: False}, "thoughts": {None: True}, "gold_solution": {None: True}, "no_sft": {None: False},
+            "val_retrain": {None: False, "irpo-paper": True},
+            "judge_eval": {"demo": os.path.join(ROOT, "data", "judge_eval.jsonl")}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
+            "thought_template": {None: os.path.join(ROOT, "data", "templates", "thought.txt")},
+            "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
+            "eval_prompts": {None: os.path.join(ROOT, "data", "eval_prompts.jsonl")},
+            "reasoning_template": {None: os.path.join(ROOT, "data", "templates", "reasoning.txt")}}
+VERIFIED = ("irpo", "scpo")
+JUDGED = ("meta-rewarding", "self-rewarding")
+# flags only some methods read: given to another, they would be silently ignored, so they are refused
+METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_question": ("irpo",), "tau": ("scpo",),
+                "reasoning_template": VERIFIED, "gold_solution": ("irpo",), "thought_template": ("tpo",), "thoughts": ("tpo",),
+                "other_prompt": ("self-taught-evaluator",), "ste_dpo": ("self-taught-evaluator",),
+                "judge_pairs_iters": ("meta-rewarding",), "max_chosen_judgment_chars": ("meta-rewarding",),
+                "max_chosen_chars": JUDGED, "rho": JUDGED + ("tpo",), "score_mode": JUDGED + ("tpo",),
+                "judge_model": JUDGED + ("tpo",), "judge_fn": JUDGED + ("tpo",), "judge_args": JUDGED + ("tpo",),
+                "meta_judge_args": ("meta-rewarding",), "judge_eval": JUDGED + ("tpo",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
+# flags only one evaluation metric reads
+METRIC_FLAGS = {"eval_limits": "length", "eval_samples": "accuracy"}
+
+
+# --select val scores each epoch with the method's own measure (higher is better): the win rate against M_t,
+# greedy accuracy on held-out questions, or the share of word limits kept
+SELECT_METRIC = {"irpo": "accuracy", "scpo": "accuracy", "lift": "length", "self-taught-evaluator": "judge-accuracy"}
+
+
+def schedule(value, t):
+    """The value of a comma-list schedule for iteration t (1-based); the last entry repeats."""
+    items = [x.strip() for x in str(value).split(",") if x.strip()]
+    return items[min(t, len(items)) - 1]
+
+
+def in_schedule(iters, t):
+    return str(t) in [x.strip() for x in str(iters).split(",")]
+
+
+def engine_flags(args):
+    return ["--max-rows", str(args.max_rows), "--dtype", args.dtype]
