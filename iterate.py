@@ -137,7 +137,7 @@ def judged_stages(args, t, f, seed, model_in):
             + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + shlex.split(args.meta_judge_args or "")))
         data.append(f("judge_pairs.jsonl"))
     if args.lift:  # actor pairs 10+ words apart also with a loose limit (preference kept) and a binding one (shorter wins)
-        stages.append(lift.copy_stage(f, seed))
+        stages.append(lift.copy_stage(args, f, seed))
         data.append(f("lift_pairs.jsonl"))
     return stages, data
 
@@ -476,7 +476,7 @@ def build_parser():
     g = p.add_argument_group("engine and pass-through")
     g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    for stage in ("sample", "judge", "meta-judge", "train", "eval"):
+    for stage in ("sample", "judge", "meta-judge", "train", "eval", "lift"):
         g.add_argument(f"--{stage}-args", default=None, help=f"more flags for every {stage} stage, as one string")
     add_method_flags(p)
     return p

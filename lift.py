@@ -25,6 +25,7 @@ The instruction is a template (`data/templates/lift.txt`, with `{max_words}` and
 also asks with a paraphrase (`lift_paraphrase.txt`) to see whether the model learned the words or the idea.
 """
 import argparse
+import shlex
 import os
 import random
 import re
@@ -156,6 +157,7 @@ def build_parser():
     p.add_argument("--template", default=os.path.join(TEMPLATES, "lift.txt"), help="length instruction ({max_words}, {prompt})")
     p.add_argument("--per-prompt", type=int, default=2, help="--responses: pairs per prompt")
     p.add_argument("--min-gap", type=int, default=10, help="--pairs: fewest words by which a pair's responses differ to get copies")
+    p.add_argument("--no-loose", action="store_true", help="--pairs: binding copies only (an ablation of the loose ones)")
     p.add_argument("--loose-margin", type=int, default=10, help="--pairs: the loose copy's limit is the longer response's words plus this")
     p.add_argument("--truncated", default="drop", choices=("drop", "keep"),
                    help="--responses: responses cut at their token limit in no pair (drop), or only ever rejected (keep); "
@@ -181,6 +183,8 @@ def main(argv=None):
         empty = os.path.isfile(args.pairs) and os.path.getsize(args.pairs) == 0
         pairs = [] if empty else read_jsonl(args.pairs, required=("prompt", "chosen", "rejected"), what="pair", check=check_pair)
         out = augment(pairs, rng, template, args.min_gap, args.loose_margin)  # the originals are in their own file
+        if args.no_loose:  # the ablation: binding copies only (the same ones: the limits were drawn as before)
+            out = [p for p in out if p["kind"] != "lift-loose"]
         counts = {"pairs_in": len(pairs), "lift_pairs": len(out), "loose": sum(p["kind"] == "lift-loose" for p in out),
                   "flipped": sum(p["flipped"] for p in out)}
     else:
@@ -207,9 +211,11 @@ def loop_stages(args, t, f, seed, model_in):
                                   str(args.lift_per_prompt), "--truncated", args.truncated, "--seed", seed])], [f("lift_pairs.jsonl")]
 
 
-def copy_stage(f, seed):
-    """With iterate.py --lift: the actor pairs' length-instructed copies, a loose and a binding one each."""
-    return ("lift_pairs", "lift", ["--pairs", f("actor_pairs.jsonl"), "--out", f("lift_pairs.jsonl"), "--seed", seed])
+def copy_stage(args, f, seed):
+    """With iterate.py --lift: the actor pairs' length-instructed copies, a loose and a binding one each
+    (--lift-args passes more of this script's flags)."""
+    return ("lift_pairs", "lift", ["--pairs", f("actor_pairs.jsonl"), "--out", f("lift_pairs.jsonl"), "--seed", seed]
+            + shlex.split(args.lift_args or ""))
 
 
 if __name__ == "__main__":

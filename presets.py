@@ -111,7 +111,7 @@ METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_questio
                 "judge_pairs_iters": ("meta-rewarding",), "max_chosen_judgment_chars": ("meta-rewarding",),
                 "max_chosen_chars": JUDGED, "rho": JUDGED + ("tpo",), "score_mode": JUDGED + ("tpo",),
                 "judge_model": JUDGED + ("tpo",), "judge_fn": JUDGED + ("tpo",), "judge_args": JUDGED + ("tpo",),
-                "meta_judge_args": ("meta-rewarding",), "judge_eval": JUDGED + ("tpo",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
+                "meta_judge_args": ("meta-rewarding",), "lift_args": JUDGED, "judge_eval": JUDGED + ("tpo",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
 # flags only one evaluation metric reads
 METRIC_FLAGS = {"eval_limits": "length", "eval_samples": "accuracy"}
 

@@ -139,3 +139,19 @@ def test_lift_beside_meta_rewarding(tmp_path):
     assert counts["pairs_in"] > 0 and counts["lift_pairs"] == len(open(os.path.join(d, "lift_pairs.jsonl")).readlines())
     # the copies train beside the actor pairs when there are any (the tiny model's answers rarely differ by 10 words)
     assert ("lift_pairs.jsonl" in man["stages"]["train"]["counts"]["data_files"]) == (counts["lift_pairs"] > 0)
+
+
+def test_no_loose_keeps_the_same_binding_copies(tmp_path):
+    """--no-loose (the ablation of the loose copies) leaves out exactly the loose copies: the binding ones, their
+    limits drawn as before, are the same."""
+    pairs = tmp_path / "p.jsonl"
+    with open(pairs, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"id": f"x{i}", "prompt": f"Tell me about {i}.", "chosen": "one two three",
+                                "rejected": " ".join(["word"] * (14 + i))}) + "\n")
+    both, binding = str(tmp_path / "both.jsonl"), str(tmp_path / "binding.jsonl")
+    lift.main(["--pairs", str(pairs), "--out", both, "--seed", "3"])
+    lift.main(["--pairs", str(pairs), "--out", binding, "--seed", "3", "--no-loose"])
+    read = lambda p: [json.loads(line) for line in open(p)]  # noqa: E731
+    assert [r["kind"] for r in read(both)] == ["lift-loose", "lift"] * 4
+    assert read(binding) == [r for r in read(both) if r["kind"] == "lift"]
