@@ -10,7 +10,7 @@ from conftest import tiny_args
 
 from model import Transformer
 from sample import KVCache, decode_one_token
-from train_dpo import preference_loss, sequence_logps
+from train_dpo import collate_pairs, pair_logps, preference_loss, sequence_logps
 
 META = torch.device("meta")
 
@@ -48,9 +48,12 @@ def test_inference_paths_keep_to_the_model_device():
         assert logits.device == META and logits.shape == (2, 97)
 
 
-def test_a_dpo_step_keeps_to_the_model_device(monkeypatch):
-    # the log-prob head skips positions without a target (a nonzero); meta tensors have no values to count
-    monkeypatch.setattr(torch.fx.experimental._config, "meta_nonzero_assume_all_nonzero", True)
+# the log-prob head skips positions without a target (a nonzero); meta tensors have no values to count
+NONZERO_ON_META = torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True)
+
+
+@NONZERO_ON_META
+def test_a_dpo_step_keeps_to_the_model_device():
     model = meta_model()
     tokens, mask = ints(4, 12), ints(4, 12)  # 2 pairs: chosen rows, then rejected rows
     logps, lengths = sequence_logps(model, tokens, mask)
@@ -63,3 +66,16 @@ def test_a_dpo_step_keeps_to_the_model_device(monkeypatch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     opt.step()
     assert all(s["exp_avg"].device == META for s in opt.state.values())
+
+
+@NONZERO_ON_META
+def test_a_packed_pair_step_keeps_to_the_model_device():
+    # what training runs: one row per pair and its branch mask (train_dpo.SharedPromptView), built on the device
+    model = meta_model()
+    examples = [{"prompt": [5, 6, 7], "responses": [[8, 9], [10]]}, {"prompt": [11], "responses": [[12, 13, 14], [15, 16]]}]
+    batch = collate_pairs(examples, [0, 1], META)
+    assert batch["tokens"].device == META and batch["view"].mask.device == META
+    chosen, rejected, n_c, n_r = pair_logps(model, batch)
+    assert {t.device for t in (chosen, rejected, n_c, n_r)} == {META}
+    (chosen - rejected).sum().backward()
+    assert all(p.grad is not None and p.grad.device == META for p in model.parameters())
