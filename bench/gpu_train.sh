@@ -1,49 +1,58 @@
 #!/usr/bin/env bash
-# Training and the whole loop on a CUDA machine, in one command (about 8 minutes on one H100/H200):
-#   1. the training tests on cuda: log-probs and gradients against float64 (tests/test_device.py), the trainer
-#      and its resume (tests/test_train_dpo.py), the loop end to end with a SIGKILL and a resume that must equal
-#      an uninterrupted run (tests/test_iterate.py); every stage picks the GPU when there is one;
-#   2. the DPO step against the same step on transformers, fp32 weights with bf16 autocast, sequences of about
-#      2,048 tokens, compiled blocks, with MFU; 1B- and 3B-shaped;
-#   3. one iteration of the demo preset's shape on the 1B-shaped model, for the stage timings.
-# Each step has its own limit and a failed one does not stop the rest. Writes $OUT/gpu_train.log, one JSON per
-# benchmark and $OUT/gpu_train.json. Carry checkpoints/tokenizer (`python bench/shapes.py` writes it).
+# Training and the whole loop on a CUDA machine in one command, within BUDGET=480 s (8 minutes: the step limits
+# below sum to it, and no step runs past what is left of it):
+#   preflight  versions, pytest, a tiny torch.compile on the GPU, free disk (bench/preflight.py); the steps adapt
+#              to what is missing (see bench/gpu.sh)
+#   tests      on cuda, without stopping at a failure: log-probs and gradients against float64 (tests/test_device.py),
+#              the trainer and its resume (tests/test_train_dpo.py), the loop end to end with a SIGKILL and a resume
+#              that must equal an uninterrupted run (tests/test_iterate.py); every stage picks the GPU when there is
+#              one. A test of 2 ranks would ask for cuda:1, so on one GPU it is left out (the CPU suite runs it);
+#              without pytest only the device tests run (bench/minitest.py)
+#   dpo_1b     the DPO step (train_dpo.py's packed pairs) against the two-row step on transformers, fp32 weights and
+#              bf16 autocast, 4 pairs of about 2,000-token responses, ours eager, transformers, ours compiled, MFU
+#   dpo_3b     the same on the 3B shape with activation checkpointing on both sides (without it, transformers'
+#              side needs more than a 139 GiB GPU holds)
+#   loop_1b    one iteration of the demo preset's shape on a random 1B-shaped model with extra end tokens (so its
+#              answers end and the loop makes pairs and trains), for the stage timings (bench/bench_loop.py)
+# Each benchmark writes its JSON as it goes; $OUT/gpu_train.json merges them with the steps' exit codes and seconds
+# after every step. Temporary files (the loop's checkpoint and run) live under one folder removed at exit.
 #   OUT=/tmp/out bash bench/gpu_train.sh      SMOKE=1 bash bench/gpu_train.sh   (tiny shapes on the CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/out}
-PY=${PYTHON:-python}
+OUT=${OUT:-bench/out} PY=${PYTHON:-python} NAME=gpu_train PREFIXES="dpo_ loop_"
 mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_train.log") 2>&1
 if [ "${SMOKE:-0}" = 1 ]; then
-  DEV=cpu; SHAPES="tiny"; PAIRS=2; RESP=120; EXTRA=""; TESTS="tests/test_device.py"; LOOP=tiny
+  DEV=cpu SHAPE1=tiny SHAPE2=tiny PAIRS=2 RESP=40 LOOP=tiny LOOPARGS=--smoke NEED_GB=1 BUDGET=${BUDGET:-600}
+  TESTS="tests/test_device.py"
 else
-  DEV=cuda; SHAPES="1b 3b"; PAIRS=4; RESP=1990; EXTRA="--autocast --compile"; LOOP=1b
+  DEV=cuda SHAPE1=1b SHAPE2=3b PAIRS=4 RESP=1990 LOOP=1b LOOPARGS="" NEED_GB=30
   TESTS="tests/test_device.py tests/test_train_dpo.py tests/test_iterate.py"
 fi
 source bench/steps.sh
-{
-  $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-  step tests 240 env TEST_DEVICE=$DEV $PY -m pytest -q -x $TESTS
-  for s in $SHAPES; do
-    step dpo_$s 120 $PY bench/bench_dpo.py --shape $s --device $DEV --pairs $PAIRS --response-tokens $RESP --steps 3 \
-      --repeats 1 $EXTRA --json "$OUT/dpo_$s.json"
-  done
-  step loop_$LOOP 150 $PY - "$OUT" "$LOOP" "$DEV" <<'PY'
-import json, os, subprocess, sys, tempfile, time
-sys.path.insert(0, "bench")
-import torch, shapes
-out, shape, dev = sys.argv[1:4]
-ckpt = shapes.random_checkpoint(shape, tempfile.mkdtemp(), dev, torch.bfloat16 if dev == "cuda" else torch.float32)
-run = tempfile.mkdtemp()
-t0 = time.time()
-subprocess.run([sys.executable, "iterate.py", "--run-dir", run, "--model", ckpt, "--iterations", "1"]
-               + (["--prompts-per-iter", "4", "--max-new-tokens", "16", "--judge-max-new-tokens", "16", "--meta-max-new-tokens", "8",
-                   "--eval-prompts-n", "2", "--eval-max-new-tokens", "8"] if dev == "cpu" else []), check=True)
-man = json.load(open(os.path.join(run, "iter1", "manifest.json")))
-fig = {"shape": shape, "device": dev, "seconds": round(time.time() - t0, 1),
-       "stages": {k: v.get("seconds") for k, v in man["stages"].items()}}
-json.dump(fig, open(os.path.join(out, f"loop_{shape}.json"), "w"), indent=1)
-print(fig)
-PY
-} 2>&1 | tee "$OUT/gpu_train.log"
-merge "$OUT" gpu_train dpo_ loop_
+start
+preflight
+COMPILE=--compile HF=""
+[ "$PF_COMPILE" != 1 ] && COMPILE="" && echo "no working torch.compile: the compiled side is left out"
+[ "$PF_HF" != 1 ] && HF=--no-hf && echo "no transformers: our side only"
+if [ "$PF_PYTEST" = 1 ]; then
+  DESELECT=""
+  if [ "$PF_GPUS" -lt 2 ] && [ "$DEV" = cuda ]; then
+    echo "one GPU: tests/test_train_dpo.py::test_two_fsdp_ranks_match_one_process_and_resume left out (its second rank would ask for cuda:1)"
+    DESELECT="--deselect tests/test_train_dpo.py::test_two_fsdp_ranks_match_one_process_and_resume"
+  fi
+  step tests 130 env TEST_DEVICE=$DEV TEST_COMPILE=$PF_COMPILE $PY -m pytest -v -p no:cacheprovider --durations=10 $DESELECT $TESTS
+else
+  echo "no pytest: only the device tests run (bench/minitest.py); the trainer's and the loop's tests are skipped"
+  step tests 130 env TEST_DEVICE=$DEV TEST_COMPILE=$PF_COMPILE $PY bench/minitest.py tests/test_device.py
+fi
+DPO="--device $DEV --autocast --pairs $PAIRS --response-tokens $RESP --steps 3 --repeats 1 $HF"
+[ "$DEV" = cpu ] && DPO="--device cpu --pairs $PAIRS --response-tokens $RESP --steps 1 --repeats 1 $HF"
+step dpo_$SHAPE1 110 $PY bench/bench_dpo.py --shape $SHAPE1 $DPO $COMPILE --json "$OUT/dpo_$SHAPE1.json"
+step dpo_${SHAPE2}_ckpt 95 $PY bench/bench_dpo.py --shape $SHAPE2 $DPO --activation-checkpointing --json "$OUT/dpo_${SHAPE2}_ckpt.json"
+if [ "$PF_DISK_GB" -lt "$NEED_GB" ]; then
+  skip loop_$LOOP "free disk $PF_DISK_GB GiB, under the $NEED_GB GiB its checkpoints need"
+else
+  step loop_$LOOP 100 $PY bench/bench_loop.py --shape $LOOP --device $DEV $LOOPARGS --json "$OUT/loop_$LOOP.json"
+fi
+echo "merged: $OUT/$NAME.json ($SECONDS s in all)"

@@ -114,4 +114,7 @@ def temporary_folder():
 
 
 def deadline_from(seconds):
+    """The deadline of a run given --time-limit seconds, or BENCH_TIME_LIMIT (what bench/steps.sh gives each
+    step: its own limit less a margin to write the JSON and clean up); None for no limit."""
+    seconds = seconds or float(os.environ.get("BENCH_TIME_LIMIT", 0))
     return time.time() + seconds if seconds else None
