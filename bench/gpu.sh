@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out} PY=${PYTHON:-python} NAME=gpu PREFIXES="sample_ decode_ host_syncs"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
+TEE=$!
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu BIG=tiny SMALL=tiny SCALE="--max-prompts 2 --new-tokens 8" BIGSCALE="--max-prompts 2 --new-tokens 8" NEW=16 BUDGET=${BUDGET:-600}
   MODES_SMALL=eager,transformers,default MODES_BIG=eager,transformers
@@ -41,14 +42,16 @@ if [ "$PF_HF" != 1 ]; then
   MODES_SMALL=${MODES_SMALL/transformers,/} MODES_BIG=${MODES_BIG/transformers,/} SIDES=ours
 fi
 if [ "$PF_PYTEST" = 1 ]; then
-  step tests 70 env TEST_DEVICE=$DEV TEST_COMPILE=$PF_COMPILE $PY -m pytest -v -p no:cacheprovider tests/test_device.py tests/test_placement.py
+  step tests 65 env TEST_DEVICE=$DEV TEST_COMPILE=$PF_COMPILE $PY -m pytest -v -p no:cacheprovider tests/test_device.py tests/test_placement.py
 else
   echo "no pytest: the device tests run through bench/minitest.py"
-  step tests 70 env TEST_DEVICE=$DEV TEST_COMPILE=$PF_COMPILE $PY bench/minitest.py tests/test_device.py tests/test_placement.py
+  step tests 65 env TEST_DEVICE=$DEV TEST_COMPILE=$PF_COMPILE $PY bench/minitest.py tests/test_device.py tests/test_placement.py
 fi
 step syncs 20 $PY bench/host_syncs.py --device $DEV --json "$OUT/host_syncs.json"
-step decode_$SMALL 80 $PY bench/bench_decode.py --shape $SMALL --device $DEV --new-tokens $NEW --modes $MODES_SMALL --json "$OUT/decode_$SMALL.json"
-step sample_$SMALL 105 $PY bench/bench_sample.py --shape $SMALL $SCALE --sides $SIDES --device $DEV --json "$OUT/sample_$SMALL.json"
-step sample_${BIG}_actor 90 $PY bench/bench_sample.py --shape $BIG $BIGSCALE --workload actor --sides $SIDES --device $DEV --json "$OUT/sample_${BIG}_actor.json"
-step decode_${BIG}_big 70 $PY bench/bench_decode.py --shape $BIG --device $DEV --new-tokens $NEW --modes $MODES_BIG --json "$OUT/decode_${BIG}_big.json"
+step decode_$SMALL 75 $PY bench/bench_decode.py --shape $SMALL --device $DEV --new-tokens $NEW --modes $MODES_SMALL --json "$OUT/decode_$SMALL.json"
+step sample_$SMALL 115 $PY bench/bench_sample.py --shape $SMALL $SCALE --sides $SIDES --device $DEV --json "$OUT/sample_$SMALL.json"
+step sample_${BIG}_actor 85 $PY bench/bench_sample.py --shape $BIG $BIGSCALE --workload actor --sides $SIDES --device $DEV --json "$OUT/sample_${BIG}_actor.json"
+step decode_${BIG}_big 75 $PY bench/bench_decode.py --shape $BIG --device $DEV --new-tokens $NEW --modes $MODES_BIG --json "$OUT/decode_${BIG}_big.json"
 echo "merged: $OUT/$NAME.json ($SECONDS s in all)"
+exec >&- 2>&-  # close the pipe to tee and let it write the last lines
+wait $TEE 2>/dev/null
