@@ -74,18 +74,24 @@ def count(device, rows=8, new_tokens=12):
     # fixed-length samples (no stop tokens) with top-p, as the actor stage draws them: every step is alike
     reqs = [sample.Request(list(range(5, 5 + 7 + i)), n=2, temperature=0.8, top_p=0.95, max_new_tokens=new_tokens,
                            stop_ids=(), seed=i) for i in range(rows // 2)]
+
+    def on_warning(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):  # what set_sync_debug_mode says at each CUDA sync
+            rec.steps[-1].append(("CUDA sync", f"{os.path.relpath(filename, ROOT)}:{lineno}"))
+
     sample.decode_one_token, torch.Tensor.tolist = step, tolist
-    syncs = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = on_warning
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode("warn")
-            with rec:
-                sample.complete(model, reqs, max_rows=rows)
-            if device == "cuda":
-                torch.cuda.set_sync_debug_mode(0)
-        syncs = [f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+            try:
+                with rec:
+                    sample.complete(model, reqs, max_rows=rows)
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
     finally:
         sample.decode_one_token, torch.Tensor.tolist = real_step, real_tolist
     # the intervals between decode calls 2..n-1 are the steady state (the first follows the prefill, the last
@@ -94,9 +100,9 @@ def count(device, rows=8, new_tokens=12):
     per_step = collections.Counter(e for s in steady for e in s)
     return {"decode_steps": len(rec.steps) - 1, "steady_steps": len(steady),
             "events_per_step": {f"{kind} | {where}": round(n / len(steady), 2) for (kind, where), n in sorted(per_step.items())},
-            "total_per_step": round(sum(per_step.values()) / len(steady), 2),
-            "cuda_syncs_total": len(syncs) if device == "cuda" else None,
-            "cuda_sync_sites": dict(collections.Counter(syncs)) if device == "cuda" else None}
+            "total_per_step": round(sum(n for (kind, _), n in per_step.items() if kind != "CUDA sync") / len(steady), 2),
+            "cuda_syncs_per_step": round(sum(n for (kind, _), n in per_step.items() if kind == "CUDA sync") / len(steady), 2)
+            if device == "cuda" else None}
 
 
 def main(argv=None):
@@ -106,11 +112,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = dict(count(args.device), env=shapes.environment(args.device))
-    print(f"{out['steady_steps']} steady decode steps of {out['decode_steps']}: {out['total_per_step']} events per step")
+    print(f"{out['steady_steps']} steady decode steps of {out['decode_steps']}: {out['total_per_step']} events per step"
+          + (f", {out['cuda_syncs_per_step']} CUDA syncs per step" if out["cuda_syncs_per_step"] is not None else ""))
     for what, n in out["events_per_step"].items():
         print(f"  {n:5.2f} per step  {what}")
-    if out["cuda_syncs_total"] is not None:
-        print(f"CUDA syncs over the whole run: {out['cuda_syncs_total']}; by line: {out['cuda_sync_sites']}")
     if args.json:
         write_json(args.json, out, indent=1)
 

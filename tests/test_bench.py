@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_dpo  # noqa: E402
 import bench_sample  # noqa: E402
 import harness  # noqa: E402
+import host_syncs  # noqa: E402
 import shapes  # noqa: E402
 
 PY = sys.executable
@@ -172,6 +173,17 @@ def test_nothing_compiles_inside_the_timed_generation(monkeypatch):
     bench_sample.run_ours(model, prompts, 2, 6, compile=True)
     warm, timed = graphs
     assert timed == warm  # the timed call found its graph compiled
+
+
+def test_host_syncs_are_counted_per_decode_step_by_line():
+    # at least the one read a step needs (the sampled tokens, which tell the host which rows stop)
+    tolist = torch.Tensor.tolist
+    out = host_syncs.count("cpu", rows=4, new_tokens=8)
+    assert torch.Tensor.tolist is tolist  # the counting patch is undone
+    assert out["decode_steps"] == 7 and out["steady_steps"] == 5  # the first token comes from the prefill
+    reads = {k: n for k, n in out["events_per_step"].items() if k.startswith("host reads") and "sample.py:" in k}
+    assert reads and all(n == int(n) for n in out["events_per_step"].values())  # every steady step alike
+    assert out["total_per_step"] >= 1 and out["cuda_syncs_per_step"] is None
 
 
 # -----------------------------------------------------------------------------
