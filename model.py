@@ -484,10 +484,20 @@ class TargetLogps(torch.autograd.Function):
             kept.append(None if recompute else logits)
         ctx.save_for_backward(h, weight, targets, torch.cat(lses) if lses else h.new_zeros(0, dtype=torch.float32))
         ctx.chunk, ctx.kept = chunk, kept
+        # autograd runs backward outside the forward's autocast: remember it, so that the backward's matmuls (and
+        # a recomputed logit) run in the same precision as the forward's, not in fp32
+        device = h.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return TargetLogps._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         h, weight, targets, lse = ctx.saved_tensors
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None

@@ -287,3 +287,27 @@ def test_flash_and_sdpa_agree_in_bf16():
         model.attn_backend = "sdpa"
         b = model(tokens)
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
+
+
+def test_log_prob_head_backward_keeps_the_forwards_precision():
+    """The hand-written head backward ran outside the forward's autocast: under bf16 autocast with the logits
+    recomputed (activation checkpointing) it mixed fp32 logits with a bf16 log-sum-exp, and its gradient was
+    about twice as far from float64 as with the logits kept. Both must be as close as bf16 allows."""
+    from model import TargetLogps
+    g = torch.Generator().manual_seed(0)
+    h64, w64 = torch.randn(64, 32, generator=g, dtype=torch.float64), torch.randn(500, 32, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 500, (64,), generator=g)
+    up = torch.randn(64, generator=g, dtype=torch.float64)
+
+    def grads(dtype, recompute, autocast):
+        h, w = (x.detach().to(dtype).clone().requires_grad_() for x in (h64, w64))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lp = TargetLogps.apply(h, w, targets, 16, recompute)
+        (lp.double() * up).sum().backward()
+        return h.grad.double(), w.grad.double()
+
+    ref = grads(torch.float64, False, False)
+    err = lambda got: max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))  # noqa: E731
+    kept, recomputed = err(grads(torch.float32, False, True)), err(grads(torch.float32, True, True))
+    assert kept < 0.05 and recomputed < 1.3 * kept, (kept, recomputed)
+    assert err(grads(torch.float32, True, False)) < 1e-5  # without autocast: fp32 throughout
