@@ -176,6 +176,11 @@ def attention(q, k, v, mask=None, backend="auto"):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, S, D)
     # grouped-query attention without repeating keys and values H / Hkv times in memory
     gqa = q.size(1) != k.size(1)
+    if gqa and mask is not None and q.is_cuda:
+        # SDPA's fused kernels on a GPU take a mask or grouped heads, not both, and would fall back to the math
+        # kernel (the full attention matrix in memory): repeat the key/value heads instead (head j reads j // rep)
+        rep = q.size(1) // k.size(1)
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
     if mask is None:
         # S > T without a mask would mean "continue after a prefix"; that case always passes a mask
         assert q.size(2) == k.size(2), (q.shape, k.shape)
@@ -487,13 +492,15 @@ class TargetLogps(torch.autograd.Function):
         # autograd runs backward outside the forward's autocast: remember it, so that the backward's matmuls (and
         # a recomputed logit) run in the same precision as the forward's, not in fp32
         device = h.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if device in ("cuda", "cpu") and \
+            torch.is_autocast_enabled(device) else None
         return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        if ctx.autocast is None:
+            return TargetLogps._backward(ctx, grad)
+        with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]):
             return TargetLogps._backward(ctx, grad)
 
     @staticmethod

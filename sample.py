@@ -30,7 +30,7 @@ from model import attention
 
 
 class KVCache:
-    """Preallocated keys and values, (layers, slots, Hkv, S, D): one slot per prompt in flight.
+    """Preallocated keys and values, one (slots, Hkv, S, D) tensor per layer: one slot per prompt in flight.
 
     A slot holds a prompt at positions [0, plen). In the grouped layout the new tokens of the prompt's samples
     follow it interleaved: token s of member j (its j-th sample) at index plen + s * stride + j. The model never
@@ -40,9 +40,12 @@ class KVCache:
     """
 
     def __init__(self, n_layers, slots, n_kv_heads, max_len, head_dim, qpk=1, device=None, dtype=torch.float32):
-        shape = (n_layers, slots, n_kv_heads, max_len, head_dim)  # (L, G, Hkv, S, D)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # one tensor per layer, written in place: a compiled decode step then updates each layer's cache where it
+        # lies instead of copying a slice of one big tensor out and the whole of it back every step
+        shape = (slots, n_kv_heads, max_len, head_dim)  # (G, Hkv, S, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.device = torch.device(device) if device is not None else self.k[0].device
         self.slots, self.max_len, self.qpk = slots, max_len, qpk  # qpk: query heads per key/value head
 
     @classmethod
@@ -52,8 +55,14 @@ class KVCache:
 
     def copy_slots(self, src, dst, length):
         """Copy the first `length` positions of slots `src` into slots `dst` (a prefix shared by prompts)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def move_slots(self, src, dst):
+        """Whole slots `src` to slots `dst` (the engine packing live slots low)."""
+        for k, v in zip(self.k, self.v):
+            k[dst], v[dst] = k[src], v[src]
 
     def store(self, layer, slots, index, k, v):
         """k, v (B, T, Hkv, D) of this step into slot slots[b] at positions index[b, t]."""
@@ -305,7 +314,7 @@ def prefill(model, cache, prompts, slots, shared):
 
     A prompt whose first shared[u] tokens other prompts share (the rubric and question of K judge prompts)
     gets that prefix prefilled once per distinct prefix, copied to the other slots, and then the rest."""
-    device = cache.k.device
+    device = cache.device
     # group the units by their shared prefix (a prefix as long as the whole prompt is nothing to share)
     groups = {}
     for u, (p, n) in enumerate(zip(prompts, shared)):
@@ -382,6 +391,9 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     # compile: True, or a torch.compile mode ("reduce-overhead" replays the step as a CUDA graph)
     step_fn = torch.compile(decode_one_token, dynamic=False, mode=compile if isinstance(compile, str) else None) \
         if compile else decode_one_token
+    if compile:  # the cache tensors live as long as the run and are written in place: CUDA graphs may keep them
+        for t in cache.k + cache.v:
+            torch._dynamo.mark_static_address(t)
     eng = Engine(requests, B, M, G)
     while eng.pending or eng.live():
         yield from eng.admit(model, cache, prefill_tokens)
@@ -391,7 +403,7 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
         # decode the first W rows; empty rows among them write to the scratch slot and are ignored. Compiled,
         # every shape is the largest one (all rows, slots and positions), so one graph serves every step.
         W, n_slots, kv_len = (B, G, S) if compile else eng.bounds(busy)
-        logits = step_fn(model, eng.feed(W, cache.k.device), eng.view(cache, W, n_slots, kv_len))
+        logits = step_fn(model, eng.feed(W, cache.device), eng.view(cache, W, n_slots, kv_len))
         yield from eng.record(busy, *sample_rows(logits[busy], [eng.rows[b] for b in busy], requests), logits[busy])
         # compaction moves rows and slots, so it waits until nothing more can be admitted (the tail of the run,
         # when rows finish one by one); compiled, shapes never shrink and there is nothing to gain
@@ -453,7 +465,7 @@ class Engine:
         return torch.tensor([r.tokens[-1] if r else 0 for r in self.rows[:W]], device=device)
 
     def view(self, cache, W, n_slots, kv_len):
-        rows, d = self.rows[:W], cache.k.device
+        rows, d = self.rows[:W], cache.device
         t = lambda f, idle: torch.tensor([f(r) if r else idle for r in rows], device=d)  # noqa: E731
         # the fed token is the one sampled last, number len(tokens) - 1: its key goes to that step's place
         return cache.grouped(t(lambda r: r.slot, self.G), t(lambda r: r.member, 0), t(lambda r: r.plen, 0),
@@ -512,8 +524,8 @@ class Engine:
             self.rows = live + [None] * (len(self.rows) - len(live))
         used = sorted({r.slot for r in live})
         if used and used[-1] + 1 > 2 * len(used):
-            src, dst = torch.tensor(used, device=cache.k.device), torch.arange(len(used), device=cache.k.device)
-            cache.k[:, dst], cache.v[:, dst] = cache.k[:, src], cache.v[:, src]
+            src, dst = torch.tensor(used, device=cache.device), torch.arange(len(used), device=cache.device)
+            cache.move_slots(src, dst)
             new = {g: n for n, g in enumerate(used)}
             for r in live:
                 r.slot = new[r.slot]

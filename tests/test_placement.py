@@ -33,7 +33,7 @@ def test_mixing_a_default_device_tensor_fails_here():
 def test_inference_paths_keep_to_the_model_device():
     model = meta_model().eval()
     cache = KVCache.for_model(model, slots=3, max_len=40)
-    assert cache.k.device == META
+    assert cache.device == META and all(t.device == META for t in cache.k + cache.v)
     with torch.no_grad():
         out = model(ints(2, 9), cache=cache.fresh(ints(2, fill=0) + torch.arange(2, device=META), 9))  # prefill
         assert out.device == META and out.shape == (2, 9, 97)
