@@ -227,29 +227,32 @@ def sample_key(seed: int, sample: int) -> int:
     return int(t.item())
 
 
-def sample_next_token(logits, temperature, top_p, top_k, uniform):
+def sample_next_token(logits, temperature, top_p, top_k, uniform, truncated=None, max_top_k=None):
     """logits (B, V) fp32; per-row temperature/top_p (B,), top_k (B,) long (0 = off), uniform (B,) -> tokens (B,).
 
     Inverse-CDF sampling over the sorted, truncated distribution; temperature 0 rows take the argmax.
+    `truncated` (does any row use top-p < 1 or top-k) and `max_top_k`, when the caller knows them on the host,
+    spare reading them from the device.
     """
     # inverse CDF: the token whose cumulative probability first exceeds u; one uniform per row, so the draw is a
     # deterministic function of (logits, u) and the counter-based u makes the whole sample reproducible
     greedy = logits.argmax(-1)
     V = logits.size(-1)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    # (the bool() and int() below are host syncs; on a GPU they wait for the step's logits, which the host must
-    # see right after anyway to tell which rows stopped)
-    if bool(((top_p >= 1) & (top_k <= 0)).all()):
+    # (bool() and int() of a device value are host syncs: the engine passes what it knows on the host instead)
+    if truncated is None:
+        truncated = not bool(((top_p >= 1) & (top_k <= 0)).all())
+    if not truncated:
         # no truncation: inverse-CDF sampling works in any order, so skip sorting altogether
         cdf = probs.cumsum(-1)
         tokens = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
         return torch.where(temperature > 0, tokens, greedy)
     # a full sort of the vocabulary costs more than a decode step on a CPU; the nucleus usually lies within
     # the top few hundred tokens, so take those first and sort everything only when some row needs more
-    sorted_p, order = probs.topk(min(V, max(1024, int(top_k.max()))), dim=-1)
+    sorted_p, order = probs.topk(min(V, max(1024, int(top_k.max()) if max_top_k is None else max_top_k)), dim=-1)
     whole = (top_p >= 1) & (top_k <= 0)
     short = (top_k <= 0) & (sorted_p.sum(-1) < top_p)
-    if bool((whole | short).any()):
+    if bool((whole | short).any()):  # (a host sync a step when rows truncate; a rare full sort follows)
         sorted_p, order = probs.sort(dim=-1, descending=True)
     # top-p keeps the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
     keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]
@@ -352,16 +355,24 @@ def pad(seqs, device):
     return out.to(device)
 
 
-def sample_rows(logits, rows, requests):
-    """The next token of each row from its logits (R, V) -> (tokens, log-probs or None) as host lists."""
-    device = logits.device
-    reqs = [requests[r.request] for r in rows]
+def to_device(values, dtype, device):
+    """Host values as one tensor on `device`: on a GPU from pinned memory, copied without the host waiting."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def sample_rows(logits, rows, requests, ints=None):
+    """The next token of each row from its logits (R, V) -> (tokens, log-probs or None) as host lists. `ints`
+    (3, R) on the device: each row's random key, step and top-k, when the caller already copied them over; the
+    per-row floats go over in one copy here."""
+    device, reqs = logits.device, [requests[r.request] for r in rows]
+    if ints is None:
+        ints = to_device([[r.key for r in rows], [len(r.tokens) for r in rows], [q.top_k for q in reqs]], torch.long, device)
+    floats = to_device([[q.temperature for q in reqs], [q.top_p for q in reqs]], torch.float32, device)
     # the step counter of a row is its number of tokens so far: the first token (from the prefill) is step 0
-    u = uniform_from_keys(torch.tensor([r.key for r in rows], device=device),
-                          torch.tensor([len(r.tokens) for r in rows], device=device))
-    nxt = sample_next_token(logits, torch.tensor([q.temperature for q in reqs], device=device),
-                            torch.tensor([q.top_p for q in reqs], device=device),
-                            torch.tensor([q.top_k for q in reqs], device=device), u)
+    u = uniform_from_keys(ints[0], ints[1])
+    nxt = sample_next_token(logits, floats[0], floats[1], ints[2], u,
+                            truncated=any(q.top_p < 1 or q.top_k > 0 for q in reqs), max_top_k=max(q.top_k for q in reqs))
     lp = None
     if any(q.logprobs for q in reqs):
         lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
@@ -403,8 +414,9 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
         # decode the first W rows; empty rows among them write to the scratch slot and are ignored. Compiled,
         # every shape is the largest one (all rows, slots and positions), so one graph serves every step.
         W, n_slots, kv_len = (B, G, S) if compile else eng.bounds(busy)
-        logits = step_fn(model, eng.feed(W, cache.device), eng.view(cache, W, n_slots, kv_len))
-        yield from eng.record(busy, *sample_rows(logits[busy], [eng.rows[b] for b in busy], requests), logits[busy])
+        feed, view, busy_t, ints = eng.step_inputs(cache, busy, W, n_slots, kv_len)
+        logits = step_fn(model, feed, view)[busy_t]
+        yield from eng.record(busy, *sample_rows(logits, [eng.rows[b] for b in busy], requests, ints), logits)
         # compaction moves rows and slots, so it waits until nothing more can be admitted (the tail of the run,
         # when rows finish one by one); compiled, shapes never shrink and there is nothing to gain
         if not eng.pending and not compile:
@@ -460,16 +472,21 @@ class Engine:
         rows = [self.rows[b] for b in busy]
         return busy[-1] + 1, max(r.slot for r in rows) + 1, max(r.plen + len(r.tokens) * self.M for r in rows)
 
-    def feed(self, W, device):
-        """The token each of the first W rows feeds now: its newest (0 for an empty row)."""
-        return torch.tensor([r.tokens[-1] if r else 0 for r in self.rows[:W]], device=device)
-
-    def view(self, cache, W, n_slots, kv_len):
-        rows, d = self.rows[:W], cache.device
-        t = lambda f, idle: torch.tensor([f(r) if r else idle for r in rows], device=d)  # noqa: E731
+    def step_inputs(self, cache, busy, W, n_slots, kv_len):
+        """A decode step's inputs, made on the host and copied over in one go: the token each of the first W rows
+        feeds now (its newest; 0 for an empty row), the cache view, the busy rows' indices, and their random keys,
+        steps and top-k for sampling -> (feed (W,), view, busy (R,), ints (3, R))."""
+        rows, R = self.rows[:W], len(busy)
+        col = lambda f, idle: [f(r) if r else idle for r in rows]  # noqa: E731
+        live = [self.rows[b] for b in busy]
         # the fed token is the one sampled last, number len(tokens) - 1: its key goes to that step's place
-        return cache.grouped(t(lambda r: r.slot, self.G), t(lambda r: r.member, 0), t(lambda r: r.plen, 0),
-                             t(lambda r: len(r.tokens) - 1, 0), 1, self.M, n_slots, kv_len)
+        t = to_device(col(lambda r: r.tokens[-1], 0) + col(lambda r: r.slot, self.G) + col(lambda r: r.member, 0)
+                      + col(lambda r: r.plen, 0) + col(lambda r: len(r.tokens) - 1, 0) + busy + [r.key for r in live]
+                      + [len(r.tokens) for r in live] + [self.requests[r.request].top_k for r in live],
+                      torch.long, cache.device)
+        feed, slots, members, plen, steps = t[:5 * W].view(5, W)
+        view = cache.grouped(slots, members, plen, steps, 1, self.M, n_slots, kv_len)
+        return feed, view, t[5 * W:5 * W + R], t[5 * W + R:].view(3, R)
 
     def record(self, rows, tokens, logps, logits):
         """Append each row's sampled token, or end the sample (a stop token, or its length limit); a sample whose

@@ -281,3 +281,15 @@ def test_probe_while_generating_equals_a_full_forward(max_rows):
             with torch.no_grad():
                 full = torch.log_softmax(model(torch.tensor([r.prompt + c.tokens[:keep] + suffix]))[0, -1], -1)
             assert (torch.tensor(c.probe) - full[[5, 6, 7]]).abs().max() < 1e-6  # float64 inside, float32 out
+
+
+def test_a_decode_step_syncs_the_host_at_most_four_times():
+    """A decode step made 16 host round trips (a tensor per list of row values, reads of device values); on a GPU
+    each one stalls it. Now: the step's row values in one copy, the sampling floats in another, one read of the
+    sampled tokens, and one read deciding whether a row's nucleus needs the full sort."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import host_syncs
+    out = host_syncs.count("cpu", rows=4, new_tokens=8)
+    assert out["total_per_step"] <= 4, out["events_per_step"]
