@@ -132,6 +132,7 @@ def orders(pair):
 def generate(args, prompts, out, n=1, dedup=True, probe=None):
     """One resumable generation stage through sample.py at this step's sampling settings."""
     sample.main(["--prompts", prompts, "--out", out, "--n-responses", str(n), "--temperature", str(args.temperature),
+                 "--top-p", str(args.top_p),
                  "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows", str(args.max_rows),
                  "--dtype", args.dtype] + ([] if dedup else ["--no-dedup"]) +
                 (["--model", args.model] if args.model else []) + (["--redo"] if args.redo else []), probe=probe)
@@ -238,7 +239,8 @@ def build_parser():
                    help="judge: parse [[A]]/[[B]], or read the letter after `Verdict: [[` from its probabilities (small models)")
     p.add_argument("--judged", help="select: the judge step's output")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (judgments, x', y-)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of what is generated")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (judgments, x', y-)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of what is generated (give y- the limit y+ had)")
     p.add_argument("--seed", type=int, default=0, help="seed (pairing, sampling, balancing)")
     p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
@@ -252,6 +254,7 @@ def parse_args(argv=None):
     check_flags((f"--step {a.step}", a.step, need is not None, "given its input (--responses, --contrast or --judged)"),
                 ("--n-judgments", a.n_judgments, a.n_judgments >= 1, "at least 1"),
                 ("--temperature", a.temperature, finite(a.temperature) and a.temperature >= 0, ">= 0"),
+                ("--top-p", a.top_p, finite(a.top_p) and 0 < a.top_p <= 1, "in (0, 1]"),
                 ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "at least 1"),
                 ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"),
                 ("--dtype", a.dtype, a.dtype == "auto" or a.dtype in DTYPES, f"auto or one of {', '.join(DTYPES)}"))
@@ -286,18 +289,24 @@ def main(argv=None):
 
 
 def loop_stages(args, t, f, seed, model_in):
-    """The Self-Taught Evaluator: contrasting pairs, the current judge's verdicts in both orders, the right ones
-    (labels balanced) as SFT data; in iteration 1 also the held-out labelled pairs every iteration is scored on."""
+    """The Self-Taught Evaluator: in iteration 1 the labelled pairs (x, y+, y-), made once, by the seed model, y- with
+    the same sampling and token limit as y+ (no length cue), and the held-out labelled pairs every iteration is
+    scored on; in every iteration the newest judge's verdicts on iteration 1's pairs in both orders, the right ones
+    (labels balanced) as SFT data for the seed."""
     d = os.path.dirname(f("x"))
+    first = os.path.join(args.run, "iter1")
     stages = eval_pair_stages(args, d) if t == 1 and not args.sft_data else []
-    if args.select == "val":  # the epoch is chosen by judge accuracy on pairs made from the held-out prompts
+    if args.select == "val" and t == 1:  # the epoch is chosen by judge accuracy on pairs made from held-out prompts
         stages += labelled_pair_stages(args, d, f("val_prompts.jsonl"), "val", 0)
-    contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in] + engine_flags(args)
-    stages += [("contrast", "evaluator", ["--step", "contrast", "--responses", f("responses.jsonl"), "--out", f("contrast.jsonl"),
-                                        "--seed", seed] + contrast),
-               ("pairwise", "evaluator", ["--step", "judge", "--model", model_in, "--contrast", f("contrast.jsonl"),
+    contrast = ["--other-prompt"] if args.other_prompt else ["--model", model_in, "--temperature", schedule(args.temperature, 1),
+                                                            "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens)] + engine_flags(args)
+    if t == 1:
+        stages.append(("contrast", "evaluator", ["--step", "contrast", "--responses", f("responses.jsonl"), "--out",
+                                                 f("contrast.jsonl"), "--seed", seed] + contrast))
+    stages += [("pairwise", "evaluator", ["--step", "judge", "--model", model_in, "--contrast", os.path.join(first, "contrast.jsonl"),
                                         "--out", f("pairwise.jsonl"), "--n-judgments", str(args.n_judgments),
                                         "--verdict-mode", args.verdict_mode, "--temperature", schedule(args.judge_temperature, t),
+                                        "--top-p", str(args.judge_top_p),
                                         "--max-new-tokens", str(args.judge_max_new_tokens), "--seed", seed] + engine_flags(args)),
                ("select", "evaluator", ["--step", "select", "--judged", f("pairwise.jsonl"), "--out", f("ste_sft.jsonl"),
                                       "--seed", seed])]
@@ -310,7 +319,13 @@ def eval_pair_stages(args, d):
     answer to another of them."""
     if args.method != "self-taught-evaluator" or args.eval_prompts_n < 0:
         return []
-    return labelled_pair_stages(args, d, args.eval_prompts, "eval", args.eval_prompts_n)
+    stages = labelled_pair_stages(args, d, args.eval_prompts, "eval", args.eval_prompts_n)
+    if not args.other_prompt:  # also the harder pairs: y- the seed's answer to its own modified request x'
+        stages.append(("eval_modified_pairs", "evaluator", [
+            "--step", "contrast", "--model", args.model, "--responses", os.path.join(d, "eval_answers.jsonl"), "--out",
+            os.path.join(d, "eval_modified_pairs.jsonl"), "--temperature", schedule(args.temperature, 1), "--top-p",
+            str(args.top_p), "--max-new-tokens", str(args.eval_max_new_tokens), "--seed", str(args.seed * 1000 + 1)] + engine_flags(args)))
+    return stages
 
 
 def labelled_pair_stages(args, d, prompts, name, limit):
@@ -318,7 +333,7 @@ def labelled_pair_stages(args, d, prompts, name, limit):
     of them (<name>_answers.jsonl, <name>_pairs.jsonl in d)."""
     f, seed = lambda x: os.path.join(d, f"{name}_{x}.jsonl"), str(args.seed * 1000 + 1)  # noqa: E731
     return [(f"{name}_answers", "sample", ["--model", args.model, "--prompts", prompts, "--limit", str(limit), "--out",
-                                         f("answers"), "--n-responses", "1", "--temperature", schedule(args.temperature, 1),
+                                         f("answers"), "--n-responses", "1", "--temperature", schedule(args.temperature, 1), "--top-p", str(args.top_p),
                                          "--max-new-tokens", str(args.eval_max_new_tokens), "--seed", seed] + engine_flags(args)),
             (f"{name}_pairs", "evaluator", ["--step", "contrast", "--other-prompt", "--responses", f("answers"),
                                           "--out", f("pairs"), "--seed", seed])]

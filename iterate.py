@@ -32,16 +32,17 @@ import meta_judge
 import reasoning
 import report
 import sample
+import self_instruct
 import tpo
 import train_dpo
 from common import (barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed,
                     load_function, load_template, lock_folder, model_fingerprint, print0, read_jsonl, render,
                     resolve_model, strict_json, write_json, write_jsonl)
-from presets import (JUDGED, METHOD_FLAGS, METRIC_FLAGS, OPTIONAL, PRESETS, ROOT, SELECT_METRIC, VERIFIED, engine_flags,
-                     in_schedule, schedule)
+from presets import (JUDGED, METHOD_FLAGS, METRIC_FLAGS, OPTIONAL, PRESETS, ROOT, SELECT_METRIC, VERIFIED, actor_argv,
+                     engine_flags, in_schedule, schedule)
 
 # the scripts a stage can be, by the name the plan gives
-SCRIPTS = {m.__name__: m for m in (sample, judge, meta_judge, train_dpo, evaluate, lift, reasoning, tpo, evaluator)}
+SCRIPTS = {m.__name__: m for m in (sample, judge, meta_judge, train_dpo, evaluate, lift, reasoning, tpo, evaluator, self_instruct)}
 
 
 def load_manifest(d):
@@ -76,17 +77,19 @@ def prompt_slices(args):
     random.Random(args.seed).shuffle(order)
     held = args.val_prompts_n if args.select == "val" else 0
     slices, start = [], 0
-    need = sum(int(schedule(args.prompts_per_iter, t)) for t in range(1, args.iterations + 1))
+    iters = 1 if args.method == "self-taught-evaluator" else args.iterations  # its later iterations judge iteration 1's pairs
+    need = sum(int(schedule(args.prompts_per_iter, t)) for t in range(1, iters + 1))
     if need > len(pool):
-        raise SystemExit(f"--prompts {args.prompts}: {len(pool)} prompts, but {args.iterations} iterations of "
+        raise SystemExit(f"--prompts {args.prompts}: {len(pool)} prompts, but {iters} iteration(s) of "
                          f"--prompts-per-iter {args.prompts_per_iter} need {need} different ones; add prompts or lower it")
-    for t in range(1, args.iterations + 1):
+    for t in range(1, iters + 1):
         n = int(schedule(args.prompts_per_iter, t))
         picked = order if n == 0 else order[start:start + n]
         start += n
         if held >= len(picked):
             raise SystemExit(f"--val-prompts-n {held}: iteration {t} has only {len(picked)} prompts")
         slices.append(([pool[i] for i in picked[held:]], [pool[i] for i in picked[:held]]))
+    slices += [([], [])] * (args.iterations - iters)
     if held and args.method in VERIFIED and any("answer" not in p for _, val in slices for p in val):
         raise SystemExit(f"--select val: --method {args.method} chooses the epoch by accuracy on held-out questions, "
                          f"but some questions of {args.prompts} have no gold `answer`")
@@ -99,12 +102,15 @@ def plan(args, t, model_in):
     d = os.path.join(args.run, f"iter{t}")
     f = lambda name: os.path.join(d, name)  # noqa: E731
     seed = str(args.seed * 1000 + t)
-    stages = [("prompts", None, []),
-              ("responses", "sample", ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f("responses.jsonl"),
-                                     "--n-responses", str(args.n_responses), "--temperature", schedule(args.temperature, t),
-                                     "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
-                                     "--seed", seed] + (["--no-dedup"] if args.method in VERIFIED else [])  # votes count duplicates
-              + engine_flags(args) + shlex.split(args.sample_args or ""))]
+    stages = [("prompts", None, []), ("responses", "sample", actor_argv(args, t, f, seed, model_in))]
+    if args.new_prompts:  # the model writes new prompts (questions) first; they join the iteration's slice
+        template = os.path.join(ROOT, "data", "templates", "question.txt" if args.method in VERIFIED else "self_instruct.txt")
+        stages.insert(0, ("new_prompts", "self_instruct", [
+            "--model", model_in, "--pool", args.prompts, "--out", f("new_prompts.jsonl"), "--count", str(args.new_prompts),
+            "--template", template, "--seed", seed, "--id-prefix", f"new{t}"] + engine_flags(args)
+            + shlex.split(args.self_instruct_args or "")))
+    if args.method == "self-taught-evaluator" and t > 1:  # the pairs are the first iteration's, judged again
+        stages = []
     make = {"irpo": reasoning.loop_stages, "scpo": reasoning.loop_stages, "lift": lift.loop_stages, "tpo": tpo.loop_stages,
             "self-taught-evaluator": evaluator.loop_stages}.get(args.method, judged_stages)
     more, data = make(args, t, f, seed, model_in)
@@ -143,13 +149,14 @@ def judged_stages(args, t, f, seed, model_in):
 
 
 def train_flags(args, sft=False):
-    more = ["--min-lr-ratio", str(args.min_lr_ratio)] if args.min_lr_ratio is not None else []
-    more += ["--nll-coef", str(args.nll_coef)] if args.nll_coef else []
+    ratio = args.sft_min_lr_ratio if sft else args.min_lr_ratio
+    lr = ["--min-lr-ratio", str(ratio)] if ratio is not None else []
+    more = ["--nll-coef", str(args.nll_coef)] if args.nll_coef else []
     more += ["--truncate", "skip"] if args.method == "irpo" else []  # IRPO drops a pair too long to train whole
     return (["--epochs", str(args.sft_epochs if sft else args.epochs), "--batch-size",
              str(args.sft_batch_size if sft else args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
              "--max-len", str(args.max_len), "--seed", str(args.seed), "--save-every", "50", "--resume",
-             "--log-every", "1", "--dtype", args.dtype] + ([] if sft else more) + shlex.split(args.train_args or ""))
+             "--log-every", "1", "--dtype", args.dtype] + lr + ([] if sft else more) + shlex.split(args.train_args or ""))
 
 
 def plan_sft(args):
@@ -170,7 +177,8 @@ def eval_and_report(args, d, model_in, t=0):
     if m == "judge-accuracy" and args.method == "self-taught-evaluator":  # made in the run's first iteration
         prompts, limit = os.path.join(args.run, "iter0" if args.sft_data else "iter1", "eval_pairs.jsonl"), "0"
     argv = ["--a", os.path.join(d, "model"), "--b", model_in, "--prompts", prompts, "--metric", m, "--limit", limit,
-            "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens), "--max-rows",
+            "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens),
+            "--temperature", str(args.eval_temperature), "--max-rows",
             str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)]
     argv += {"winrate": ["--judge", args.eval_judge, "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
                          str(args.meta_max_new_tokens)] + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
@@ -178,8 +186,13 @@ def eval_and_report(args, d, model_in, t=0):
              "judge-accuracy": ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)],
              "accuracy": ["--samples", str(args.eval_samples), "--reasoning-template", args.reasoning_template],
              "length": ["--limits", args.eval_limits]}[m]
-    return [("evaluate", "evaluate", argv + shlex.split(args.eval_args or ""))] + judge_eval_stage(args, d, model_in) + \
-        [("report", None, [])]
+    stages = [("evaluate", "evaluate", argv + shlex.split(args.eval_args or ""))]
+    if m == "judge-accuracy" and args.method == "self-taught-evaluator" and not args.other_prompt:  # and on x' pairs
+        more = list(argv)
+        more[more.index("--prompts") + 1] = prompts.replace("eval_pairs", "eval_modified_pairs")
+        more[more.index("--out-dir") + 1] = os.path.join(d, "eval_modified")
+        stages.append(("evaluate_modified", "evaluate", more + shlex.split(args.eval_args or "")))
+    return stages + judge_eval_stage(args, d, model_in) + [("report", None, [])]
 
 
 def judge_eval_stage(args, d, model_in):
@@ -218,6 +231,9 @@ def run_stage(args, t, d, name, script, argv, model_in):
         return stage_report(args, t, d)
     if name in ("train", "train_dpo"):
         return stage_train(args, t, d, name, argv, model_in)
+    pairs = argv[argv.index("--prompts") + 1] if name == "evaluate_modified" else None
+    if pairs and os.path.getsize(pairs) == 0:  # the seed wrote no usable x' for any held-out prompt
+        return {"skipped": f"{pairs} is empty: the seed model made no x' pair to score"}
     if name == "evaluate" and args.eval_metric == "winrate" and t >= 1 and model_in != args.model:  # B: a model of this run
         reuse_answers(args, os.path.join(os.path.dirname(model_in), "eval"), os.path.join(d, "eval"))
     return SCRIPTS[script].main(argv)
@@ -246,15 +262,21 @@ def stage_prompts(args, t, d):
         def keep(p, asked):  # the pool's own system prompt, else --system-prompt; a gold answer travels along
             system = p.get("system") or args.system_prompt
             return {"id": p["id"], **asked, **({"system": system} if system else {}),
-                    **{k: p[k] for k in ("answer", "solution") if k in p}}
+                    **{k: p[k] for k in ("answer", "solution", "generated") if k in p}}
         # TPO asks for thoughts, keeping the request apart for the judge
         asked = train + (val if args.val_retrain else [])  # --val-retrain trains on the held-out prompts at the end
+        if args.new_prompts:  # the prompts the model wrote this iteration, asked as the pool's are
+            made = read_jsonl(os.path.join(d, "new_prompts.jsonl"), required=("id", "prompt"))
+            ask = load_template(args.reasoning_template, ("prompt",)) if args.method in VERIFIED else None
+            asked += [{"id": p["id"], "prompt": render(ask, prompt=p["prompt"]) if ask else p["prompt"], "generated": True}
+                      for p in made]
         write_jsonl(os.path.join(d, "prompts.jsonl"), [keep(p, {"prompt": render(thought, prompt=p["prompt"]), "request": p["prompt"]}
                                                        if thought else {"prompt": p["prompt"]}) for p in asked])
         if val:  # as the pool gives them: evaluate.py asks with the method's template itself
             write_jsonl(os.path.join(d, "val_prompts.jsonl"), [keep(p, {"prompt": p.get("question", p["prompt"])}) for p in val])
     barrier(args.world)
-    return {"prompts": len(train), "val_prompts": len(val)}
+    return {"prompts": len(train), "val_prompts": len(val), **({"new_prompts": len(read_jsonl(
+        os.path.join(d, "new_prompts.jsonl"), required=()))} if args.new_prompts else {})}
 
 
 def stage_train(args, t, d, name, argv, model_in):
@@ -298,8 +320,8 @@ def select_argv(args, model, model_in, d, folder):
         return argv + ["--reasoning-template", args.reasoning_template, "--samples", "1"]
     if metric == "length":
         return argv + ["--limits", args.eval_limits]
-    if metric == "judge-accuracy":
-        argv[argv.index("--prompts") + 1] = os.path.join(d, "val_pairs.jsonl")
+    if metric == "judge-accuracy":  # the Self-Taught Evaluator's pairs from held-out prompts, made in iteration 1
+        argv[argv.index("--prompts") + 1] = os.path.join(args.run, "iter1", "val_pairs.jsonl")
         return argv + ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)]
     # judged by the fixed judge when there is one, else by M_t itself, in both orders
     return argv + ["--b", model_in, "--judge", args.judge_model or model_in, "--verdict-mode", args.verdict_mode,
@@ -420,9 +442,14 @@ def build_parser():
     s.add_argument("--sft-lr", type=float, default=None, help="SFT peak learning rate")
     s.add_argument("--sft-epochs", type=int, default=None, help="SFT epochs")
     s.add_argument("--sft-batch-size", type=int, default=None, help="SFT examples per optimizer step")
+    s.add_argument("--sft-min-lr-ratio", type=float, default=None, help="SFT final learning rate as a fraction of its peak")
     s.add_argument("--sft-args", default=None, help="more train_dpo.py flags for iteration 0")
     a = p.add_argument_group("actor")
     a.add_argument("--prompts-per-iter", default=None, help="fresh prompts per iteration, a schedule (0 = the whole pool each time)")
+    a.add_argument("--new-prompts", "--new-questions", dest="new_prompts", type=int, default=None,
+                   help="each iteration, the model first writes this many new prompts (questions for scpo) few-shot from "
+                        "--prompts (self_instruct.py); they join the iteration's slice")
+    a.add_argument("--self-instruct-args", default=None, help="more self_instruct.py flags for --new-prompts (shots, temperature, ...)")
     a.add_argument("--n-responses", type=int, default=None, help="responses per prompt (K)")
     a.add_argument("--system-prompt", default=None, help="system prompt of every actor prompt whose record has none")
     a.add_argument("--temperature", default=None, help="actor sampling temperature, a schedule (e.g. 0.8,0.8,1.3)")
@@ -469,6 +496,7 @@ def build_parser():
     e.add_argument("--eval-limits", default=None, help="word limits of --eval-metric length (default 10,20,40)")
     e.add_argument("--eval-samples", type=int, default=None, help="sampled answers per question of --eval-metric accuracy (default 4)")
     e.add_argument("--eval-max-new-tokens", type=int, default=None, help="answer length limit in evaluation")
+    e.add_argument("--eval-temperature", type=float, default=None, help="temperature of the evaluation's sampled answers (default 0.7)")
     e.add_argument("--eval-judge", default=None, help="judge of the evaluation (default: the starting model M0)")
     e.add_argument("--judge-eval", default=None, metavar="FILE",
                    help="labelled pairs (prompt, chosen, rejected): score each iteration's model as a judge on them, "
@@ -489,6 +517,9 @@ def add_method_flags(p):
                    help="how a question is asked ({prompt}); default data/templates/reasoning.txt: step by step, then `Final answer: <number>`")
     r.add_argument("--pairs-per-question", type=int, default=None, help="IRPO: pairs per question (K)")
     r.add_argument("--tau", default=None, help="ScPO: vote threshold, a schedule (e.g. 0.5,0.7)")
+    r.add_argument("--extra-samples", type=int, default=None,
+                   help="ScPO: this many more samples per question, drawn hotter, that may be the rejected side (they do not vote)")
+    r.add_argument("--extra-temperature", type=float, default=None, help="ScPO: temperature of --extra-samples (default 1.2)")
     r.add_argument("--no-gold-solution", dest="gold_solution", action="store_false", default=None,
                    help="IRPO: leave a question's gold worked solution (GSM8K's `solution`) out of its winning set")
     o = p.add_argument_group("tpo and self-taught-evaluator")

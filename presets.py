@@ -7,6 +7,7 @@ flags belong to which method, so that a flag another method would ignore is refu
     python iterate.py --preset paper --model DIR --prompts pool.jsonl --dry-run     # a preset's whole plan
 """
 import os
+import shlex
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,13 +70,14 @@ PRESETS["irpo-paper"] = dict(
     max_new_tokens=512, beta=0.1, nll_coef=1.0, lr=7e-7, epochs=3, batch_size=16,  # ? epochs and batch
     # the checkpoint chosen by accuracy on 1,000 held-out training questions, then trained again with them
     # (--val-retrain, on by default here); choosing among epochs rather than steps is ours (?)
-    select="val", val_prompts_n=1000, eval_samples=4)
+    select="val", val_prompts_n=1000, eval_samples=32)  # maj@32 (eval temperature 0.8)
 PRESETS["scpo-paper"] = dict(
-    # ScPO (Prasad et al. 2024): no gold answers; new questions each iteration (self_instruct.py with
-    # data/templates/question.txt), passed as --prompts
+    # ScPO (Prasad et al. 2024): no gold answers; seed questions as --prompts (GSM8K's files read as they are), and
+    # with --new-questions N the model writes N new ones each iteration (data/templates/question.txt), kept where
+    # the vote passes tau; 8 more samples at T 1.2 find rejected answers
     PRESETS["paper"], method="scpo", iterations=2, prompts_per_iter="0", n_responses=8, tau="0.5,0.7",
     temperature=0.7, top_p=0.9, max_new_tokens=512, beta=0.5, nll_coef=1.0, lr=5e-6, epochs=10, batch_size=16,  # ? batch
-    select="val", val_prompts_n=500, eval_samples=4)  # the epoch by dev accuracy; 500 held-out questions (?)
+    select="val", val_prompts_n=500, eval_samples=8)  # the epoch by dev accuracy; 500 held-out questions (?); 8-way SC
 PRESETS["tpo-paper"] = dict(
     # Thinking LLMs / TPO (Wu et al. 2024): 8 samples, 5,000 prompts per iteration, 10 epochs, up to 5 iterations;
     # the paper judged with a separate judge model (pass --judge-model); its control is --no-thoughts
@@ -83,6 +85,14 @@ PRESETS["tpo-paper"] = dict(
     n_judgments=1, rho="0.5",  # ? one judgment (a reward model in the paper); rho in [0, 0.5]
     judge_pairs_iters="", max_chosen_chars="0", eval_prompts_n=0,
     select="val", val_prompts_n=200)  # the epoch by win rate on held-out prompts; 200 of them (?)
+PRESETS["ste-paper"] = dict(
+    # the Self-Taught Evaluator (Wang et al. 2024): the model writes x' and answers it (y-); the pairs are made once
+    # and every iteration judges them again with its newest judge, then trains the seed; the released recipe's
+    # DPO + NLL on right vs wrong judgments after the SFT (--ste-dpo)
+    PRESETS["paper"], method="self-taught-evaluator", iterations=5, prompts_per_iter="0", n_responses=1,  # ? iterations
+    temperature=0.7, top_p=0.9, max_new_tokens=1024, n_judgments=8, judge_max_new_tokens=1024,  # ? judgments per pair
+    verdict_mode="parse", ste_dpo=True, beta=0.1, nll_coef=1.0, epochs=1, select="last", val_prompts_n=0,  # ? epochs
+    eval_prompts_n=0, eval_max_new_tokens=1024)
 PRESETS["ste-demo"] = dict(
     # the Self-Taught Evaluator on the embedded model: y- = the answer to another request; the model cannot write
     # a [[A]]/[[B]] verdict, so its probabilities of the letter after `Verdict: [[` decide (expected mode), and the
@@ -96,7 +106,15 @@ OPTIONAL = {"min_lr_ratio": {"self-rewarding-paper": 0.1},  # Self-Rewarding: lr
             "truncated": {None: "drop"}, "lift_per_prompt": {None: 2}, "nll_coef": {None: 0.0},
             "pairs_per_question": {None: 10}, "tau": {None: "0.5"}, "other_prompt": {None: False}, "ste_dpo": {None: False},
             "lift": {None: False}, "thoughts": {None: True}, "gold_solution": {None: True}, "no_sft": {None: False},
-            "val_retrain": {None: False, "irpo-paper": True},
+            "val_retrain": {None: False, "irpo-paper": True}, "new_prompts": {None: 0},
+            # how the model writes new prompts: Self-Rewarding 8-shot (6 from the pool, 2 of its own), T 0.6, top-p 0.9;
+            # ScPO 4-shot, T 0.7, top-p 0.9
+            "self_instruct_args": {None: "", "self-rewarding-paper": "--shots 8 --generated-shots 2 --temperature 0.6 --top-p 0.9",
+                                   "scpo-paper": "--shots 4 --temperature 0.7 --top-p 0.9"},
+            # ScPO: 8 more samples at T 1.2 per question, candidates for the rejected side (the model grows consistent)
+            "extra_samples": {None: 0, "scpo-paper": 8}, "extra_temperature": {None: 1.2},
+            "eval_temperature": {None: 0.7, "irpo-paper": 0.8},  # IRPO reports maj@32 at T 0.8
+            "sft_min_lr_ratio": {"self-rewarding-paper": 0.2, "paper": 0.2},  # 5.5e-6 decaying to 1.1e-6 (? for paper)
             "judge_eval": {"demo": os.path.join(ROOT, "data", "judge_eval.jsonl")}, "eval_limits": {None: "10,20,40"}, "eval_samples": {None: 4},
             "thought_template": {None: os.path.join(ROOT, "data", "templates", "thought.txt")},
             "prompts": {None: os.path.join(ROOT, "data", "prompts.jsonl")},
@@ -108,7 +126,8 @@ JUDGED = ("meta-rewarding", "self-rewarding")
 METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_question": ("irpo",), "tau": ("scpo",),
                 "reasoning_template": VERIFIED, "gold_solution": ("irpo",), "thought_template": ("tpo",), "thoughts": ("tpo",),
                 "other_prompt": ("self-taught-evaluator",), "ste_dpo": ("self-taught-evaluator",),
-                "judge_pairs_iters": ("meta-rewarding",), "max_chosen_judgment_chars": ("meta-rewarding",),
+                "judge_pairs_iters": ("meta-rewarding",), "new_prompts": JUDGED + ("scpo",), "self_instruct_args": JUDGED + ("scpo",),
+                "extra_samples": ("scpo",), "extra_temperature": ("scpo",), "max_chosen_judgment_chars": ("meta-rewarding",),
                 "max_chosen_chars": JUDGED, "rho": JUDGED + ("tpo",), "score_mode": JUDGED + ("tpo",),
                 "judge_model": JUDGED + ("tpo",), "judge_fn": JUDGED + ("tpo",), "judge_args": JUDGED + ("tpo",),
                 "meta_judge_args": ("meta-rewarding",), "lift_args": JUDGED, "judge_eval": JUDGED + ("tpo",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
@@ -129,6 +148,15 @@ def schedule(value, t):
 
 def in_schedule(iters, t):
     return str(t) in [x.strip() for x in str(iters).split(",")]
+
+
+def actor_argv(args, t, f, seed, model_in, out="responses.jsonl", n=None, temperature=None):
+    """sample.py's command line for the actor's samples of iteration t (votes count duplicates: no dedup for
+    irpo and scpo)."""
+    return ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f(out), "--n-responses", str(n or args.n_responses),
+            "--temperature", str(temperature or schedule(args.temperature, t)), "--top-p", str(args.top_p),
+            "--max-new-tokens", str(args.max_new_tokens), "--seed", seed] + \
+        (["--no-dedup"] if args.method in VERIFIED else []) + engine_flags(args) + shlex.split(args.sample_args or "")
 
 
 def engine_flags(args):

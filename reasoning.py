@@ -23,7 +23,7 @@ import re
 
 from common import check_flags, finite, read_jsonl, stable_seed, write_jsonl
 from lift import check_responses, cut_of
-from presets import schedule
+from presets import actor_argv, schedule
 
 # -----------------------------------------------------------------------------
 # Final answers
@@ -82,12 +82,14 @@ def irpo_pairs(correct, k):
     return [(W[j % len(W)], L[j % len(L)]) for j in range(k)]
 
 
-def scpo_pair(answers, tau, rng, cut=None):
+def scpo_pair(answers, tau, rng, cut=None, extra=()):
     """ScPO's pair: votes count equal answers (an unparseable response, None, has 0 votes and is never chosen);
     chosen = a response of the most-voted answer, rejected = a response with the fewest votes; weight
     (V+ - V-) / k with k = len(answers). None when V+ < tau * k or V+ == V- (nothing to prefer). Ties between
     answers, and the response picked within one, are drawn with `rng`, never by length or position. A response
-    cut at its token limit (cut[i]) still votes but is never the chosen one."""
+    cut at its token limit (cut[i]) still votes but is never the chosen one. `extra`: answers of more samples
+    (drawn hotter) that do not vote but may be the rejected one, by their answer's votes among the k: index
+    len(answers) + j is extra[j]."""
     k = len(answers)
     votes = {}
     for a in answers:
@@ -96,7 +98,7 @@ def scpo_pair(answers, tau, rng, cut=None):
     if not votes:
         return None
     v_top = max(votes.values())
-    votes_of = [votes.get(a, 0) if a is not None else 0 for a in answers]
+    votes_of = [votes.get(a, 0) if a is not None else 0 for a in list(answers) + list(extra)]
     v_low = min(votes_of)
     if v_top < tau * k or v_top == v_low:
         return None
@@ -185,6 +187,8 @@ def build_parser():
                    help="a solution cut at its token limit: left out (drop), or only ever rejected (keep)")
     p.add_argument("--no-gold-solution", dest="gold_solution", action="store_false",
                    help="IRPO: leave a question's gold `solution` out of the winners (samples only)")
+    p.add_argument("--extra", default=None, help="ScPO: responses.jsonl of more samples of the same questions (hotter): "
+                   "they do not vote, but may be the rejected side when their answer has the fewest votes")
     p.add_argument("--seed", type=int, default=0, help="seed of ScPO's tie breaks")
     return p
 
@@ -196,8 +200,8 @@ def parse_args(argv=None):
     return a
 
 
-def question_pairs(rec, args):
-    """(answer record, pairs) of one question. A solution cut at its token limit is never the winner; with
+def question_pairs(rec, args, extra=None):
+    """(answer record, pairs) of one question; `extra` (ScPO): {id: responses record of more samples}. A solution cut at its token limit is never the winner; with
     --truncated drop it takes part in no pair at all. IRPO's winners include the gold `solution` when there is one."""
     texts, cut = list(rec["responses"]), cut_of(rec)
     use = [i for i in range(len(texts)) if not (cut[i] and args.truncated == "drop")]
@@ -211,18 +215,29 @@ def question_pairs(rec, args):
         if args.gold_solution and rec.get("solution"):  # checked on reading: its final answer is the gold one
             texts, cut, correct, use = texts + [rec["solution"]], cut + [False], correct + [True], use + [len(texts)]
         pairs = [(use[w], use[l], 1.0) for w, l in irpo_pairs([correct[i] for i in use], args.pairs_per_question)]
-    else:
+    else:  # --extra: more samples of the question, candidates for the rejected side only (index k + j: `x<j>`)
+        more = {"responses": []} if extra is None else extra.get(str(rec["id"]))
+        if more is None:
+            raise SystemExit(f"{args.extra}: no record for question {rec['id']} of {args.responses}")
+        xcut = cut_of(more)
+        xuse = [j for j in range(len(more["responses"])) if not (xcut[j] and args.truncated == "drop")]
         rng = random.Random(stable_seed(args.seed, rec["id"]))
-        got = scpo_pair([answers[i] for i in use], args.tau, rng, [cut[i] for i in use])
+        got = scpo_pair([answers[i] for i in use], args.tau, rng, [cut[i] for i in use],
+                        [final_answer(more["responses"][j]) for j in xuse])
+        texts, cut = texts + more["responses"], cut + xcut
         if got:
-            pairs = [(use[got[0]], use[got[1]], got[2])]
+            r = got[1]
+            pairs = [(use[got[0]], use[r] if r < len(use) else len(rec["responses"]) + xuse[r - len(use)], got[2])]
         info["votes"] = {a: answers.count(a) for a in set(answers) if a is not None}
+        info.update({"extra_answers": [final_answer(x) for x in more["responses"]]} if extra is not None else {})
     # IRPO's cycling repeats a pair when a side has few members (its weight in training, by design): the pair's
-    # index keeps the ids unique; the gold solution's index is `gold`
-    name = lambda i: "gold" if i == len(rec["responses"]) else str(i)  # noqa: E731
-    out = [{"id": f"{rec['id']}/{j}/{name(c)}/{r}", "prompt": rec["prompt"], **({"system": rec["system"]} if rec.get("system") else {}),
+    # index keeps the ids unique; the gold solution's index is `gold`, an extra sample's `x<j>`
+    k = len(rec["responses"])
+    name = lambda i: str(i) if i < k else ("gold" if args.method == "irpo" else f"x{i - k}")  # noqa: E731
+    out = [{"id": f"{rec['id']}/{j}/{name(c)}/{name(r)}", "prompt": rec["prompt"], **({"system": rec["system"]} if rec.get("system") else {}),
             "chosen": texts[c], "rejected": texts[r], "weight": round(w, 6), "kind": args.method,
-            **({"chosen_correct": correct[c], "rejected_correct": correct[r]} if correct else {}),
+            **({"chosen_correct": correct[c], "rejected_correct": correct[r] if r < len(correct) else
+                final_answer(texts[r]) == gold} if correct else {}),
             **({"chosen_gold": True} if name(c) == "gold" else {}),
             **({"rejected_truncated": True} if cut[r] else {})} for j, (c, r, w) in enumerate(pairs)]
     return info, out
@@ -232,13 +247,23 @@ def main(argv=None):
     args = parse_args(argv)
     records = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record",
                          check=lambda rec: check_responses(rec) or check_gold(rec, args.method == "irpo"))
+    extra = None
+    if args.extra:
+        if args.method != "scpo":
+            raise SystemExit("--extra: only --method scpo uses more samples (as rejected candidates)")
+        extra = {str(r["id"]): r for r in read_jsonl(args.extra, required=("id", "responses"), what="responses record",
+                                                      check=check_responses)}
     infos, pairs = [], []
     for rec in records:
-        info, got = question_pairs(rec, args)
+        info, got = question_pairs(rec, args, extra)
         infos.append(info)
         pairs += got
     answered = [a for i in infos for a in i["answers"]]
-    counts = {"questions": len(infos), "questions_kept": len({p["id"].rsplit("/", 3)[0] for p in pairs}), "pairs": len(pairs),
+    kept = {p["id"].rsplit("/", 3)[0] for p in pairs}
+    made = [str(r["id"]) for r in records if r.get("generated")]  # --new-prompts: kept only where the vote passes
+    counts = {"questions": len(infos), "questions_kept": len(kept), "pairs": len(pairs),
+              **({"generated_questions": len(made), "generated_kept": len(kept.intersection(made))} if made else {}),
+              **({"rejected_extra": sum(p["id"].rsplit("/", 1)[1].startswith("x") for p in pairs)} if extra is not None else {}),
               "parse_rate": round(sum(a is not None for a in answered) / max(len(answered), 1), 4),
               **({"gold_solution_pairs": sum("chosen_gold" in p for p in pairs)} if args.method == "irpo" else {})}
     if all(i["correct"] is not None for i in infos):
@@ -258,11 +283,17 @@ def main(argv=None):
 
 
 def loop_stages(args, t, f, seed, model_in):
-    """IRPO and ScPO: the verifier (gold answers) or the vote in place of the judges."""
+    """IRPO and ScPO: the verifier (gold answers) or the vote in place of the judges; ScPO's --extra-samples
+    (hotter, another seed) first."""
     argv = ["--responses", f("responses.jsonl"), "--out", f("reasoning_pairs.jsonl"), "--method", args.method,
             "--pairs-per-question", str(args.pairs_per_question), "--tau", schedule(args.tau, t),
             "--truncated", args.truncated, "--seed", seed] + ([] if args.gold_solution else ["--no-gold-solution"])
-    return [("reasoning_pairs", "reasoning", argv)], [f("reasoning_pairs.jsonl")]
+    if not args.extra_samples:
+        return [("reasoning_pairs", "reasoning", argv)], [f("reasoning_pairs.jsonl")]
+    extra = actor_argv(args, t, f, str(10 ** 9 + int(seed)), model_in, "extra_responses.jsonl", args.extra_samples,
+                       args.extra_temperature)
+    return [("extra_responses", "sample", extra), ("reasoning_pairs", "reasoning", argv + ["--extra", f("extra_responses.jsonl")])], \
+        [f("reasoning_pairs.jsonl")]
 
 
 if __name__ == "__main__":

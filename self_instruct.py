@@ -5,11 +5,15 @@ parsed out of the reply, cleaned, and kept only if its word-trigram overlap with
 most `--max-overlap`.
 
     python self_instruct.py --pool data/prompts.jsonl --out runs/x/new_prompts.jsonl --count 200
-    python self_instruct.py --model DIR --pool data/prompts.jsonl --out new.jsonl --count 5000 --shots 8
+    python self_instruct.py --model DIR --pool data/prompts.jsonl --out new.jsonl --count 5000 --shots 8 \
+        --generated-shots 2 --temperature 0.6 --top-p 0.9        # Self-Rewarding's values: 6 seed + 2 written examples
+    python self_instruct.py --pool gsm8k_train.jsonl --template data/templates/question.txt --out q.jsonl --count 500 \
+        --shots 4 --temperature 0.7 --top-p 0.9                  # ScPO's new questions (GSM8K's files are read as is)
 
 Resumable: accepted prompts are appended as they come, each with the call that produced it; a re-run
 continues from the call after the last accepted one and decides exactly as an uninterrupted run would. A re-run
-with other settings is refused, naming what changed (--redo starts over); a larger --count continues.
+with other settings is refused, naming what changed (--redo starts over); a larger --count continues. Under
+torchrun (iterate.py --new-prompts) rank 0 writes every prompt while the other ranks wait.
 """
 import argparse
 import os
@@ -17,7 +21,7 @@ import random
 import re
 import time
 
-from common import (TEMPLATES, ShardWriter, add_engine_args, check_flags, done_records, file_digest, init_distributed,
+from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, done_records, file_digest, init_distributed,
                     load_model, load_template, merge_shards, model_fingerprint, read_jsonl, render, stable_seed, start_stage)
 from sample import Request, complete
 
@@ -90,6 +94,9 @@ def build_parser():
     parser.add_argument("--out", required=True, help="JSONL of new prompts (appended; resumed if present)")
     parser.add_argument("--count", type=int, default=100, help="new prompts wanted")
     parser.add_argument("--shots", type=int, default=8, help="example prompts shown per call")
+    parser.add_argument("--generated-shots", type=int, default=0,
+                        help="of the --shots, how many are prompts written in this run (the rest from the pool; fewer "
+                             "while fewer exist); 0: all drawn from pool and written prompts together")
     parser.add_argument("--max-overlap", type=float, default=0.5, help="largest word-trigram overlap with a known prompt")
     parser.add_argument("--max-calls", type=int, default=0, help="give up after this many calls (default 10 x --count)")
     parser.add_argument("--batch", type=int, default=32, help="calls generated together")
@@ -106,6 +113,7 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(("--count", args.count, args.count >= 1, "at least 1"), ("--shots", args.shots, args.shots >= 1, "at least 1"),
+                ("--generated-shots", args.generated_shots, 0 <= args.generated_shots <= args.shots, "in [0, --shots]"),
                 ("--batch", args.batch, args.batch >= 1, "at least 1"))
     return args
 
@@ -113,14 +121,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed()
-    if world > 1:
-        raise SystemExit("self_instruct.py runs as a single process (each call depends on the prompts accepted before it)")
-    pool = [p["prompt"] for p in read_jsonl(args.pool, required=("id", "prompt"), what="prompt")]
+    if rank > 0:  # each call depends on the prompts accepted before it: rank 0 writes them all, the others wait
+        barrier(world)
+        return {}
+    # our prompt records, or questions as GSM8K's files give them (`question`, no id)
+    pool = [p.get("prompt", p.get("question")) for p in read_jsonl(args.pool, required=(), what="prompt", check=lambda p: None
+            if isinstance(p.get("prompt", p.get("question")), str) else "needs a string `prompt` (or GSM8K's `question`)")]
     template = load_template(args.template, ("examples",))
     model, tok, path = load_model(args.model, device, args.dtype, args.chat_format)
     # what decides each call (not --count or --max-calls: asking for more continues a run); --redo starts over
-    keep = ("shots", "max_overlap", "batch", "temperature", "top_p", "max_new_tokens", "seed", "id_prefix", "dtype", "chat_format")
+    keep = ("shots", "generated_shots", "max_overlap", "batch", "temperature", "top_p", "max_new_tokens", "seed", "id_prefix", "dtype", "chat_format")
     settings = {"model": model_fingerprint(path), "pool": file_digest(args.pool), "template": file_digest(args.template)}
+    settings.update({"stop": args.stop} if args.stop else {})
     start_stage(args.out, dict(settings, **{k: getattr(args, k) for k in keep}), args.redo, 0, 1)
     done = sorted(done_records(args.out), key=lambda r: r["call"])
     accepted = [(r["prompt"], r["call"]) for r in done]
@@ -141,14 +153,20 @@ def main(argv=None):
         known = pool + [p for p, c in accepted if c < start]
         requests = []
         for c in calls:
-            shots = random.Random(stable_seed(args.seed, c)).sample(known, min(args.shots, len(known)))
+            rng = random.Random(stable_seed(args.seed, c))
+            shots = rng.sample(known, min(args.shots, len(known)))
+            if args.generated_shots:  # that many of the prompts written so far (while there are), the rest from the pool
+                made = known[len(pool):]
+                mine = rng.sample(made, min(args.generated_shots, len(made)))
+                shots = rng.sample(pool, min(args.shots - len(mine), len(pool))) + mine
             examples = "\n".join(f"Request: {s}" for s in shots)
             requests.append(Request(tok.encode_prompt(render(template, examples=examples)), n=1,
                                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                    stop_ids=tuple(tok.stop_ids), seed=stable_seed(args.seed, f"call{c}")))
+                                    stop_ids=tuple(tok.stop_ids), stop_strings=tuple(args.stop) + template.stops,
+                                    decode=tok.decode, seed=stable_seed(args.seed, f"call{c}")))
         outs = complete(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens)
         for c, comps in zip(calls, outs):  # in call order, so a resumed run decides exactly as this one
-            text = parse_request(tok.decode(comps[0].tokens))
+            text = parse_request(comps[0].text)
             why = check(text, index, args.max_overlap)
             if why is None and len(accepted) < args.count:
                 rec = {"id": f"{args.id_prefix}-{args.seed}-{len(accepted):05d}", "prompt": text, "call": c}
@@ -162,6 +180,7 @@ def main(argv=None):
     bar.close()
     writer.close()
     merge_shards(args.out, [])
+    barrier(world)
     print(f"self-instruct | accepted {len(accepted)} of {args.count} wanted | calls {call} | rejected {rejected} | "
           f"{time.time() - t0:.1f}s")
     return {"accepted": len(accepted), "calls": call, "rejected": rejected}

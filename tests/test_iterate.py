@@ -174,8 +174,57 @@ def test_paper_preset_dry_run(tmp_path, capsys):
         sb = {s["name"]: s["argv"] for s in b["stages"]}
         sa["train"] = [x for x in sa["train"] if not x.endswith("judge_pairs.jsonl")]
         assert sa == sb
-    with pytest.raises(SystemExit, match=r"19999 prompts, but 4 iterations .* need 20000"):
+    with pytest.raises(SystemExit, match=r"19999 prompts, but 4 iteration\(s\) .* need 20000"):
         iterate.main(base[:5] + [pool(tmp_path / "small.jsonl", 19_999)] + base[6:])
+
+
+def test_family_presets_dry_run(tmp_path, capsys):
+    """The sibling methods' paper presets, planned: ScPO's hotter extra samples (another seed) and in-loop new
+    questions, the evaluation protocols (maj@32 at T 0.8, 8-way self-consistency), Self-Rewarding's SFT decay and
+    self-instruct values, and the Self-Taught Evaluator judging iteration 1's pairs again in later iterations."""
+    gsm = tmp_path / "gsm8k.jsonl"  # GSM8K's own format: no id
+    gsm.write_text("".join(json.dumps({"question": f"Sam has {i} apples and buys 2. How many now?",
+                                       "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n" for i in range(1200)))
+    stages = lambda doc, t: {s["name"]: s["argv"] for s in doc["iterations"][t]["stages"]}  # noqa: E731
+    base = ["--model", "/models/m", "--run-dir", str(tmp_path / "run"), "--dry-run"]
+    doc = iterate.main(base + ["--preset", "scpo-paper", "--prompts", str(gsm), "--eval-prompts", str(gsm),
+                               "--new-questions", "50"])
+    for t, tau in ((0, "0.5"), (1, "0.7")):
+        st = stages(doc, t)
+        assert list(st)[:5] == ["new_prompts", "prompts", "responses", "extra_responses", "reasoning_pairs"]
+        si = st["new_prompts"]
+        assert (flag(si, "--count"), flag(si, "--shots"), flag(si, "--temperature"), flag(si, "--top-p")) == ("50", "4", "0.7", "0.9")
+        assert si[0] == "self_instruct.py" and flag(si, "--template").endswith("question.txt") and flag(si, "--pool") == str(gsm)
+        ex, main = st["extra_responses"], st["responses"]
+        assert (flag(ex, "--n-responses"), flag(ex, "--temperature"), flag(main, "--n-responses"), flag(main, "--temperature")) == \
+            ("8", "1.2", "8", "0.7")
+        assert flag(ex, "--seed") != flag(main, "--seed") and "--no-dedup" in ex
+        assert flag(st["reasoning_pairs"], "--extra") == flag(ex, "--out") and flag(st["reasoning_pairs"], "--tau") == tau
+        assert (flag(st["evaluate"], "--samples"), flag(st["evaluate"], "--temperature")) == ("8", "0.7")
+    st = stages(iterate.main(base + ["--preset", "irpo-paper", "--prompts", str(gsm), "--eval-prompts", str(gsm)]), 0)
+    assert (flag(st["evaluate"], "--samples"), flag(st["evaluate"], "--temperature")) == ("32", "0.8")
+    assert "extra_responses" not in st and "new_prompts" not in st
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    doc = iterate.main(base + ["--preset", "self-rewarding-paper", "--prompts", pool(tmp_path / "p.jsonl", 10),
+                               "--sft-data", str(sft), "--new-prompts", "30"])
+    assert flag(stages(doc, 0)["train"], "--min-lr-ratio") == "0.2" and flag(stages(doc, 1)["train"], "--min-lr-ratio") == "0.1"
+    si = stages(doc, 1)["new_prompts"]
+    assert (flag(si, "--shots"), flag(si, "--generated-shots"), flag(si, "--temperature"), flag(si, "--top-p")) == ("8", "2", "0.6", "0.9")
+    assert flag(si, "--template").endswith("self_instruct.txt")
+    doc = iterate.main(base + ["--preset", "ste-paper", "--prompts", pool(tmp_path / "p2.jsonl", 10), "--iterations", "3"])
+    first, later = stages(doc, 0), stages(doc, 2)
+    assert flag(first["contrast"], "--max-new-tokens") == flag(first["responses"], "--max-new-tokens")  # no length cue
+    assert (flag(first["contrast"], "--temperature"), flag(first["contrast"], "--top-p")) == ("0.7", "0.9")
+    assert list(later) == ["pairwise", "select", "train", "train_dpo", "evaluate", "evaluate_modified", "report"]
+    assert flag(later["pairwise"], "--contrast") == str(tmp_path / "run" / "iter1" / "contrast.jsonl")
+    assert flag(later["pairwise"], "--model") == str(tmp_path / "run" / "iter2" / "model") and flag(later["train"], "--model") == "/models/m"
+    assert flag(later["evaluate_modified"], "--prompts") == str(tmp_path / "run" / "iter1" / "eval_modified_pairs.jsonl")
+    assert doc["iterations"][2]["prompt_ids"] == [] and len(doc["iterations"][0]["prompt_ids"]) == 10
+    capsys.readouterr()
+    for bad in (["--preset", "irpo-paper", "--extra-samples", "4"], ["--preset", "tpo-paper", "--judge-model", "/m", "--new-prompts", "3"]):
+        with pytest.raises(SystemExit, match="only --method"):
+            iterate.main(base + ["--prompts", str(gsm)] + bad)
 
 
 def test_stage_args_reach_their_stage_and_are_checked_first(tmp_path, ckpt):

@@ -59,6 +59,41 @@ def test_scpo_pair():
     assert tops == {"a", "b"}
 
 
+# ScPO's hotter extra samples: they never vote, but the fewest-voted answer may be one of theirs (index k + j)
+@pytest.mark.parametrize("answers,extra,want_r,want_w", [
+    (["5", "5", "5", "6"], ["7", "5"], {4}, 3 / 4),  # "7" has 0 votes among the 4: rejected, w = (3 - 0) / 4
+    (["5", "5", "5", "5"], ["5", "9"], {5}, 1.0),  # unanimous 4: no pair without the extras, with them one
+    (["5", "5", "5", "5"], ["5", "5"], None, None),  # every extra agrees: nothing to reject
+    (["5", "5", "5", "6"], ["6", "5"], {3, 4}, 2 / 4),  # a "6" with 1 vote: in the main samples or among the extras
+    (["5", "5", "6", "6"], ["9"], None, None),  # V+ = 2 < tau * k = 3 whatever the extras say
+])
+def test_scpo_extra_samples_only_reject(answers, extra, want_r, want_w):
+    picks = {reasoning.scpo_pair(answers, 0.75, random.Random(s), extra=extra) for s in range(30)}
+    if want_r is None:
+        assert picks == {None}
+        return
+    assert {answers[c] for c, _, _ in picks} == {"5"} and {r for _, r, _ in picks} == want_r
+    assert all(w == pytest.approx(want_w) for *_, w in picks)
+
+
+def test_scpo_extra_file(tmp_path):
+    """reasoning.py --extra: the pair's rejected side can be an extra sample, named x<j> in the pair id; a
+    question with no extra record is an error naming the file."""
+    main = {"id": "q", "prompt": "2 + 2?", "responses": ["Final answer: 4"] * 3, "finish_reasons": ["stop"] * 3}
+    more = {"id": "q", "prompt": "2 + 2?", "responses": ["Final answer: 4", "Final answer: 5"], "finish_reasons": ["stop"] * 2}
+    for name, rec in (("r.jsonl", main), ("x.jsonl", more)):
+        (tmp_path / name).write_text(json.dumps(rec) + "\n")
+    argv = ["--responses", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "p.jsonl"), "--method", "scpo"]
+    assert reasoning.main(argv)["pairs"] == 0  # unanimous: nothing to reject
+    counts = reasoning.main(argv + ["--extra", str(tmp_path / "x.jsonl")])
+    pair = json.loads((tmp_path / "p.jsonl").read_text())
+    assert counts["rejected_extra"] == 1 and pair["id"].endswith("/x1") and pair["rejected"] == "Final answer: 5"
+    assert pair["weight"] == 1.0 and pair["chosen"] == "Final answer: 4"
+    (tmp_path / "x.jsonl").write_text(json.dumps(dict(more, id="other")) + "\n")
+    with pytest.raises(SystemExit, match="x.jsonl: no record for question q"):
+        reasoning.main(argv + ["--extra", str(tmp_path / "x.jsonl")])
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUM_OR_PRODUCT = re.compile(r"What is (\d+) (\+|times) (\d+)\?")
 

@@ -162,6 +162,31 @@ def test_self_instruct_runs_and_resumes(tmp_path, tiny_ckpt, monkeypatch):
     assert [r["prompt"] for r in read(out2)] == [r["prompt"] for r in more]
 
 
+def test_self_instruct_generated_shots_and_gsm8k_pool(tmp_path, tiny_ckpt, monkeypatch):
+    """--generated-shots 2 of --shots 3: each call shows 1 pool prompt and 2 prompts written before its batch
+    (fewer while fewer exist); a GSM8K file (`question`, no id) is a pool as it is."""
+    pool = tmp_path / "gsm8k.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"Pool question number {i} about apples?", "answer": "#### 1"}) + "\n"
+                            for i in range(4)))
+    shown, made = [], iter(range(100))
+
+    def fake_complete(model, requests, **kw):  # every call writes a new, distinct request
+        from sample import Completion
+        shown.extend(tok.decode(r.prompt) for r in requests)
+        return [[Completion(tokens=tok.encode(f"Request: Written question number {next(made)} about pears?"),
+                            finish_reason="stop")] for _ in requests]
+    from common import load_model
+    _, tok, _ = load_model(tiny_ckpt, "cpu")
+    monkeypatch.setattr(self_instruct, "complete", fake_complete)
+    self_instruct.main(["--model", tiny_ckpt, "--pool", str(pool), "--out", str(tmp_path / "q.jsonl"), "--count", "6",
+                        "--shots", "3", "--generated-shots", "2", "--batch", "2"])
+    per_call = [(text.count("Request: Pool"), text.count("Request: Written")) for text in shown]
+    # batches of 2: calls 0-1 see nothing written yet, calls 2-3 see the 2 of batch 0, later calls more
+    assert per_call == [(3, 0), (3, 0), (1, 2), (1, 2), (1, 2), (1, 2)]
+    with pytest.raises(SystemExit, match="--generated-shots"):
+        self_instruct.parse_args(["--pool", "p", "--out", "o", "--shots", "2", "--generated-shots", "3"])
+
+
 def test_stages_under_torchrun_match_one_process(tmp_path, tiny_ckpt):
     """2 ranks split the prompts, write shards, and rank 0 merges them in input order: the files equal a
     single process's (sampling depends on seed and id only; scores to within float noise)."""
