@@ -2,23 +2,26 @@
 Evaluation Fine-Tuning (EFT) data, Self-Rewarding's way: the judge's seed skill. The model judges responses
 that people have ranked, with the same rubric template as the loop's judge; the judgments whose scores order
 a prompt's responses the way the people ranked them become SFT targets (prompt = the full judge prompt,
-completion = the judgment). The top-ranked reply of each prompt is also written as instruction fine-tuning
-(IFT) data. Both files are what `iterate.py --sft-data` trains iteration 0 on.
+completion = the judgment). As in Self-Rewarding, the prompts are split in two (--eft-share, --seed): only the
+EFT side is judged; of the other side the top-ranked reply of each prompt becomes instruction fine-tuning (IFT)
+data. Both files are what `iterate.py --sft-data` trains iteration 0 on.
 
     python eft.py --oasst 2023-04-12_oasst_ready.trees.jsonl --model DIR --out runs/eft --n-judgments 4
     python eft.py --ranked ranked.jsonl --out runs/eft                     # our format: id, prompt, responses, ranks
     torchrun --nproc_per_node 8 eft.py --oasst trees.jsonl --model DIR --out runs/eft
     python iterate.py --preset paper --model DIR --sft-data runs/eft/eft.jsonl runs/eft/ift.jsonl ...
 
-Writes <out>/ranked.jsonl (the input as responses records), <out>/judgments.jsonl (the judge stage, resumable),
+Writes <out>/ranked.jsonl (the EFT side as responses records), <out>/judgments.jsonl (the judge stage, resumable),
 <out>/eft.jsonl and <out>/ift.jsonl. A judgment set is kept when every two responses of different rank are
 strictly ordered by its scores (a better rank, a higher score); responses of equal rank may score anything.
 """
 import argparse
 import os
+import random
+from collections import Counter
 
 import judge
-from common import barrier, finite, init_distributed, load_template, print0, read_jsonl, strict_json, write_jsonl
+from common import barrier, check_flags, finite, init_distributed, load_template, print0, read_jsonl, strict_json, write_jsonl
 
 # -----------------------------------------------------------------------------
 # The rules
@@ -53,6 +56,26 @@ def ift_record(rec):
     """The best-ranked reply of a prompt (the first of several equally best) as an SFT record."""
     best = min(range(len(rec["ranks"])), key=lambda k: (rec["ranks"][k], k))
     return {"id": rec["id"], "prompt": rec["prompt"], "completion": rec["responses"][best], "kind": "ift"}
+
+
+def split_prompts(records, share, seed):
+    """(EFT records, IFT records), disjoint by prompt text: the distinct texts, sorted and shuffled by `seed`; the
+    first round(share x their number) of them, at least one, go to EFT. Records sharing a text stay together."""
+    texts = sorted({r["prompt"] for r in records})
+    random.Random(seed).shuffle(texts)
+    eft = set(texts[:max(1, round(share * len(texts)))])
+    return [r for r in records if r["prompt"] in eft], [r for r in records if r["prompt"] not in eft]
+
+
+def rebalance(records, seed):
+    """--rebalance: the records of the most common score (rounded to a whole number) are thinned to as many as
+    the second most common score has, a draw seeded by `seed`; the rest keep their order. One score alone, or a
+    tie for the most, changes nothing."""
+    key = lambda r: round(r["score"]) if finite(r["score"]) else None  # noqa: E731
+    common = Counter(map(key, records)).most_common(2) or [(None, 0)]  # one score: its own second, nothing to thin
+    top = [i for i, r in enumerate(records) if key(r) == common[0][0]]
+    drop = set(random.Random(seed).sample(top, common[0][1] - common[-1][1]))
+    return [r for i, r in enumerate(records) if i not in drop]
 
 
 # -----------------------------------------------------------------------------
@@ -139,11 +162,16 @@ def build_parser():
     p.add_argument("--n-judgments", type=int, default=3, help="judgments per response (each index j is one candidate set)")
     p.add_argument("--judge-args", default="", help="more judge.py flags, e.g. \"--score-mode expected --temperature 0.7\"")
     p.add_argument("--redo", action="store_true", help="judge again from scratch instead of resuming earlier judgments")
+    p.add_argument("--eft-share", type=float, default=0.5, help="share of the distinct prompts judged for EFT; the rest are IFT")
+    p.add_argument("--rebalance", action="store_true", help="thin the EFT records of the most common (rounded) score "
+                   "to the count of the second most common, drawn by --seed (Self-Rewarding down-sampled its top score)")
+    p.add_argument("--seed", type=int, default=0, help="the draw of the EFT / IFT split and of --rebalance")
     return p
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    check_flags(("--eft-share", args.eft_share, 0 < args.eft_share <= 1, "in (0, 1]"))
     args.judge_argv = judge_argv(args)
     judge.parse_args(args.judge_argv)  # the judge's own checks, before any work
     return args
@@ -163,9 +191,11 @@ def main(argv=None):
         ranked, skips = read_oasst(args.oasst, args.lang) if args.oasst else (read_ranked(args.ranked), {})
         if not ranked:
             raise SystemExit(f"{args.oasst or args.ranked}: no prompt with 2+ ranked responses ({skips})")
+        sides = split_prompts(ranked, args.eft_share, args.seed)
         os.makedirs(args.out, exist_ok=True)
-        write_jsonl(os.path.join(args.out, "ranked.jsonl"), ranked)
-        print0(f"{len(ranked)} prompts with ranked responses | skipped {skips}")
+        write_jsonl(os.path.join(args.out, "ranked.jsonl"), sides[0])
+        write_jsonl(os.path.join(args.out, "ift.jsonl"), [ift_record(rec) for rec in sides[1]])
+        print0(f"{len(ranked)} prompts with ranked responses: {len(sides[0])} EFT, {len(sides[1])} IFT | skipped {skips}")
     barrier(world)
     judge.main(args.judge_argv)
     jargs = judge.parse_args(args.judge_argv)
@@ -173,13 +203,13 @@ def main(argv=None):
         template, rubric = load_template(jargs.template, ()), load_template(jargs.rubric, ()).strip()
         judged = read_jsonl(os.path.join(args.out, "judgments.jsonl"))
         eft = [r for rec in judged for r in eft_records(rec, template, rubric)]
-        write_jsonl(os.path.join(args.out, "eft.jsonl"), strict_json(eft))  # a judge's score may be NaN
-        write_jsonl(os.path.join(args.out, "ift.jsonl"), [ift_record(rec) for rec in judged])
         sets = sum(len(rec["judgments"][0]) for rec in judged)
-        kept = len({r["id"].rsplit("/", 1)[0] for r in eft})
-        counts = {"prompts": len(judged), "judgment_sets": sets, "agreeing_sets": kept, "eft": len(eft), "ift": len(judged)}
-        print0(f"eft | prompts {len(judged)} | judgment sets {sets} | agreeing with the ranks {kept} "
-               f"({kept / max(sets, 1):.1%}) | EFT records {len(eft)} | IFT records {len(judged)} | {args.out}")
+        kept, agreeing = len({r["id"].rsplit("/", 1)[0] for r in eft}), len(eft)
+        eft = rebalance(eft, args.seed) if args.rebalance else eft
+        write_jsonl(os.path.join(args.out, "eft.jsonl"), strict_json(eft))  # a judge's score may be NaN
+        counts = {"prompts": len(ranked), "eft_prompts": len(judged), "judgment_sets": sets, "agreeing_sets": kept,
+                  "eft": len(eft), "rebalanced_away": agreeing - len(eft), "ift": len(sides[1])}
+        print0("eft | " + " | ".join(f"{k} {v}" for k, v in counts.items()) + f" | {args.out}")
     barrier(world)
     return counts if rank == 0 else {}
 

@@ -132,7 +132,8 @@ def compare(args, prompts, ans_a, ans_b, out):
     import torch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = {"judge": model_fingerprint(args.judge), "template": file_digest(args.template),
-                "answers": [file_digest(os.path.join(args.out_dir, f"answers_{x}.jsonl")) for x in "ab"],
+                "answers": hashlib.sha256(json.dumps([(p["prompt"], ans_a[str(p["id"])], ans_b[str(p["id"])])  # as judged
+                                                      for p in prompts]).encode()).hexdigest()[:16],
                 "verdict_mode": args.verdict_mode, "judge_max_new_tokens": args.judge_max_new_tokens, "dtype": args.dtype}
     done = start_stage(out, settings, args.redo, 0, 1)
     todo = [p for p in prompts if str(p["id"]) not in done]
@@ -221,7 +222,9 @@ def summary_line(res):
         return " | ".join(parts) + f" | {res['seconds']}s"
     return (f"A wins {res['wins']} ties {res['ties']} losses {res['losses']} | win rate {res['win_rate']:.3f} "
             f"{res['win_rate_ci95']} | LC win rate {res['lc_win_rate']:.3f} | chars A {res['mean_chars_a']} B "
-            f"{res['mean_chars_b']} | unparseable {res['unparseable_verdicts']}/{2 * res['prompts']} | {res['seconds']}s")
+            f"{res['mean_chars_b']} | unparseable {res['unparseable_verdicts']}/{2 * res['prompts']} | " + (f"resampled "
+            f"{res['resampled_answers']}, no response after all tries {res['unmarked_answers']} | " if "resampled_answers" in res
+            else "") + f"{res['seconds']}s")
 
 
 def soft_score(rec):
@@ -251,10 +254,10 @@ def evaluate_winrate(args, rank, world):
             write_jsonl(pfile, [dict(p, prompt=render(template, prompt=p["prompt"])) for p in prompts])
         barrier(world)
         ask = {side: argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0}) if think[side] else args for side in "ab"}
-    strip = lambda t: (tpo.split_thought(t) or ("", ""))[1]  # noqa: E731  (no response part answers nothing)
-    ans_a, ans_b = ({k: strip(t) if think[side] else t for k, t in
-                     answers(getattr(args, side), os.path.join(args.out_dir, f"answers_{side}.jsonl"), ask[side]).items()}
-                    for side in "ab")
+    got = {side: answers(getattr(args, side), os.path.join(args.out_dir, f"answers_{side}.jsonl"), ask[side]) for side in "ab"}
+    again = {side: resample(side, got[side], ask[side], rank, world) for side in "ab" if think[side]}
+    strip = lambda t: (tpo.split_thought(t) or ("", ""))[1]  # noqa: E731  (no response part after every try answers nothing)
+    ans_a, ans_b = ({k: strip(t) if think[side] else t for k, t in got[side].items()} for side in "ab")
     cfile = os.path.join(args.out_dir, "comparisons.jsonl")
     if rank == 0:  # the comparisons are few next to the answers: one rank judges them
         compare(args, prompts, ans_a, ans_b, cfile)
@@ -278,7 +281,30 @@ def evaluate_winrate(args, rank, world):
             "losses": sum(o < 0 for o in outcomes), "win_rate": rate, "win_rate_ci95": ci, "soft": soft,
             "lc_win_rate": round(length_controlled_win_rate([2 * x - 1 for x in scores], la, lb), 4),
             "mean_chars_a": round(float(np.mean(la)), 1), "mean_chars_b": round(float(np.mean(lb)), 1),
-            "unparseable_verdicts": sum(v["parsed"] is None for v in verdicts), "verdict_mode": args.verdict_mode}
+            "unparseable_verdicts": sum(v["parsed"] is None for v in verdicts), "verdict_mode": args.verdict_mode,
+            **({"resampled_answers": {s: n for s, (n, _) in again.items()},
+                "unmarked_answers": {s: n for s, (_, n) in again.items()}} if again else {})}
+
+
+def resample(side, got, args, rank, world):
+    """Answers in `got` (id -> text, updated in place) with no response marker, asked again with seed --seed + r
+    on try r, up to --resample-tries times; try r has its own files, made from those before it, so a killed
+    evaluation resumes it. Greedy answers are not asked again: every seed gives the same. -> (answers asked again,
+    answers with no marker after the last try)."""
+    missing, tries = [k for k, t in got.items() if tpo.split_thought(t) is None], args.resample_tries * (args.temperature > 0)
+    asked, prompts = len(missing) if tries else 0, {str(p["id"]): p for p in read_jsonl(args.prompts)}
+    for r in range(1, tries + 1):
+        if not missing:
+            break
+        pfile, out = (os.path.join(args.out_dir, f"resample{r}_{x}_{side}.jsonl") for x in ("prompts", "answers"))
+        if rank == 0:
+            write_jsonl(pfile, [prompts[k] for k in missing])
+        barrier(world)
+        new = answers_of(getattr(args, side), out, pfile, argparse.Namespace(**{**vars(args), "seed": args.seed + r}), 1,
+                         args.temperature, dedup=True)
+        got.update({k: v[0] for k, v in new.items() if v})
+        missing = [k for k in missing if tpo.split_thought(got[k]) is None]
+    return asked, len(missing)
 
 
 def length_variants(prompts, limits, template, paraphrase):
@@ -454,7 +480,7 @@ def default_out_dir(args):
              file_digest(args.prompts), args.limit, args.temperature, args.top_p, args.max_new_tokens, args.seed,
              file_digest(args.template), args.verdict_mode, args.judge_max_new_tokens, args.dtype, args.strip_thoughts,
              file_digest(args.thought_template) if args.strip_thoughts else None, file_digest(args.pairwise_template),
-             args.system_prompt]
+             args.system_prompt, *([args.resample_tries] if args.strip_thoughts else [])]
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:10]
     return os.path.join("runs", "eval", f"{name(args.a)}_vs_{name(args.b or 'none')}-{key}")
 
@@ -490,6 +516,8 @@ def build_parser():
     j.add_argument("--strip-thoughts", nargs="?", const="both", default=None, choices=("both", "a", "b"),
                    help="ask with the TPO thought prompt and judge only the response part of each answer: both models "
                         "(the flag alone), or only a or b (a TPO model against its direct-answer control)")
+    j.add_argument("--resample-tries", type=int, default=3, help="--strip-thoughts: ask an answer with no response "
+                   "marker again, a new seed each try, up to this many times; then it is judged as an empty answer")
     j.add_argument("--thought-template", default=os.path.join(TEMPLATES, "thought.txt"), help="the thought prompt ({prompt})")
     ja = parser.add_argument_group("--metric judge-accuracy")
     ja.add_argument("--pairwise-template", default=os.path.join(TEMPLATES, "pairwise.txt"),
@@ -508,6 +536,7 @@ def build_parser():
 # flags only some metrics read: set to anything but their default with another metric, they would be ignored
 METRIC_FLAGS = {"judge": ("winrate",), "template": ("winrate",), "export_alpaca_eval": ("winrate",),
                 "generator_name": ("winrate",), "strip_thoughts": ("winrate",), "system_prompt": ("winrate",), "thought_template": ("winrate",),
+                "resample_tries": ("winrate",),
                 "verdict_mode": ("winrate", "judge-accuracy"), "judge_max_new_tokens": ("winrate", "judge-accuracy"),
                 "pairwise_template": ("judge-accuracy",), "samples": ("accuracy",), "reasoning_template": ("accuracy",),
                 "limits": ("length",), "lift_template": ("length",), "paraphrase_template": ("length",)}
@@ -522,6 +551,7 @@ def parse_args(argv=None):
     check_flags(("--limit", a.limit, a.limit >= 0, ">= 0 (0 = all)"), ("--bootstrap", a.bootstrap, a.bootstrap >= 1, "at least 1"),
                 ("--judge-max-new-tokens", a.judge_max_new_tokens, a.judge_max_new_tokens >= 1, "at least 1"),
                 ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"), ("--samples", a.samples, a.samples >= 1, "at least 1"),
+                ("--resample-tries", a.resample_tries, a.resample_tries >= 0, ">= 0"),
                 ("--b", a.b, a.b is not None or a.metric != "winrate", "given: the win rate compares A with B"), *sampling_rules(a))
     try:
         limits = [int(x) for x in a.limits.split(",")]

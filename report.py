@@ -42,6 +42,10 @@ def write_report(d, t, manifest):
                   f"{jd.get('score_mode', 'n/a')})", "", "| | score | length (chars) |", "|---|---|---|",
                   f"| chosen | {_dist([p['score_chosen'] for p in pairs])} | {_dist([len(p['chosen']) for p in pairs])} |",
                   f"| rejected | {_dist([p['score_rejected'] for p in pairs])} | {_dist([len(p['rejected']) for p in pairs])} |"]
+    if "tpo_pairs" in st:
+        w = [st["tpo_pairs"].get(f"mean_{s}_words") for s in ("chosen", "rejected")]
+        lines += ["", f"TPO pairs: chosen responses {'n/a' if w[0] is None else w[0]} words on average, rejected "
+                      f"{'n/a' if w[1] is None else w[1]} (raise --rho while the chosen run longer)"]
     if "meta_judgments" in st:
         m = st["meta_judgments"]
         lines += ["", "## Meta-judge", "",
@@ -50,8 +54,10 @@ def write_report(d, t, manifest):
                   f"{m.get('judge_pairs')} judge pairs, skips {m.get('pair_skips')}"]
     lines += training_section(d, st.get("train", {}), "SFT" if t == 0 else "DPO")
     ev = st.get("evaluate", {})
-    if ev.get("metric") == "judge-accuracy":
-        lines += ["", "## Evaluation: as a judge, this iteration's model (A) vs its starting model (B)", "",
+    for ev, what in ((ev, ""), (st.get("evaluate_modified", {}), " (y- the answer to a modified request x')")):
+        if ev.get("metric") != "judge-accuracy":
+            continue
+        lines += ["", f"## Evaluation: as a judge, this iteration's model (A) vs its starting model (B){what}", "",
                   f"{ev['pairs']} held-out labelled pairs, each judged greedily in both orders; position-consistent accuracy "
                   "(right in both orders 1, in one 1/2) with its 95% bootstrap interval", "",
                   "| judge | accuracy | first-shown answer preferred | unparsed verdicts | p(right letter) | p(first-shown letter) |",
@@ -61,6 +67,7 @@ def write_report(d, t, manifest):
                   f"{ev[s].get('p_first', '')} {ev[s].get('p_first_ci95', '')} |" for s in ("a", "b") if s in ev]
         lines += [""] + [f"A - B {name}: {ev[k]}" for k, name in (("accuracy_diff", "accuracy"), ("p_right_diff", "p(right letter)"),
                                                                  ("p_first_diff", "p(first-shown letter)")) if k in ev]
+    ev = st.get("evaluate", {})
     if ev.get("metric") == "accuracy":
         lines += ["", "## Evaluation: final answers, this iteration's model (A) vs its starting model (B)", "",
                   f"{ev['questions']} held-out questions, {ev['samples']} samples each; 95% bootstrap intervals over "

@@ -20,7 +20,7 @@ import math
 import os
 
 from common import check_flags, finite, read_jsonl, write_jsonl
-from lift import check_responses, cut_of
+from lift import check_responses, count_words, cut_of
 import judge
 from presets import schedule
 
@@ -91,7 +91,10 @@ def split_records(records, thoughts=True):
 
 
 def make_pairs(records, rho, keep_truncated=False):
-    pairs, skipped = [], 0
+    """-> (pairs, counts). The counts give the mean words (count_words) of the chosen and the rejected response
+    parts, what --rho is tuned on (the paper keeps chosen ones no longer on average); a rejected output with no
+    response part, rejected whatever --rho, is left out of its mean (None when nothing is left)."""
+    pairs, skipped, words = [], 0, ([], [])
     for rec in records:
         cut = cut_of(rec)
         got = tpo_pair(rec["score"], [len(r) for r in rec["responses"]], rec["splittable"], rho, cut, keep_truncated)
@@ -99,10 +102,14 @@ def make_pairs(records, rho, keep_truncated=False):
             skipped += 1
             continue
         c, r = got
+        words[0].append(count_words(rec["responses"][c]))
+        words[1].extend([count_words(rec["responses"][r])] if rec["splittable"][r] else [])
         pairs.append({"id": rec["id"], "prompt": rec["thought_prompt"], **({"system": rec["system"]} if rec.get("system") else {}),
                       "chosen": rec["outputs"][c], "rejected": rec["outputs"][r], "score_chosen": rec["score"][c],
                       "score_rejected": rec["score"][r], "kind": "tpo", **({"rejected_truncated": True} if cut[r] else {})})
-    return pairs, skipped
+    mean = lambda xs: round(sum(xs) / len(xs), 1) if xs else None  # noqa: E731
+    return pairs, {"tpo_pairs": len(pairs), "prompts_without_pairs": skipped,
+                   "mean_chosen_words": mean(words[0]), "mean_rejected_words": mean(words[1])}
 
 
 def check_actor(rec):
@@ -156,9 +163,8 @@ def main(argv=None):
         counts = {"records": len(recs), "outputs": sum(len(r["outputs"]) for r in recs),
                   "unsplittable": sum(not s for r in recs for s in r["splittable"])}
     else:
-        recs, skipped = make_pairs(read_jsonl(args.judgments, required=("id", "score", "splittable", "outputs"),
-                                              what="judged TPO record", check=check_judged), args.rho, args.truncated == "keep")
-        counts = {"tpo_pairs": len(recs), "prompts_without_pairs": skipped}
+        recs, counts = make_pairs(read_jsonl(args.judgments, required=("id", "score", "splittable", "outputs"),
+                                             what="judged TPO record", check=check_judged), args.rho, args.truncated == "keep")
     if int(os.environ.get("RANK", 0)) == 0:
         write_jsonl(args.out, recs)
     print(f"tpo {args.step} | " + " | ".join(f"{k} {v}" for k, v in counts.items()), flush=True)

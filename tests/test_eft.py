@@ -96,20 +96,19 @@ def test_eft_keeps_only_judgments_that_agree_with_people(tmp_path):
     """A judge that prefers short answers agrees with the people on the prime question (the short, right
     answer ranked first) and not on the bread one (the best answer is not the shortest)."""
     out = str(tmp_path / "eft")
-    counts = eft.main(["--oasst", FIXTURE, "--out", out, "--judge-args", "--judge-fn prog_judges:shorter"])
+    counts = eft.main(["--oasst", FIXTURE, "--out", out, "--judge-args", "--judge-fn prog_judges:shorter", "--eft-share", "1"])
     e, i = read(os.path.join(out, "eft.jsonl")), read(os.path.join(out, "ift.jsonl"))
-    assert counts["agreeing_sets"] == 1 and len(e) == 2
+    assert counts["agreeing_sets"] == 1 and len(e) == 2 and i == [] and counts["ift"] == 0  # every prompt went to EFT
     assert {r["id"] for r in e} == {"t-prime/0/0", "t-prime/0/1"}
     assert all("Is 91 a prime number?" in r["prompt"] and "<request>" in r["prompt"] for r in e)
     assert e[0]["completion"].endswith("Score: 4.6")  # 5 - 16 / 40 for the 16 characters of "No: 91 = 7 x 13."
-    assert [(r["id"], r["completion"][:12]) for r in i] == [("t-bread", "Keep it in a"), ("t-prime", "No: 91 = 7 x")]
 
 
 def test_eft_with_the_model_resumes(tmp_path, tiny_ckpt):
     """The judge stage inside eft.py is resumable like any stage: a second run judges nothing new and writes
     the same files."""
     out = str(tmp_path / "eft")
-    args = ["--oasst", FIXTURE, "--out", out, "--model", tiny_ckpt, "--n-judgments", "3",
+    args = ["--oasst", FIXTURE, "--out", out, "--model", tiny_ckpt, "--n-judgments", "3", "--eft-share", "1",
             "--judge-args", "--max-new-tokens 6 --score-mode expected --temperature 1.0"]
     first = eft.main(args)
     files = {n: open(os.path.join(out, n)).read() for n in ("judgments.jsonl", "eft.jsonl", "ift.jsonl")}
@@ -117,3 +116,68 @@ def test_eft_with_the_model_resumes(tmp_path, tiny_ckpt):
     assert again == first and first["judgment_sets"] == 6  # 2 prompts x 3 judgment indices
     assert {n: open(os.path.join(out, n)).read() for n in files} == files
     assert all(len(r["judgments"]) == 3 and len(r["judgments"][0]) == 3 for r in read(os.path.join(out, "judgments.jsonl"))[:1])
+
+
+@pytest.mark.parametrize("share,n_eft", [(0.5, 2), (0.3, 1), (0.1, 1), (0.6, 2), (0.9, 4), (1.0, 4)])
+def test_split_prompts_by_text(share, n_eft):
+    """4 distinct texts (5 records, "a" twice): round(share x 4) of them, at least one, go to EFT, each text with
+    all its records; the two sides share no text, and a seed gives the same split every time."""
+    recs = [{"id": str(k), "prompt": t} for k, t in enumerate("abacd")]
+    e, i = eft.split_prompts(recs, share, seed=3)
+    texts = {r["prompt"] for r in e}
+    assert len(texts) == n_eft and not texts & {r["prompt"] for r in i} and len(e) + len(i) == 5
+    assert len(e) == n_eft + ("a" in texts)
+    assert eft.split_prompts(recs, share, seed=3) == (e, i)
+
+
+def test_split_prompts_follows_the_seed():
+    recs = [{"id": str(k), "prompt": f"prompt {k}"} for k in range(20)]
+    splits = {tuple(r["id"] for r in eft.split_prompts(recs, 0.5, seed)[0]) for seed in range(5)}
+    assert len(splits) > 1 and all(len(s) == 10 for s in splits)
+
+
+@pytest.mark.parametrize("scores,want", [
+    ([5, 5, 5, 5, 4, 4, 3], {5: 2, 4: 2, 3: 1}),  # the 5s (4 of them) thinned to the 2 of the 4s
+    ([4.4, 4.2, 3.9, 5.0, 2.0], {4: 1, 5: 1, 2: 1}),  # scores count by their whole number: three 4s, thinned to 1
+    ([1, 5, 5, 5, 5, 5, 2, 2, 2], {1: 1, 5: 3, 2: 3}),
+    ([3, 3, 2, 2], {3: 2, 2: 2}),  # a tie for the most: nothing to thin
+    ([5, 5, 5], {5: 3}),  # one score: nothing to thin
+    ([], {}),
+])
+def test_rebalance_table(scores, want):
+    recs = [{"id": str(k), "score": s} for k, s in enumerate(scores)]
+    got = eft.rebalance(recs, seed=0)
+    counts = {}
+    for r in got:
+        counts[round(r["score"])] = counts.get(round(r["score"]), 0) + 1
+    assert counts == want
+    assert [r["id"] for r in got] == sorted((r["id"] for r in got), key=int)  # what is kept keeps its order
+    assert eft.rebalance(recs, seed=0) == got
+
+
+def test_rebalance_draws_by_the_seed():
+    recs = [{"id": str(k), "score": 5 if k < 8 else 3} for k in range(10)]
+    kept = {tuple(r["id"] for r in eft.rebalance(recs, seed) if r["score"] == 5) for seed in range(6)}
+    assert len(kept) > 1 and all(len(k) == 2 for k in kept)
+
+
+def test_eft_and_ift_prompts_are_disjoint(tmp_path):
+    """7 records, 6 distinct texts (two ids ask the same): half the texts are judged for EFT, the others' best
+    replies are IFT; no request is on both sides. The judge prefers short answers: each EFT set scores 5 ("ok"),
+    3 and 3 (80 and 81 characters), so it agrees with ranks 0, 1, 1, and --rebalance thins the 3s to the 5s."""
+    texts = ["Name a fruit.", "Name a colour.", "Name a river.", "Name a fruit.", "Name a city.", "Name a tree.", "Name a bird."]
+    ranked = tmp_path / "ranked.jsonl"
+    ranked.write_text("".join(json.dumps({"id": f"p{k}", "prompt": t, "responses": ["ok", "y" * 80, "z" * 81], "ranks": [0, 1, 1]})
+                              + "\n" for k, t in enumerate(texts)))
+    out = str(tmp_path / "eft")
+    counts = eft.main(["--ranked", str(ranked), "--out", out, "--n-judgments", "1", "--rebalance",
+                       "--judge-args", "--judge-fn prog_judges:shorter"])
+    e, i, judged = (read(os.path.join(out, f)) for f in ("eft.jsonl", "ift.jsonl", "ranked.jsonl"))
+    eft_texts, ift_texts = {r["prompt"] for r in judged}, {r["prompt"] for r in i}
+    assert len(eft_texts) == 3 and len(ift_texts) == 3 and not eft_texts & ift_texts
+    assert not any(t in r["prompt"] for t in ift_texts for r in e)  # no IFT request inside an EFT judge prompt
+    n = counts["eft_prompts"]  # 3, or 4 when the fruit question (twice) is on the EFT side
+    assert n == len(judged) and n + counts["ift"] == 7 and len(i) == counts["ift"]
+    assert counts["agreeing_sets"] == n and counts["rebalanced_away"] == n and len(e) == counts["eft"] == 2 * n
+    assert sum(r["score"] == pytest.approx(4.95) for r in e) == n and sum(round(r["score"]) == 3 for r in e) == n
+    assert all(r["completion"] == "ok" for r in i)

@@ -200,10 +200,38 @@ def test_tpo_stages_judge_sees_responses_and_pairs_keep_thoughts(tmp_path):
     judge.main(["--responses", split, "--out", judged, "--judge-fn", "test_tpo_evaluator:words_judge"])
     assert ("Say words.", "one two three four") in SEEN and ("Say words.", "one") in SEEN
     assert all(T not in r and R not in r and "THINK" not in p for p, r in SEEN)
-    assert tpo.main(["--step", "pairs", "--judgments", judged, "--out", pairs]) == {"tpo_pairs": 1, "prompts_without_pairs": 0}
+    # the chosen response has 4 words; the rejected output has no response part, so no rejected mean
+    assert tpo.main(["--step", "pairs", "--judgments", judged, "--out", pairs]) == {
+        "tpo_pairs": 1, "prompts_without_pairs": 0, "mean_chosen_words": 4.0, "mean_rejected_words": None}
     (pair,) = [json.loads(x) for x in open(pairs)]
     # the best response wins with its thoughts; the output without a response marker is the rejected one
     assert pair["prompt"] == "THINK: Say words." and pair["chosen"] == outs[0] and pair["rejected"] == outs[2]
+
+
+def test_pair_counts_give_the_mean_words_of_the_responses(tmp_path):
+    def rec(i, responses, scores, splittable):
+        return {"id": i, "thought_prompt": "THINK: q", "responses": responses, "score": scores, "splittable": splittable,
+                "outputs": [f"{T} a long thought that is never counted\n{R} {r}" for r in responses]}
+    recs = [rec("1", ["**Note:** one two - three", "one two"], [5.0, 1.0], [True, True]),  # 4 words (not "-") vs 2
+            rec("2", ["alpha beta", ""], [4.0, None], [True, False]),  # 2 words; the rejected has no response
+            rec("3", ["x y z", "x y z"], [3.0, 3.0], [True, True]),  # a tie: no pair
+            rec("4", ["a b c d e f g h", "a b c d e f"], [2.0, 4.0], [True, True])]  # 6 words chosen, 8 rejected
+    pairs, counts = tpo.make_pairs(recs, rho=0.0)
+    assert counts == {"tpo_pairs": 3, "prompts_without_pairs": 1, "mean_chosen_words": 4.0, "mean_rejected_words": 5.0}
+    # the iteration's report says them in words; unknown means n/a
+    import report
+    for words, line in (((4.0, 5.0), "TPO pairs: chosen responses 4.0 words on average, rejected 5.0"),
+                        ((None, None), "TPO pairs: chosen responses n/a words on average, rejected n/a")):
+        c = dict(counts, mean_chosen_words=words[0], mean_rejected_words=words[1])
+        report.write_report(str(tmp_path), 1, {"method": "tpo", "stages": {"tpo_pairs": {"seconds": 0.1, "counts": c}}})
+        assert line in open(tmp_path / "report.md").read()
+
+
+def test_thought_template_keeps_the_markers_and_asks_for_detail():
+    from common import TEMPLATES, load_template, render
+    text = load_template(os.path.join(TEMPLATES, "thought.txt"), ("prompt",))
+    assert f'"{T}"' in text and f'"{R}"' in text and text.index(T) < text.index(R)
+    assert "detail" in text and "Say hi." in render(text, prompt="Say hi.")
 
 
 def test_select_keeps_right_ended_judgments_balanced(tmp_path):
