@@ -3,6 +3,7 @@ Plumbing shared by every script: JSON Lines reading with clear errors, resumable
 their settings, a lock on a run folder, distributed start-up, model loading, prompt templates, flag checks and
 the engine flags. Nothing here knows an algorithm.
 """
+import datetime
 import hashlib
 import json
 import math
@@ -12,7 +13,7 @@ import re
 import torch
 
 from model import Transformer
-from tokenizer import Tokenizer
+from tokenizer import CHAT_FORMATS, Tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = os.path.join(ROOT, "data", "templates")
@@ -325,7 +326,8 @@ def init_distributed():
         device = torch.device("cpu")
         keep_freed_memory()
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 alone does some steps (self-instruct, merges) while the others wait at a barrier: a long timeout
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return rank, world, device
 
 
@@ -450,30 +452,54 @@ def add_engine_args(parser):
     g.add_argument("--max-cache-tokens", type=int, default=1 << 20, help="bound on the KV cache in tokens: slots x (longest prompt + samples per slot x new tokens)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; static shapes)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    g.add_argument("--chat-format", default=None, choices=("llama3", "chatml"), help="override the detected chat format")
+    g.add_argument("--chat-format", default=None, choices=CHAT_FORMATS, help="override the detected chat format "
+                   "(plain: no chat markers, for base models prompted as completions)")
+    g.add_argument("--stop", action="append", default=[], type=unescape, help="text that ends a generation, cut from "
+                   "it (repeat for several; escapes such as \\n are decoded)")
     g.add_argument("--redo", action="store_true", help="discard this stage's earlier output instead of resuming it")
 
 
 def engine_rules(args):
     return [("--max-rows", args.max_rows, args.max_rows >= 1, "at least 1"),
             ("--max-cache-tokens", args.max_cache_tokens, args.max_cache_tokens >= 1, "at least 1"),
-            ("--dtype", args.dtype, args.dtype == "auto" or args.dtype in DTYPES, f"auto or one of {', '.join(DTYPES)}")]
+            ("--dtype", args.dtype, args.dtype == "auto" or args.dtype in DTYPES, f"auto or one of {', '.join(DTYPES)}"),
+            ("--stop", args.stop, all(args.stop), "non-empty text")]
+
+
+def unescape(text):
+    """Backslash escapes (\\n, \\t, \\\\, \\u00e9) decoded; other characters kept as they are."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 # -----------------------------------------------------------------------------
 # Prompt templates and plugins
 
 
+class Template(str):
+    """A template's text, with the stop strings its `#stop:` lines give (see load_template)."""
+    stops = ()
+
+
 def load_template(path, required):
-    """Read a prompt template; every `{name}` in `required` must appear in it."""
+    """Read a prompt template; every `{name}` in `required` must appear in it. Lines at the top of the form
+    `#stop: TEXT` are not part of it: each TEXT (after the one space, escapes such as \\n decoded, see unescape)
+    is a stop string of generations prompted with it, in the returned Template's `stops`."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: template not found")
     with open(path, encoding="utf-8") as f:
         text = f.read()
+    stops = []
+    while text.startswith("#stop: "):
+        line, _, text = text.partition("\n")
+        stops.append(unescape(line[len("#stop: "):]))
     missing = [name for name in required if "{" + name + "}" not in text]
     if missing:
         raise SystemExit(f"{path}: template lacks the placeholder(s) {', '.join('{' + m + '}' for m in missing)}")
-    return text
+    if not all(stops):
+        raise SystemExit(f"{path}: a `#stop:` line gives no text")
+    template = Template(text)
+    template.stops = tuple(stops)
+    return template
 
 
 def render(template, **fields):

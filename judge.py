@@ -190,7 +190,7 @@ def stage_settings(args):
     keep = ("n", "score_mode", "temperature", "top_p", "max_new_tokens", "seed", "dtype", "chat_format")
     who = {"judge_fn": args.judge_fn} if args.judge_fn else {"model": model_fingerprint(args.model_path)}
     return {**who, "responses": file_digest(args.responses), "template": file_digest(args.template),
-            "rubric": file_digest(args.rubric), **{k: getattr(args, k) for k in keep}}
+            "rubric": file_digest(args.rubric), **{k: getattr(args, k) for k in keep}, **({"stop": args.stop} if args.stop else {})}
 
 
 def run_judge(args, model, tok, rank, world):
@@ -216,6 +216,7 @@ def run_judge(args, model, tok, rank, world):
                                  f"tokens + --max-new-tokens exceeds the context ({model.args.max_seq_len})")
             requests.append(Request(ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
                                     max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
+                                    stop_strings=tuple(args.stop) + template.stops, decode=tok.decode,
                                     seed=stable_seed(args.seed, f"{rec['id']}/{k}"), shared_prefix=shared, **probe))
             owner.append((ri, k))
     print0(f"{len(records)} records, {len(done)} already judged, {len(todo)} on rank {rank}, "
@@ -234,7 +235,7 @@ def run_judge(args, model, tok, rank, world):
         if len(got[ri]) == len(todo[ri]["responses"]):
             by_k = [got[ri][k] for k in range(len(todo[ri]["responses"]))]
             del got[ri]
-            out = judged_record(todo[ri], [[tok.decode(c.tokens) for c in cs] for cs in by_k], args,
+            out = judged_record(todo[ri], [[c.text for c in cs] for cs in by_k], args,
                                 [[c.probe for c in cs] for cs in by_k] if expect else None)
             writer.write(dict(out, judgment_finish=[[c.finish_reason for c in cs] for cs in by_k]))
     bar.close()

@@ -195,7 +195,7 @@ def stage_settings(args):
     keep = ("verdict_mode", "temperature", "top_p", "max_new_tokens", "seed", "dtype", "chat_format")
     return {"model": model_fingerprint(args.model_path), "judgments": file_digest(args.judgments),
             "meta_template": file_digest(args.meta_template), "rubric": file_digest(args.rubric),
-            **{k: getattr(args, k) for k in keep}}
+            **{k: getattr(args, k) for k in keep}, **({"stop": args.stop} if args.stop else {})}
 
 
 def run_meta_judge(args, model, tok, rank, world):
@@ -222,7 +222,7 @@ def run_meta_judge(args, model, tok, rank, world):
     for q, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
                              compile=args.compile):
         k, m, n = owner[q]
-        text = tok.decode(comps[0].tokens)
+        text = comps[0].text
         tokens += len(comps[0].tokens)
         bar.update(1)
         plan = plans[k]
@@ -274,6 +274,7 @@ def plan_battles(args, records, tok, template, rubric, max_seq_len, probe):
                                  f"--max-new-tokens exceeds the context ({max_seq_len})")
             requests.append(Request(ids, n=1, temperature=args.temperature, top_p=args.top_p,
                                     max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
+                                    stop_strings=tuple(args.stop) + template.stops, decode=tok.decode,
                                     seed=stable_seed(args.seed, f"{rec['id']}/{m}/{n}"), shared_prefix=shared, **probe))
             owner.append((k, m, n))
     return requests, owner, plans, skipped

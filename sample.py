@@ -11,6 +11,7 @@ run draws what an uninterrupted one would.
     python sample.py --prompts data/prompts.jsonl --out runs/x/responses.jsonl --n-responses 4 --max-new-tokens 256
     python sample.py --model DIR --prompts p.jsonl --out r.jsonl --n-responses 7 --temperature 0.8 --top-p 0.95 --seed 0
     torchrun --nproc_per_node 8 sample.py --model DIR --prompts p.jsonl --out r.jsonl --n-responses 7
+    python sample.py --model BASE --prompts p.jsonl --out r.jsonl --chat-format plain --stop '\\n\\nQ:'  # a base model
 """
 import argparse
 import time
@@ -182,6 +183,8 @@ class Request:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 256
     stop_ids: tuple = ()
+    stop_strings: tuple = ()  # text that ends a sample too (its tokens stay, its text is cut); needs `decode`
+    decode: object = None  # token ids -> text: with it, each completion carries its text
     seed: int = 0
     logprobs: bool = False  # also return each generated token's log-prob (temperature-1 distribution)
     shared_prefix: int = 0  # leading prompt tokens that other requests share: prefilled once per admission
@@ -196,9 +199,15 @@ class Request:
 @dataclass
 class Completion:
     tokens: list[int]
-    finish_reason: str  # "stop" (a stop token, not included in tokens) or "length"
+    finish_reason: str  # "stop" (a stop token, not included in tokens, or a stop string) or "length"
     logprobs: list[float] | None = None
     probe: list[float] | None = None  # log-probs of the request's probe_ids after its probe suffix
+    text: str | None = None  # the decoded tokens up to any stop string (when the request has `decode`)
+
+
+def cut_at_stop(text, stops):
+    """`text` up to where the earliest of the stop strings `stops` begins (all of it when none occurs)."""
+    return text[:min([i for i in map(text.find, stops) if i >= 0], default=len(text))]
 
 
 # Counter-based randomness: the uniform that picks token `step` of a sample is a hash of (the sample's key, step).
@@ -395,6 +404,8 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
     longest = max(len(r.prompt) + r.max_new_tokens + r.probe_room for r in requests)
     if longest > model.args.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {longest} exceeds the model's context ({model.args.max_seq_len})")
+    if any(r.stop_strings and r.decode is None for r in requests):
+        raise ValueError("a request with stop strings needs `decode` to read them")
     B, M, G, S = plan_cache(requests, max_rows, max_cache_tokens)
     # one slot more than planned: empty rows inside a decode batch write their (ignored) keys there, so a step
     # never needs to know which rows are live and the compiled step keeps one shape
@@ -489,9 +500,9 @@ class Engine:
         return feed, view, t[5 * W:5 * W + R], t[5 * W + R:].view(3, R)
 
     def record(self, rows, tokens, logps, logits):
-        """Append each row's sampled token, or end the sample (a stop token, or its length limit); a sample whose
-        request has a probe then feeds the probe's suffix, one token a step, and reads the probed log-probs from
-        the logits after the last one. Yields (request, completions) for every request whose last sample ended."""
+        """Append each row's sampled token, or end the sample (a stop token or string, or its length limit); a
+        sample whose request has a probe then feeds the probe's suffix, one token a step, and reads the probed
+        log-probs from the logits after the last one. Yields (request, completions) for every request whose last sample ended."""
         for k, (b, tok) in enumerate(zip(rows, tokens)):
             r = self.rows[b]
             req = self.requests[r.request]
@@ -507,8 +518,16 @@ class Engine:
                 r.tokens.append(tok)
                 if req.logprobs:
                     r.logps.append(logps[k])
-            if stop or len(r.tokens) >= req.max_new_tokens:
-                ended = Completion(r.tokens, "stop" if stop else "length", r.logps if req.logprobs else None)
+            said = False  # a stop string formed
+            if req.stop_strings and not stop:
+                # it lies within the newest tokens, each at least a byte of text: decode only as many as the longest
+                # stop string has bytes, and one more for a clean start, not the whole text every step
+                tail = req.decode(r.tokens[-1 - max(len(s.encode()) for s in req.stop_strings):])
+                said = len(cut_at_stop(tail, req.stop_strings)) < len(tail)
+            if stop or said or len(r.tokens) >= req.max_new_tokens:
+                text = cut_at_stop(req.decode(r.tokens), req.stop_strings) if req.decode else None
+                ended = Completion(r.tokens, "stop" if stop or said else "length", r.logps if req.logprobs else None,
+                                   text=text)
                 if req.probe is None:
                     yield from self.finish(b, r, ended)
                     continue
@@ -516,7 +535,7 @@ class Engine:
                 assert 0 <= keep <= len(r.tokens) and 1 <= len(suffix) <= req.probe_room, (keep, suffix, req.probe_room)
                 # the suffix overwrites the sample's cache from position `keep` on: the fed token of step s sits
                 # at step s's place, and a query never sees a place beyond its own step. A sample cut by its
-                # length limit has not fed its last token yet: it goes first, if it is kept
+                # length limit (or a stop string) has not fed its last token yet: it goes first, if it is kept
                 fed = min(keep, len(r.tokens) - (not stop))
                 feed = r.tokens[fed:keep] + list(suffix)
                 r.ended, r.tokens, r.forced = ended, r.tokens[:fed] + feed[:1], feed[1:]
@@ -573,7 +592,7 @@ def stage_settings(args, model_path):
     """What decides this stage's output; a resumed run must have the same (see common.start_stage)."""
     keep = ("limit", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "dedup", "dtype", "chat_format")
     return {"model": model_fingerprint(model_path), "prompts": file_digest(args.prompts),
-            **{k: getattr(args, k) for k in keep}}
+            **{k: getattr(args, k) for k in keep}, **({"stop": args.stop} if args.stop else {})}
 
 
 def run_stage(args, model, tok, model_path, rank, world, probe=None):
@@ -600,8 +619,8 @@ def run_stage(args, model, tok, model_path, rank, world, probe=None):
                              f"{args.max_new_tokens} the model's context ({model.args.max_seq_len}) allows {limit}")
         requests.append(Request(ids, n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens, stop_ids=tuple(tok.stop_ids),
-                                seed=stable_seed(args.seed, prompts[k]["id"]), shared_prefix=shared if shared >= 16 else 0,
-                                **probe))
+                                stop_strings=tuple(args.stop), decode=tok.decode, seed=stable_seed(args.seed, prompts[k]["id"]),
+                                shared_prefix=shared if shared >= 16 else 0, **probe))
     print0(f"{n_use} prompts, {len(done)} already done, {len(todo)} on rank {rank}")
     from tqdm import tqdm
     writer = ShardWriter(args.out, rank)
@@ -613,7 +632,7 @@ def run_stage(args, model, tok, model_path, rank, world, probe=None):
         p = prompts[todo[i]]
         texts, reasons, ntoks, probes = [], [], [], []
         for c in comps:
-            text = tok.decode(c.tokens)
+            text = c.text
             counts["tokens"] += len(c.tokens)
             counts["length_stops"] += c.finish_reason == "length"
             if args.dedup and text in texts:

@@ -2,7 +2,8 @@
 The tokenizer of an HF checkpoint folder (`tokenizer.json`, read with the `tokenizers` library) and the chat
 formats of the two model families this project runs: Llama-3 (`<|start_header_id|>` ... `<|eot_id|>`) and
 ChatML (`<|im_start|>` ... `<|im_end|>`: SmolLM2, Qwen). The family is read off the folder's tokenizer
-files; `chat_format=` names it explicitly. An unknown family is an error, never a guess.
+files; `chat_format=` names it explicitly. An unknown family is an error, never a guess. The `plain` format
+(never detected, only named) is for base models prompted as completions: no markers, see `format_plain`.
 
     python tokenizer.py --model checkpoints/smollm2-135m-instruct --text "Hello there"
 """
@@ -12,7 +13,7 @@ import os
 
 from tokenizers import Tokenizer as HFTokenizer
 
-CHAT_FORMATS = ("llama3", "chatml")
+CHAT_FORMATS = ("llama3", "chatml", "plain")
 
 
 def format_llama3(messages, add_generation_prompt=True):
@@ -36,9 +37,18 @@ def format_chatml(messages, add_generation_prompt=True):
     return pieces
 
 
+def format_plain(messages, add_generation_prompt=True):
+    """A completion prompt as pieces: the user text as it is, after the system text and a blank line if there is
+    one. There are no turns, so a conversation is an error; the response is what the model writes next."""
+    if [m["role"] for m in messages] not in (["user"], ["system", "user"]):
+        raise ValueError("the plain format takes one user text (and an optional system text), not a conversation")
+    return [("".join(m["content"] + "\n\n" * (m["role"] == "system") for m in messages), False)]
+
+
 # end-of-turn markers of each family: generation stops at any of them (and at the folder's eos tokens)
-STOP_STRINGS = {"llama3": ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"), "chatml": ("<|im_end|>", "<|endoftext|>")}
-FORMATTERS = {"llama3": format_llama3, "chatml": format_chatml}
+STOP_STRINGS = {"llama3": ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"), "chatml": ("<|im_end|>", "<|endoftext|>"),
+                "plain": ()}  # plain: the folder's eos tokens alone
+FORMATTERS = {"llama3": format_llama3, "chatml": format_chatml, "plain": format_plain}
 
 
 def detect_chat_format(path: str, vocab: dict) -> str | None:
@@ -80,8 +90,12 @@ class Tokenizer:
             raise ValueError(f"{path}: chat format {chat_format!r} needs the special token {missing[0]!r}, "
                              "which this tokenizer lacks")
         stops = {vocab[s] for s in STOP_STRINGS[chat_format] if s in vocab} | set(eos_ids)
+        if not stops:
+            raise ValueError(f"{path}: the plain format ends a response with the eos token, but no eos_token_id "
+                             "is set (generation_config.json or config.json)")
         self.stop_ids = sorted(stops)
-        self.eot_id = vocab[STOP_STRINGS[chat_format][0]]  # ends an assistant turn in training data
+        # ends an assistant turn in training data: the family's end-of-turn marker, or (plain) the first eos
+        self.eot_id = vocab[STOP_STRINGS[chat_format][0]] if STOP_STRINGS[chat_format] else list(eos_ids)[0]
         self.vocab_size = tok.get_vocab_size()
         self.pad_id = self.stop_ids[0]
 
@@ -115,7 +129,12 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r}")
-        return FORMATTERS[self.chat_format](messages, add_generation_prompt)
+        pieces = FORMATTERS[self.chat_format](messages, add_generation_prompt)
+        if self.chat_format != "plain":
+            return pieces
+        # plain text starts as the tokenizer itself starts a text: with a BOS where it adds one (Llama), else bare
+        ids = self.tok.encode("a", add_special_tokens=True).ids
+        return [(self.tok.id_to_token(i), True) for i in ids[:ids.index(self.encode("a")[0])]] + pieces
 
     def format_chat(self, messages, add_generation_prompt=True) -> str:
         """The chat as text (for reading; the ids come from `encode_chat`)."""
@@ -136,14 +155,14 @@ class Tokenizer:
 
 
 def _eos_ids(path):
-    """eos ids named by generation_config.json / config.json (an int or a list)."""
-    ids = set()
+    """eos ids named by generation_config.json / config.json (an int or a list), in that order."""
+    ids = []
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name)
         if os.path.exists(f):
             with open(f) as fh:
                 eos = json.load(fh).get("eos_token_id")
-            ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+            ids += [i for i in (eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []) if i not in ids]
     return ids
 
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 
 from common import (barrier, check_flags, file_digest, finite, init_distributed, model_fingerprint, print0, read_jsonl,
                     resolve_model, write_json)
-from tokenizer import Tokenizer
+from tokenizer import CHAT_FORMATS, Tokenizer
 
 # -----------------------------------------------------------------------------
 # The loss
@@ -336,7 +336,7 @@ def compute_ref_logps(model, examples, micro, world, rank, device, autocast):
 def ref_cache_key(files, ref_path, examples, args):
     """Hash of the pairs, the reference weights and the tokenization settings."""
     ident = [model_fingerprint(ref_path), [file_digest(f) for f in files], args.max_len, args.truncate,
-             len(examples), args.dtype]
+             len(examples), args.dtype] + ([args.chat_format] if args.chat_format else [])
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
@@ -538,7 +538,8 @@ def run_key(args):
             "warmup_ratio", "schedule", "min_lr_ratio", "weight_decay", "grad_clip", "max_len", "truncate", "seed")
     ident = {"model": model_fingerprint(args.model),
              "ref": model_fingerprint(args.ref) if args.ref else None,
-             "data": [file_digest(f) for f in args.data], **{k: getattr(args, k) for k in keep}}
+             "data": [file_digest(f) for f in args.data], **{k: getattr(args, k) for k in keep},
+             **({"chat_format": args.chat_format} if args.chat_format else {})}  # absent: keys of older runs stand
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -642,7 +643,8 @@ def build_parser():
     parser.add_argument("--objective", default="dpo", choices=("dpo", "sft"),
                         help="dpo: preference pairs against a reference; sft: the mean NLL of the target tokens")
     parser.add_argument("--out", required=True, help="HF folder to write the trained model to")
-    parser.add_argument("--chat-format", default=None, choices=("llama3", "chatml"), help="override the detected chat format")
+    parser.add_argument("--chat-format", default=None, choices=CHAT_FORMATS,
+                        help="override the detected chat format (plain: prompt text, then response text and eos)")
     # loss
     parser.add_argument("--loss", default="sigmoid", help="sigmoid (DPO), ipo or hinge")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta")
