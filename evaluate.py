@@ -25,7 +25,7 @@ import lift
 import reasoning
 import sample
 import tpo
-from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
+from common import (CHAT_FORMATS, TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
                     sampling_rules, stable_seed, start_stage, strict_json, write_json, write_jsonl)
 from judge import make_probe, probe_candidates
@@ -140,7 +140,7 @@ def compare(args, prompts, ans_a, ans_b, out):
     if not todo:
         merge_shards(out, [str(p["id"]) for p in prompts])
         return
-    model, tok, _ = load_model(args.judge, device, args.dtype)
+    model, tok, _ = load_model(args.judge, device, args.dtype, args.chat_format)
     template = load_template(args.template, ("prompt", "response_a", "response_b"))
     expect = probe_candidates(tok, "Winner: Response", ["A", "B"]) if args.verdict_mode == "expected" else None
     probe = make_probe(tok, WINNER_MARK, expect) if expect else {}  # the letters' log-probs, read while generating
@@ -377,6 +377,7 @@ def evaluate_accuracy(args, rank, world):
     A - B with a paired bootstrap interval over questions."""
     qs = reasoning.read_questions(args.prompts)[:args.limit or None]
     template = load_template(args.reasoning_template, ("prompt",))
+    args.stops = template.stops  # a completion-style template (plain chat format) ends where its `#stop:` lines say
     pfile = os.path.join(args.out_dir, "reasoning_prompts.jsonl")
     if rank == 0:
         write_jsonl(pfile, [dict(q, prompt=render(template, prompt=q["prompt"])) for q in qs])
@@ -441,7 +442,7 @@ def evaluate_judge_accuracy(args, rank, world):
         evaluator.main(["--step", "judge", "--model", model, "--contrast", pfile, "--out", out, "--n-judgments", "1",
                         "--temperature", "0", "--max-new-tokens", str(args.judge_max_new_tokens),
                         "--verdict-mode", args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed),
-                        "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []))
+                        "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []) + chat_flags(args))
         judged = {r["id"]: r for r in read_jsonl(out)}
         got = {k: r["verdicts"][0] for k, r in judged.items()}
         per[side] = [evaluator.consistent_accuracy(got[f"{i}/ab"], got[f"{i}/ba"]) for i in ids]
@@ -467,8 +468,15 @@ def answers_of(model, out, pfile, args, n, temperature, limit=None, dedup=False)
     sample.main(["--model", model, "--prompts", pfile] + (["--limit", str(limit)] if limit is not None else []) +
                 ["--out", out, "--n-responses", str(n)] + ([] if dedup else ["--no-dedup"]) +
                 ["--temperature", str(temperature), "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
-                 "--seed", str(args.seed), "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []))
+                 "--seed", str(args.seed), "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else [])
+                + chat_flags(args))
     return {str(r["id"]): r["responses"] for r in read_jsonl(out)}
+
+
+def chat_flags(args, stops=()):
+    """--chat-format, and stop strings (a template's own `#stop:` lines) as sample.py reads them (escapes decoded)."""
+    return (["--chat-format", args.chat_format] if args.chat_format else []) + \
+        [x for s in tuple(stops) + tuple(getattr(args, "stops", ())) for x in ("--stop", s.replace("\\", "\\\\"))]
 
 
 def default_out_dir(args):
@@ -504,6 +512,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
     g.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--chat-format", default=None, choices=CHAT_FORMATS, help="override the detected chat format of every "
+                   "model (plain: no chat markers, for base models)")
     j = parser.add_argument_group("judging")
     j.add_argument("--template", default=os.path.join(TEMPLATES, "compare.txt"), help="comparison template ({prompt}, {response_a}, {response_b})")
     j.add_argument("--verdict-mode", default="parse", choices=("parse", "expected"), help="parse `Winner: Response X`, or compare p(A), p(B)")

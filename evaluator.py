@@ -23,7 +23,7 @@ import re
 
 import judge
 import sample
-from common import (DTYPES, TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_template,
+from common import (CHAT_FORMATS, DTYPES, TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_template,
                     print0, read_jsonl, render, stable_seed, strict_json, write_jsonl)
 from presets import engine_flags, schedule
 
@@ -135,7 +135,8 @@ def generate(args, prompts, out, n=1, dedup=True, probe=None):
                  "--top-p", str(args.top_p),
                  "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows", str(args.max_rows),
                  "--dtype", args.dtype] + ([] if dedup else ["--no-dedup"]) +
-                (["--model", args.model] if args.model else []) + (["--redo"] if args.redo else []), probe=probe)
+                (["--model", args.model] if args.model else []) + (["--redo"] if args.redo else []) +
+                (["--chat-format", args.chat_format] if args.chat_format else []), probe=probe)
 
 
 def step_contrast(args):
@@ -244,6 +245,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed (pairing, sampling, balancing)")
     p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--chat-format", default=None, choices=CHAT_FORMATS, help="override the detected chat format")
     p.add_argument("--redo", action="store_true", help="discard the step's earlier generations instead of resuming them")
     return p
 

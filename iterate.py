@@ -35,10 +35,10 @@ import sample
 import self_instruct
 import tpo
 import train_dpo
-from common import (barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed,
+from common import (CHAT_FORMATS, barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed,
                     load_function, load_template, lock_folder, model_fingerprint, print0, read_jsonl, render,
-                    resolve_model, strict_json, write_json, write_jsonl)
-from presets import (JUDGED, METHOD_FLAGS, METRIC_FLAGS, OPTIONAL, PRESETS, ROOT, SELECT_METRIC, VERIFIED, actor_argv,
+                    resolve_model, strict_json, unescape, write_json, write_jsonl)
+from presets import (JUDGED, METHOD_FLAGS, METRIC_FLAGS, OPTIONAL, PRESETS, ROOT, SELECT_METRIC, VERIFIED, actor_argv, chat_flag,
                      engine_flags, in_schedule, schedule)
 
 # the scripts a stage can be, by the name the plan gives
@@ -156,7 +156,8 @@ def train_flags(args, sft=False):
     return (["--epochs", str(args.sft_epochs if sft else args.epochs), "--batch-size",
              str(args.sft_batch_size if sft else args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
              "--max-len", str(args.max_len), "--seed", str(args.seed), "--save-every", "50", "--resume",
-             "--log-every", "1", "--dtype", args.dtype] + lr + ([] if sft else more) + shlex.split(args.train_args or ""))
+             "--log-every", "1", "--dtype", args.dtype] + lr + ([] if sft else more) +
+            chat_flag(args) + shlex.split(args.train_args or ""))
 
 
 def plan_sft(args):
@@ -179,7 +180,8 @@ def eval_and_report(args, d, model_in, t=0):
     argv = ["--a", os.path.join(d, "model"), "--b", model_in, "--prompts", prompts, "--metric", m, "--limit", limit,
             "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens),
             "--temperature", str(args.eval_temperature), "--max-rows",
-            str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)]
+            str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)] + \
+        chat_flag(args)
     argv += {"winrate": ["--judge", args.eval_judge, "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
                          str(args.meta_max_new_tokens)] + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
              + (["--system-prompt", args.system_prompt] if args.system_prompt else []),
@@ -205,7 +207,7 @@ def judge_eval_stage(args, d, model_in):
     return [("judge_eval", "evaluate", ["--a", os.path.join(d, "model")] + (["--b", model_in] if d == first else []) + [
         "--metric", "judge-accuracy", "--prompts", args.judge_eval, "--out-dir", os.path.join(d, "judge_eval"),
         "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens), "--max-rows",
-        str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)])]
+        str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)] + chat_flag(args))]
 
 
 def iterations(args):
@@ -315,7 +317,7 @@ def select_argv(args, model, model_in, d, folder):
     metric = SELECT_METRIC.get(args.method, "winrate")
     argv = ["--a", model, "--metric", metric, "--prompts", os.path.join(d, "val_prompts.jsonl"), "--out-dir", folder,
             "--max-new-tokens", str(args.eval_max_new_tokens), "--max-rows", str(args.max_rows), "--dtype", args.dtype,
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed)] + chat_flag(args)
     if metric == "accuracy":
         return argv + ["--reasoning-template", args.reasoning_template, "--samples", "1"]
     if metric == "length":
@@ -504,6 +506,10 @@ def build_parser():
     g = p.add_argument_group("engine and pass-through")
     g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--chat-format", default=None, choices=CHAT_FORMATS,
+                   help="override the detected chat format in every stage (plain: the prompt text alone, for base models)")
+    g.add_argument("--stop", action="append", default=None, type=unescape,
+                   help="text that ends an actor's answer (repeat for several; escapes such as \\n decoded)")
     for stage in ("sample", "judge", "meta-judge", "train", "eval", "lift"):
         g.add_argument(f"--{stage}-args", default=None, help=f"more flags for every {stage} stage, as one string")
     add_method_flags(p)
@@ -600,7 +606,7 @@ def check_models(args):
     """The models a later stage loads, and a judge function, loaded or checked now (not after hours)."""
     for key in ("model", "judge_model", "eval_judge"):
         if getattr(args, key):
-            check_model_dir(getattr(args, key), flag(key))
+            check_model_dir(getattr(args, key), flag(key), args.chat_format)
     if args.judge_fn:
         load_function(args.judge_fn)
 

@@ -156,8 +156,20 @@ def actor_argv(args, t, f, seed, model_in, out="responses.jsonl", n=None, temper
     return ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f(out), "--n-responses", str(n or args.n_responses),
             "--temperature", str(temperature or schedule(args.temperature, t)), "--top-p", str(args.top_p),
             "--max-new-tokens", str(args.max_new_tokens), "--seed", seed] + \
-        (["--no-dedup"] if args.method in VERIFIED else []) + engine_flags(args) + shlex.split(args.sample_args or "")
+        (["--no-dedup"] if args.method in VERIFIED else []) + engine_flags(args) + stop_flags(args) + shlex.split(args.sample_args or "")
+
+
+def chat_flag(args):
+    return ["--chat-format", args.chat_format] if args.chat_format else []
 
 
 def engine_flags(args):
-    return ["--max-rows", str(args.max_rows), "--dtype", args.dtype]
+    return ["--max-rows", str(args.max_rows), "--dtype", args.dtype] + chat_flag(args)
+
+
+def stop_flags(args):
+    """--stop for each stop string of the run (--stop, and the reasoning template's `#stop:` lines for irpo and
+    scpo), written as sample.py reads them (it decodes escapes)."""
+    from common import load_template
+    stops = list(args.stop or []) + (list(load_template(args.reasoning_template, ("prompt",)).stops) if args.method in VERIFIED else [])
+    return [x for s in stops for x in ("--stop", s.replace("\\", "\\\\"))]

@@ -87,3 +87,34 @@ def test_no_modified_pairs_skips_their_evaluation(tmp_path):
     empty.write_text("")
     got = iterate.run_stage(None, 2, str(tmp_path), "evaluate_modified", "evaluate", ["--prompts", str(empty)], None)
     assert "made no x' pair" in got["skipped"]
+
+
+def test_plain_chat_format_reaches_every_stage(tmp_path):
+    """--chat-format plain and a completion-style reasoning template with its own `#stop:` line: the run asks the
+    tiny model with the template text alone, stops its answers at the template's stop string, trains and
+    evaluates in the same format."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=5, stop_chars=STOPS)
+    template = tmp_path / "plain.txt"
+    template.write_text("#stop: \\nQ:\nQ: {prompt}\nA: Let's think step by step.")
+    qs = tmp_path / "q.jsonl"
+    qs.write_text("".join(json.dumps(r) + "\n" for r in make_arith.make("small", 4, "train")))
+    run = str(tmp_path / "run")
+    args = ["--run-dir", run, "--model", ckpt, "--preset", "reasoning-demo", "--prompts", str(qs), "--eval-prompts",
+            str(qs), "--prompts-per-iter", "0", "--max-new-tokens", "8", "--eval-max-new-tokens", "6", "--eval-samples", "2",
+            "--n-responses", "3", "--chat-format", "plain", "--reasoning-template", str(template), "--stop", "END"]
+    doc = iterate.main(args + ["--dry-run"])
+    for st in doc["iterations"][0]["stages"]:
+        argv = st["argv"]
+        if argv[0] in ("sample.py", "train_dpo.py", "evaluate.py"):
+            assert argv[argv.index("--chat-format") + 1] == "plain", argv
+    responses = next(s["argv"] for s in doc["iterations"][0]["stages"] if s["name"] == "responses")
+    assert [responses[i + 1] for i, x in enumerate(responses) if x == "--stop"] == ["END", "\nQ:"]
+    iterate.main(args)
+    d = os.path.join(run, "iter1")
+    settings = json.load(open(os.path.join(d, "responses.settings.json")))
+    assert settings["chat_format"] == "plain" and settings["stop"] == ["END", "\nQ:"]
+    prompt = read(os.path.join(d, "prompts.jsonl"))[0]["prompt"]
+    assert prompt.startswith("Q: ") and prompt.endswith("step by step.") and "#stop" not in prompt
+    assert all("\nQ:" not in x for r in read(os.path.join(d, "responses.jsonl")) for x in r["responses"])
+    ev = json.load(open(os.path.join(d, "eval", "greedy_a.settings.json")))
+    assert ev["chat_format"] == "plain" and ev["stop"] == ["\nQ:"]
