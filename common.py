@@ -361,18 +361,56 @@ def print0(*a, **kw):
 # Models
 
 
-def resolve_model(path):
-    """An HF folder as given, or (None) the embedded default, converted on first use."""
-    if path is not None:
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_fetch(repo, repo_type="model", filename=None, what=None, hint=""):
+    """A Hugging Face Hub repo's file (or, with no filename, a model snapshot: config, weights, tokenizer) from the
+    user's cache or downloaded with their token; HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE and HF_HUB_CACHE / HF_HOME
+    are read now (huggingface_hub reads them once, at import). Any failure is one line saying what to do."""
+    what, hint = what or repo, hint and f"; {hint}"
+    try:
+        import huggingface_hub as hub
+        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise SystemExit(f"{what}: fetching {repo} from the Hub needs huggingface_hub (`pip install huggingface_hub`){hint}")
+    env = os.environ
+    cache = env.get("HF_HUB_CACHE") or (env.get("HF_HOME") and os.path.join(env["HF_HOME"], "hub")) or None
+    offline = any(env.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    name = f"{repo}/{filename}" if filename else repo
+    try:
+        if filename:
+            return hub.hf_hub_download(repo, filename, repo_type=repo_type, cache_dir=cache, local_files_only=offline)
+        return hub.snapshot_download(repo, repo_type=repo_type, cache_dir=cache, local_files_only=offline,
+                                     allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"])
+    except (EntryNotFoundError, RepositoryNotFoundError, OSError) as e:  # named by the first class it is an instance of
+        page = f"huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo}"
+        why = next(m for cls, m in (
+            (LocalEntryNotFoundError, f"{name} is not in the Hub cache and the Hub cannot be reached (offline?)"),
+            (GatedRepoError, f"{repo} is gated: accept its terms on {page} and log in (`hf auth login` or HF_TOKEN)"),
+            (RepositoryNotFoundError, f"no {repo_type} repo {repo} on the Hub, nor a local folder of that name (or it "
+                                      "is private and you are not logged in)"),
+            (EntryNotFoundError, f"{repo} has no file {filename}"),
+            (Exception, f"fetching {name} failed ({type(e).__name__}: {str(e)[:200]})")) if isinstance(e, cls))
+        raise SystemExit(f"{what}: {why}{hint}") from None
+
+
+def resolve_model(path, flag="--model"):
+    """A local HF folder as given (it wins over a Hub id of the same name), a Hub id (`org/name`) as its snapshot
+    in the Hugging Face cache, fetched on first use, or (None) the embedded default, converted on first use."""
+    if path is None:
+        from data.prepare_default import ensure_default_model
+        return ensure_default_model()
+    if os.path.exists(path) or not HUB_ID.fullmatch(path):
         return path
-    from data.prepare_default import ensure_default_model
-    return ensure_default_model()
+    return hub_fetch(path, what=f"{flag} {path}")
 
 
 def check_model_dir(path, flag, chat_format=None):
     """A checkpoint folder that a stage will load later, checked now without reading its weights: its
     config, weight files and tokenizer. Hours into a run is too late to learn that a path has a typo."""
     from model import _weight_files, read_hf_config
+    path = resolve_model(path, flag)
     try:
         read_hf_config(path)
         _weight_files(path)

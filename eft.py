@@ -158,7 +158,7 @@ def build_parser():
     src.add_argument("--oasst", help="an Open Assistant trees export (JSONL, one conversation tree per line)")
     p.add_argument("--lang", default="en", help="--oasst: keep trees whose prompt has this language ('' = all)")
     p.add_argument("--out", required=True, help="folder for ranked.jsonl, judgments.jsonl, eft.jsonl, ift.jsonl")
-    p.add_argument("--model", default=None, help="the judging model, HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="the judging model, HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--n-judgments", type=int, default=3, help="judgments per response (each index j is one candidate set)")
     p.add_argument("--judge-args", default="", help="more judge.py flags, e.g. \"--score-mode expected --temperature 0.7\"")
     p.add_argument("--redo", action="store_true", help="judge again from scratch instead of resuming earlier judgments")

@@ -181,8 +181,9 @@ def compare(args, prompts, ans_a, ans_b, out):
 def evaluate(args):
     t0 = time.time()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    args.a, args.b = resolve_model(args.a, "--a"), args.b and resolve_model(args.b, "--b")  # Hub ids fetched
     if args.metric == "winrate":
-        args.judge = resolve_model(args.judge)
+        args.judge = resolve_model(args.judge, "--judge")
     if args.out_dir is None:
         args.out_dir = default_out_dir(args)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -495,12 +496,12 @@ def default_out_dir(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Pairwise win rate of checkpoint A against checkpoint B.")
-    parser.add_argument("--a", required=True, help="HF folder of the model under test")
-    parser.add_argument("--b", default=None, help="HF folder of the baseline (needed for the win rate)")
+    parser.add_argument("--a", required=True, help="HF folder or Hub id of the model under test")
+    parser.add_argument("--b", default=None, help="HF folder or Hub id of the baseline (needed for the win rate)")
     parser.add_argument("--metric", default="winrate", choices=("winrate", "length", "accuracy", "judge-accuracy"),
                         help="winrate: A vs B judged pairwise; length: word-limit violations (LIFT); accuracy: final "
                              "answers against gold ones (IRPO, ScPO); judge-accuracy: A and B as judges of labelled pairs")
-    parser.add_argument("--judge", default=None, help="HF folder of the judge (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--judge", default=None, help="HF folder or Hub id of the judge (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--prompts", default=DEFAULT_EVAL, help="held-out prompts (JSONL with id, prompt, optional system)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
     parser.add_argument("--out-dir", default=None, help="where answers, comparisons and results.json go (default: runs/eval/<a>_vs_<b>-<key of models and settings>)")

@@ -228,7 +228,7 @@ def step_select(args):
 def build_parser():
     p = argparse.ArgumentParser(description="Self-Taught Evaluator: contrasting pairs, pairwise judgments, selection.")
     p.add_argument("--step", required=True, choices=("contrast", "judge", "select"), help="which step")
-    p.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="the file this step writes")
     p.add_argument("--responses", help="contrast: responses.jsonl (y+ = each record's first response)")
     p.add_argument("--other-prompt", action="store_true", help="contrast: y- is the answer to another request of the pool")

@@ -434,7 +434,7 @@ def build_parser():
                         "thoughts judged by their responses; self-taught-evaluator: the judge trained on synthetic pairs")
     p.add_argument("--lift", action="store_true", default=None, help="also train on length-instructed copies of the actor pairs (LIFT: a loose and a binding limit)")
     p.add_argument("--lift-per-prompt", type=int, default=None, help="--method lift: pairs per prompt")
-    p.add_argument("--model", default=None, help="starting model M0 (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="starting model M0, an HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=None, help="prompt pool (JSONL id, prompt; with gold `answer` for irpo, scpo)")
     p.add_argument("--iterations", type=int, default=None, help="iterations to run in total (iteration 0 not counted)")
     p.add_argument("--seed", type=int, default=0, help="run seed (prompt order, sampling, data order)")
@@ -689,10 +689,14 @@ def main(argv=None):
         check_run(args)
         return dry_run(args)
     rank, args.world, device = init_distributed()
-    if args.model is None:
-        args.model = resolve_model(None) if rank == 0 else None
+    # the models as local folders: the embedded default converted, a Hub id fetched (by rank 0 first, then the
+    # other ranks find it in the cache)
+    given = {k: getattr(args, k) for k in ("model", "judge_model", "eval_judge")}
+    for first in (True, False):
+        if (rank == 0) == first:
+            for k, v in given.items():
+                setattr(args, k, resolve_model(v, flag(k)) if v or k == "model" else None)
         barrier(args.world)
-        args.model = args.model or resolve_model(None)
     args.eval_judge = args.eval_judge or args.model
     check_run(args)
     plan_ = iterations(args)

@@ -322,7 +322,7 @@ def add_judge_args(parser):
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Score responses with the model as its own judge; make actor pairs.")
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--responses", required=True, help="responses.jsonl from sample.py")
     parser.add_argument("--out", required=True, help="judgments.jsonl to write (resumed if present)")
     parser.add_argument("--pairs", default=None, help="also write actor preference pairs here")

@@ -338,7 +338,7 @@ def rate_and_pair(args, merged, records, template, rubric):
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Meta-judge battles between judgments; Elo; judge pairs.")
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--judgments", required=True, help="judgments.jsonl from judge.py")
     parser.add_argument("--out", required=True, help="meta_judgments.jsonl to write (resumed if present)")
     parser.add_argument("--pairs", default=None, help="also write judge preference pairs here")

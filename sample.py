@@ -665,7 +665,7 @@ def run_stage(args, model, tok, model_path, rank, world, probe=None):
 def build_parser():
     parser = argparse.ArgumentParser(description="Generate K responses per prompt (the actor stage).")
     # io
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--prompts", required=True, help="JSONL with `id`, `prompt` (optional `system`)")
     parser.add_argument("--out", required=True, help="output JSONL of responses (resumed if it exists)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts of the file (0 = all)")

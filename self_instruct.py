@@ -89,7 +89,7 @@ def check(text, index, max_overlap, min_words=4, max_words=200):
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Write new prompts few-shot from a pool (self-instruct).")
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--pool", required=True, help="example prompts (JSONL id, prompt)")
     parser.add_argument("--out", required=True, help="JSONL of new prompts (appended; resumed if present)")
     parser.add_argument("--count", type=int, default=100, help="new prompts wanted")

@@ -637,7 +637,7 @@ def load_state(state_dir, model, opt, key, world, rank):
 def build_parser():
     parser = argparse.ArgumentParser(description="DPO (and IPO/hinge/cDPO/DPO+NLL) on preference pairs, or SFT.")
     # io
-    parser.add_argument("--model", default=None, help="starting HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="starting HF folder or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--data", "--pairs", dest="data", nargs="+", required=True,
                         help="JSONL files: prompt/chosen/rejected pairs (dpo); messages, prompt/completion or prompt/chosen records (sft)")
     parser.add_argument("--objective", default="dpo", choices=("dpo", "sft"),

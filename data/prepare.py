@@ -21,6 +21,10 @@ import importlib.util
 import json
 import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import hub_fetch  # noqa: E402
 
 
 def oasst(row, i, split):
@@ -77,25 +81,7 @@ SOURCES = {  # name: Hub dataset repo, its files (per split for gsm8k), converte
 
 def fetch(name, repo, filename):
     """One file of a Hub dataset repo, from the cache or downloaded; a one-line error saying what to do otherwise."""
-    hint = f"or pass --from FILE, a local copy of {repo}/{filename}"
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError:
-        raise SystemExit(f"{name}: downloading needs huggingface_hub (`pip install huggingface_hub`); {hint}")
-    env = os.environ  # read now: huggingface_hub reads its settings from the environment once, at import
-    cache = env.get("HF_HUB_CACHE") or (env.get("HF_HOME") and os.path.join(env["HF_HOME"], "hub")) or None
-    offline = any(env.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    try:
-        return hf_hub_download(repo, filename, repo_type="dataset", cache_dir=cache, local_files_only=offline)
-    except (EntryNotFoundError, RepositoryNotFoundError, OSError) as e:  # named by the first class it is an instance of
-        why = next(m for cls, m in (
-            (LocalEntryNotFoundError, f"{repo}/{filename} is not in the Hub cache and the Hub cannot be reached (offline?)"),
-            (GatedRepoError, f"{repo} is gated: accept its terms on huggingface.co/datasets/{repo} and log in (HF_TOKEN)"),
-            (RepositoryNotFoundError, f"no dataset repo {repo} on the Hub (or it is private and you are not logged in)"),
-            (EntryNotFoundError, f"{repo} has no file {filename}"),
-            (Exception, f"downloading {repo}/{filename} failed ({type(e).__name__}: {str(e)[:200]})")) if isinstance(e, cls))
-        raise SystemExit(f"{name}: {why}; {hint}") from None
+    return hub_fetch(repo, "dataset", filename, what=name, hint=f"or pass --from FILE, a local copy of {repo}/{filename}")
 
 
 def rows(path):
