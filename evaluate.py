@@ -6,6 +6,7 @@ with a bootstrap 95% interval and a length-controlled win rate.
     python evaluate.py --a runs/demo/iter2/model --b runs/demo/iter1/model --limit 20
     python evaluate.py --a DIR_A --b DIR_B --judge DIR_J --prompts data/eval_prompts.jsonl --verdict-mode parse
     python evaluate.py --a DIR_A --b DIR_B --export-alpaca-eval runs/eval/model_outputs.json
+    python evaluate.py --a DIR_A --b DIR_B --prompts arena_hard.jsonl --export-arena-hard runs/eval/model_answer/mine.jsonl
 
 Length-controlled win rate: a logistic model of the outcome on tanh(length difference / its std), read at
 zero difference (the idea of AlpacaEval 2's length control, fitted on this comparison only).
@@ -277,6 +278,13 @@ def evaluate_winrate(args, rank, world):
         export = [{"instruction": p["prompt"], "output": ans_a[str(p["id"])], "generator": args.generator_name or args.a}
                   for p in prompts]
         write_json(args.export_alpaca_eval, export)
+    if args.export_arena_hard and rank == 0:  # Arena-Hard-Auto's model_answer lines; the prompt ids are its question ids
+        name = args.generator_name or args.a
+        os.makedirs(os.path.dirname(os.path.abspath(args.export_arena_hard)), exist_ok=True)
+        write_jsonl(args.export_arena_hard, [{
+            "question_id": str(p["id"]), "answer_id": hashlib.sha256(f"{name}:{p['id']}".encode()).hexdigest()[:22],
+            "model_id": name, "choices": [{"index": 0, "turns": [{"content": ans_a[str(p["id"])]}]}], "tstamp": time.time()}
+            for p in prompts])
     return {"metric": "winrate", "a": args.a, "b": args.b, "judge": args.judge, "prompts": len(recs),
             "wins": sum(o > 0 for o in outcomes), "ties": sum(o == 0 for o in outcomes),
             "losses": sum(o < 0 for o in outcomes), "win_rate": rate, "win_rate_ci95": ci, "soft": soft,
@@ -521,6 +529,8 @@ def build_parser():
     j.add_argument("--judge-max-new-tokens", type=int, default=256, help="verdict length limit (greedy)")
     j.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     j.add_argument("--export-alpaca-eval", default=None, metavar="FILE", help="write A's answers as AlpacaEval model outputs (instruction, output, generator)")
+    j.add_argument("--export-arena-hard", default=None, metavar="FILE", help="write A's answers as Arena-Hard-Auto "
+                   "model answers (JSONL: question_id = the prompt's id, model_id, choices[0].turns[0].content)")
     j.add_argument("--generator-name", default=None, help="`generator` field of the export (default: the --a path)")
     j.add_argument("--system-prompt", default=None,
                    help="system prompt of every held-out prompt whose record has none (ask as the loop asked its actor)")
@@ -545,7 +555,7 @@ def build_parser():
 
 
 # flags only some metrics read: set to anything but their default with another metric, they would be ignored
-METRIC_FLAGS = {"judge": ("winrate",), "template": ("winrate",), "export_alpaca_eval": ("winrate",),
+METRIC_FLAGS = {"judge": ("winrate",), "template": ("winrate",), "export_alpaca_eval": ("winrate",), "export_arena_hard": ("winrate",),
                 "generator_name": ("winrate",), "strip_thoughts": ("winrate",), "system_prompt": ("winrate",), "thought_template": ("winrate",),
                 "resample_tries": ("winrate",),
                 "verdict_mode": ("winrate", "judge-accuracy"), "judge_max_new_tokens": ("winrate", "judge-accuracy"),

@@ -37,7 +37,7 @@ import tpo
 import train_dpo
 from common import (CHAT_FORMATS, barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed,
                     load_function, load_template, lock_folder, model_fingerprint, print0, read_jsonl, render,
-                    resolve_model, strict_json, unescape, write_json, write_jsonl)
+                    resolve_model, strict_json, unescape, wandb_run, write_json, write_jsonl)
 from presets import (JUDGED, METHOD_FLAGS, METRIC_FLAGS, OPTIONAL, PRESETS, ROOT, SELECT_METRIC, VERIFIED, actor_argv, chat_flag,
                      engine_flags, in_schedule, schedule)
 
@@ -182,8 +182,11 @@ def eval_and_report(args, d, model_in, t=0):
             "--temperature", str(args.eval_temperature), "--max-rows",
             str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)] + \
         chat_flag(args)
+    name = f"{os.path.basename(os.path.abspath(args.run))}-iter{t}"  # A's answers for the official benchmark judges
     argv += {"winrate": ["--judge", args.eval_judge, "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
-                         str(args.meta_max_new_tokens)] + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
+                         str(args.meta_max_new_tokens), "--generator-name", name, "--export-alpaca-eval",
+                         os.path.join(d, "eval", "alpaca_eval_outputs.json"), "--export-arena-hard",
+                         os.path.join(d, "eval", "arena_hard_answers.jsonl")] + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
              + (["--system-prompt", args.system_prompt] if args.system_prompt else []),
              "judge-accuracy": ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)],
              "accuracy": ["--samples", str(args.eval_samples), "--reasoning-template", args.reasoning_template],
@@ -219,7 +222,17 @@ def iterations(args):
     for t in range(1, args.iterations + 1):
         out.append((t, os.path.join(args.run, f"iter{t}"), model_in, plan(args, t, model_in)))
         model_in = os.path.join(args.run, f"iter{t}", "model")
-    return out
+    return [(t, d, m, [(name, script, argv + wandb_flags(args, t, name) if script == "train_dpo" else argv)
+                       for name, script, argv in stages]) for t, d, m, stages in out]
+
+
+def wandb_flags(args, t, name):
+    """--wandb: a training stage logs its steps to its own W&B run, grouped under the run folder's name."""
+    return ["--wandb", args.wandb, "--wandb-group", run_name(args), "--wandb-name", f"iter{t}-{name}"] if args.wandb else []
+
+
+def run_name(args):
+    return os.path.basename(os.path.abspath(args.run))
 
 
 # -----------------------------------------------------------------------------
@@ -510,6 +523,10 @@ def build_parser():
                    help="override the detected chat format in every stage (plain: the prompt text alone, for base models)")
     g.add_argument("--stop", action="append", default=None, type=unescape,
                    help="text that ends an actor's answer (repeat for several; escapes such as \\n decoded)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="log to Weights & Biases (pip install wandb): each training stage's steps (run iter<t>-<stage>) and "
+                        "each iteration's stage counts and seconds (run iter<t>), grouped by the run folder's name; "
+                        "a re-run logs only the stages it runs, to new W&B runs")
     for stage in ("sample", "judge", "meta-judge", "train", "eval", "lift"):
         g.add_argument(f"--{stage}-args", default=None, help=f"more flags for every {stage} stage, as one string")
     add_method_flags(p)
@@ -650,7 +667,7 @@ PATH_FLAGS = ("model", "prompts", "eval_prompts", "judge_eval", "reasoning_templ
 def run_settings(args):
     """The settings a run folder is tied to, paths by their contents. --iterations may grow (more iterations
     extend a run); anything else changed would change what a done stage started from."""
-    skip = ("world", "iterations", "slices", "dry_run", "run", "given")
+    skip = ("world", "iterations", "slices", "dry_run", "run", "given", "wandb")  # wandb: logging only
     return strict_json({k: fingerprint(v) if k in PATH_FLAGS else v for k, v in vars(args).items() if k not in skip})
 
 
@@ -712,6 +729,7 @@ def main(argv=None):
         os.makedirs(d, exist_ok=True)
         manifest = load_manifest(d)
         manifest.update(iteration=t, model_in=model_in, model_out=os.path.join(d, "model"), method=args.method)
+        wb = None  # --wandb: this iteration's W&B run, opened when its first stage has run
         for name, script, stage_argv in stages:
             done = manifest["stages"].get(name, {})
             if done.get("done"):
@@ -723,8 +741,14 @@ def main(argv=None):
             sec = round(time.time() - t0, 1)
             manifest["stages"][name] = {"done": True, "seconds": sec, "counts": counts or {}}
             save_manifest(d, manifest)
+            if args.wandb and rank == 0:
+                wb = wb or wandb_run(args.wandb, run_name(args), f"iter{t}", dict(run_settings(args), iteration=t))
+                wb.log({f"{name}/{k}": v for k, v in dict(counts or {}, seconds=sec).items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
             barrier(args.world)
             timings.append((t, name, sec, "ran"))
+        if wb:
+            wb.finish()
         model_out = os.path.join(d, "model")
     print0("\nwhere the time went (seconds):")
     for t, name, sec, how in timings:

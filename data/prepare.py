@@ -5,13 +5,15 @@ The public datasets of the papers' settings, fetched from the Hugging Face Hub a
     python data/prepare.py gsm8k --split test --out data/gsm8k_test.jsonl   # the Hub's parquet needs pyarrow, or:
     python data/prepare.py gsm8k --split test --from test.jsonl --out data/gsm8k_test.jsonl   # GSM8K's GitHub JSONL
     python data/prepare.py alpaca-eval --out data/alpaca_eval.jsonl         # for evaluate.py --prompts
+    python data/prepare.py arena-hard --out data/arena_hard.jsonl           # its 500 questions, ids = question_id
     python data/prepare.py ultrafeedback-prompts --out data/ultrafeedback_prompts.jsonl
 
 huggingface_hub (optional) downloads, with its cache, token and HF_HUB_OFFLINE; `--from FILE ...` converts local copies
 in the published format instead (.gz read as such). oasst: the "ready" trees as published, one a line, less those
 with a deleted or empty prompt or a repeated tree id. gsm8k: id, prompt, answer (the number after ####), solution
 (GSM8K's, without its calculator notes, ending `Final answer: N`). alpaca-eval: id, prompt (the instruction verbatim:
-AlpacaEval matches answers on it), dataset. ultrafeedback-prompts: id (a hash of the prompt), prompt, source, from
+AlpacaEval matches answers on it), dataset. arena-hard: id (its question_id, which --export-arena-hard writes back),
+prompt (the first turn), category. ultrafeedback-prompts: id (a hash of the prompt), prompt, source, from
 openbmb/UltraFeedback's six JSONL files (or rows with a `prompt`), each prompt once (exact text after stripping).
 """
 import argparse
@@ -65,6 +67,15 @@ def ultrafeedback(row, i, split):
     return (key, {"id": f"uf-{key}", "prompt": text.strip(), **source}) if text.strip() else "empty prompt"
 
 
+def arena_hard(row, i, split):
+    turns = row.get("turns")
+    if not isinstance(row.get("question_id"), str) or not isinstance(turns, list) or not turns \
+            or not isinstance(turns[0], dict) or not isinstance(turns[0].get("content"), str):
+        return None
+    rec = {"id": row["question_id"], "prompt": turns[0]["content"], **({"category": row["category"]} if row.get("category") else {})}
+    return (rec["id"], rec) if rec["prompt"].strip() else "empty question"
+
+
 UF_FILES = [f"{s}.jsonl" for s in ("evol_instruct", "false_qa", "flan", "sharegpt", "truthful_qa", "ultrachat")]
 PARQUET = ("is parquet, which needs pyarrow: `pip install pyarrow`, or pass --from a JSONL copy (GSM8K: "
            "grade_school_math/data/train.jsonl or test.jsonl of github.com/openai/grade-school-math)")
@@ -75,6 +86,8 @@ SOURCES = {  # name: Hub dataset repo, its files (per split for gsm8k), converte
               'a GSM8K record {"question", "answer": "worked solution ... #### N"}'),
     "alpaca-eval": ("tatsu-lab/alpaca_eval", ["alpaca_eval.json"], alpaca_eval,
                     'an AlpacaEval record {"instruction", "output", "generator", "dataset"}'),
+    "arena-hard": ("lmarena-ai/arena-hard-auto", ["data/arena-hard-v0.1/question.jsonl"], arena_hard,
+                   'an Arena-Hard question {"question_id", "category", "turns": [{"content"}]}'),
     "ultrafeedback-prompts": ("openbmb/UltraFeedback", UF_FILES, ultrafeedback,
                               'an UltraFeedback record {"source", "instruction", "completions", ...}')}
 

@@ -228,3 +228,26 @@ def test_hub_parquet_with_pyarrow(tmp_path, monkeypatch, capsys):
     out = tmp_path / "gsm8k.jsonl"
     assert "gsm8k: wrote 3 records" in run(["gsm8k", "--split", "test", "--out", out], capsys)
     assert read(out) == [{**q, "id": q["id"].replace("train", "test")} for q in GSM8K]
+
+
+def test_arena_hard_questions_and_the_answer_export(tmp_path, capsys, tiny_ckpt):
+    """Arena-Hard-Auto's question.jsonl -> prompts whose ids are its question ids; evaluate.py --export-arena-hard
+    writes A's answers back as its model_answer lines (question_id, model_id, choices[0].turns[0].content)."""
+    out = tmp_path / "arena.jsonl"
+    assert "wrote 2 records" in run(["arena-hard", "--from", os.path.join(FIX, "arena_hard_question.jsonl"), "--out", out], capsys)
+    assert read(out) == [
+        {"id": "328c149ed45a41c0b9d6f14659e63599", "prompt": "Use ABC notation to write a melody in the style of a folk tune.",
+         "category": "arena-hard-v0.1"},
+        {"id": "b43c07656ead4150b360294ee932b410", "category": "arena-hard-v0.1",
+         "prompt": "SOLVE THIS IN C++ : There are three cards with letters a, b, c placed in a row."}]
+    import evaluate
+    answers = tmp_path / "model_answer" / "mine.jsonl"
+    evaluate.main(["--a", tiny_ckpt, "--b", tiny_ckpt, "--judge", tiny_ckpt, "--prompts", str(out), "--max-new-tokens", "4",
+                   "--judge-max-new-tokens", "4", "--out-dir", str(tmp_path / "ev"), "--export-arena-hard", str(answers),
+                   "--generator-name", "mine"])
+    got = read(answers)
+    made = {json.loads(x)["id"]: json.loads(x)["responses"][0] for x in open(tmp_path / "ev" / "answers_a.jsonl")}
+    assert [r["question_id"] for r in got] == ["328c149ed45a41c0b9d6f14659e63599", "b43c07656ead4150b360294ee932b410"]
+    for r in got:
+        assert r["model_id"] == "mine" and isinstance(r["answer_id"], str) and isinstance(r["tstamp"], float)
+        assert r["choices"] == [{"index": 0, "turns": [{"content": made[r["question_id"]]}]}]
