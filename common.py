@@ -557,3 +557,18 @@ def load_function(spec, flag="--judge-fn"):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise SystemExit(f"{flag}: cannot load {spec!r} ({e})") from None
+
+
+def import_wandb():
+    """wandb, imported only for --wandb (a run without the flag never loads it), or a one-line exit."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
+    return wandb
+
+
+def wandb_run(project, group=None, name=None, config=None):
+    """A new Weights & Biases run. Several may be open at once in one process (iterate.py's iteration run beside
+    a training stage's run)."""
+    return import_wandb().init(project=project, group=group, name=name, config=config, reinit="create_new")

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from model import Transformer, attention, read_hf_config, read_hf_state, rope_inv_freq, save_hf
 from safetensors import SafetensorError
 
-from common import (barrier, check_flags, file_digest, finite, init_distributed, model_fingerprint, print0, read_jsonl,
-                    resolve_model, write_json)
+from common import (barrier, check_flags, file_digest, finite, import_wandb, init_distributed, model_fingerprint, print0,
+                    read_jsonl, resolve_model, wandb_run, write_json)
 from tokenizer import CHAT_FORMATS, Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -387,6 +387,8 @@ def train(args):
     print0(f"{len(examples)} examples ({data_counts}) | {total} steps of {args.batch_size} | world {world} | {what}")
     stop = min(total, args.stop_after or total, args.stop_after_epochs * steps_per_epoch if args.stop_after_epochs else total)
     metrics_f = open_metrics(os.path.join(work, "metrics.jsonl"), step) if rank == 0 else None
+    wb = wandb_run(args.wandb, args.wandb_group, args.wandb_name, dict(vars(args), world=world, start_step=step)) \
+        if args.wandb and rank == 0 else None  # a copy of metrics.jsonl: this invocation's steps only
     model.train()
     t_last, tokens_seen = time.time(), 0
     batches = {}
@@ -417,10 +419,14 @@ def train(args):
         if metrics_f:
             metrics_f.write(json.dumps(m) + "\n")
             metrics_f.flush()
+        if wb:
+            wb.log(m, step=step)
         if args.epoch_models and step % steps_per_epoch == 0:  # an HF folder of each epoch's model
             save_model(model, world, rank, f"{args.out.rstrip('/')}.epoch{step // steps_per_epoch}", args.model)
         if args.save_every and step % args.save_every == 0 or step == stop < total:
             save_state(state_dir, model, opt, step, world, rank, key)
+    if wb:
+        wb.finish()
     if step < total:
         print0(f"stopped after step {step}; state in {state_dir} (continue with --resume)")
         return {"steps": step, "stopped": True}
@@ -676,6 +682,11 @@ def build_parser():
     parser.add_argument("--stop-after-epochs", type=int, default=None, help="stop (and save state) at the end of this epoch")
     parser.add_argument("--epoch-models", action="store_true", help="also write each epoch's model as an HF folder <out>.epoch<e>")
     parser.add_argument("--log-every", type=int, default=1, help="print a line every N steps")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT",
+                        help="also log each metrics.jsonl record to Weights & Biases (pip install wandb); each invocation "
+                             "is a new W&B run holding only the steps it trains (a --resume'd run starts a second one)")
+    parser.add_argument("--wandb-group", default=None, help="--wandb: the W&B group")
+    parser.add_argument("--wandb-name", default=None, help="--wandb: the W&B run name")
     return parser
 
 
@@ -701,6 +712,8 @@ def parse_args(argv=None):
                 ("--stop-after-epochs", a.stop_after_epochs, a.stop_after_epochs is None or a.stop_after_epochs >= 1, "at least 1"),
                 ("--log-every", a.log_every, a.log_every >= 1, "at least 1"),
                 ("--dtype", a.dtype, a.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"))
+    if a.wandb and int(os.environ.get("RANK", 0)) == 0:
+        import_wandb()  # a missing package fails now (and in iterate.py's checks), not after the reference pass
     return a
 
 
