@@ -509,6 +509,11 @@ def unescape(text):
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+def stop_argv(stops):
+    """`--stop S` for each stop string, its backslashes doubled: the script decodes escapes (unescape)."""
+    return [x for s in stops for x in ("--stop", s.replace("\\", "\\\\"))]
+
+
 # -----------------------------------------------------------------------------
 # Prompt templates and plugins
 

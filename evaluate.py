@@ -28,7 +28,7 @@ import sample
 import tpo
 from common import (CHAT_FORMATS, TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
                     load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
-                    sampling_rules, stable_seed, start_stage, strict_json, write_json, write_jsonl)
+                    sampling_rules, stable_seed, start_stage, stop_argv, strict_json, write_json, write_jsonl)
 from judge import make_probe, probe_candidates
 from meta_judge import WINNER_MARK, parse_winner
 from sample import Request, common_prefix, generate
@@ -482,10 +482,9 @@ def answers_of(model, out, pfile, args, n, temperature, limit=None, dedup=False)
     return {str(r["id"]): r["responses"] for r in read_jsonl(out)}
 
 
-def chat_flags(args, stops=()):
-    """--chat-format, and stop strings (a template's own `#stop:` lines) as sample.py reads them (escapes decoded)."""
-    return (["--chat-format", args.chat_format] if args.chat_format else []) + \
-        [x for s in tuple(stops) + tuple(getattr(args, "stops", ())) for x in ("--stop", s.replace("\\", "\\\\"))]
+def chat_flags(args):
+    """--chat-format, and the stop strings of a template's own `#stop:` lines (args.stops), for sample.py."""
+    return (["--chat-format", args.chat_format] if args.chat_format else []) + stop_argv(getattr(args, "stops", ()))
 
 
 def default_out_dir(args):

@@ -194,7 +194,7 @@ def eval_and_report(args, d, model_in, t=0):
     stages = [("evaluate", "evaluate", argv + shlex.split(args.eval_args or ""))]
     if m == "judge-accuracy" and args.method == "self-taught-evaluator" and not args.other_prompt:  # and on x' pairs
         more = list(argv)
-        more[more.index("--prompts") + 1] = prompts.replace("eval_pairs", "eval_modified_pairs")
+        more[more.index("--prompts") + 1] = os.path.join(os.path.dirname(prompts), "eval_modified_pairs.jsonl")
         more[more.index("--out-dir") + 1] = os.path.join(d, "eval_modified")
         stages.append(("evaluate_modified", "evaluate", more + shlex.split(args.eval_args or "")))
     return stages + judge_eval_stage(args, d, model_in) + [("report", None, [])]
@@ -722,8 +722,9 @@ def main(argv=None):
         print0(f"{args.run}: all {args.iterations} iteration(s) are already done; nothing to do")
         return [(t, name, x.get("seconds", 0.0), "done before") for t, name, x in done]
     lock = lock_folder(args.run) if rank == 0 else None  # a second job on this folder stops here
+    settings = run_settings(args)
     if rank == 0 and not os.path.exists(os.path.join(args.run, "run.json")):
-        write_json(os.path.join(args.run, "run.json"), run_settings(args))
+        write_json(os.path.join(args.run, "run.json"), settings)
     timings, model_out = [], args.model
     for t, d, model_in, stages in plan_:
         os.makedirs(d, exist_ok=True)
@@ -742,7 +743,7 @@ def main(argv=None):
             manifest["stages"][name] = {"done": True, "seconds": sec, "counts": counts or {}}
             save_manifest(d, manifest)
             if args.wandb and rank == 0:
-                wb = wb or wandb_run(args.wandb, run_name(args), f"iter{t}", dict(run_settings(args), iteration=t))
+                wb = wb or wandb_run(args.wandb, run_name(args), f"iter{t}", dict(settings, iteration=t))
                 wb.log({f"{name}/{k}": v for k, v in dict(counts or {}, seconds=sec).items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
             barrier(args.world)

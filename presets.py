@@ -153,8 +153,8 @@ def in_schedule(iters, t):
 def actor_argv(args, t, f, seed, model_in, out="responses.jsonl", n=None, temperature=None):
     """sample.py's command line for the actor's samples of iteration t (votes count duplicates: no dedup for
     irpo and scpo)."""
-    return ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f(out), "--n-responses", str(n or args.n_responses),
-            "--temperature", str(temperature or schedule(args.temperature, t)), "--top-p", str(args.top_p),
+    return ["--model", model_in, "--prompts", f("prompts.jsonl"), "--out", f(out), "--n-responses", str(args.n_responses if n is None else n),
+            "--temperature", str(schedule(args.temperature, t) if temperature is None else temperature), "--top-p", str(args.top_p),
             "--max-new-tokens", str(args.max_new_tokens), "--seed", seed] + \
         (["--no-dedup"] if args.method in VERIFIED else []) + engine_flags(args) + stop_flags(args) + shlex.split(args.sample_args or "")
 
@@ -170,6 +170,6 @@ def engine_flags(args):
 def stop_flags(args):
     """--stop for each stop string of the run (--stop, and the reasoning template's `#stop:` lines for irpo and
     scpo), written as sample.py reads them (it decodes escapes)."""
-    from common import load_template
+    from common import load_template, stop_argv
     stops = list(args.stop or []) + (list(load_template(args.reasoning_template, ("prompt",)).stops) if args.method in VERIFIED else [])
-    return [x for s in stops for x in ("--stop", s.replace("\\", "\\\\"))]
+    return stop_argv(stops)

@@ -53,20 +53,19 @@ def write_report(d, t, manifest):
                   f"{m.get('first_position_win_rate')} (omega1 {m.get('omega1')}, omega2 {m.get('omega2')}); "
                   f"{m.get('judge_pairs')} judge pairs, skips {m.get('pair_skips')}"]
     lines += training_section(d, st.get("train", {}), "SFT" if t == 0 else "DPO")
-    ev = st.get("evaluate", {})
-    for ev, what in ((ev, ""), (st.get("evaluate_modified", {}), " (y- the answer to a modified request x')")):
-        if ev.get("metric") != "judge-accuracy":
+    for je, what in ((st.get("evaluate", {}), ""), (st.get("evaluate_modified", {}), " (y- the answer to a modified request x')")):
+        if je.get("metric") != "judge-accuracy":
             continue
         lines += ["", f"## Evaluation: as a judge, this iteration's model (A) vs its starting model (B){what}", "",
-                  f"{ev['pairs']} held-out labelled pairs, each judged greedily in both orders; position-consistent accuracy "
+                  f"{je['pairs']} held-out labelled pairs, each judged greedily in both orders; position-consistent accuracy "
                   "(right in both orders 1, in one 1/2) with its 95% bootstrap interval", "",
                   "| judge | accuracy | first-shown answer preferred | unparsed verdicts | p(right letter) | p(first-shown letter) |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {s.upper()} | {ev[s]['accuracy']} {ev[s]['accuracy_ci95']} | {ev[s]['first_position_rate']} | "
-                  f"{ev[s]['unparsed_rate']} | {ev[s].get('p_right', '')} {ev[s].get('p_right_ci95', '')} | "
-                  f"{ev[s].get('p_first', '')} {ev[s].get('p_first_ci95', '')} |" for s in ("a", "b") if s in ev]
-        lines += [""] + [f"A - B {name}: {ev[k]}" for k, name in (("accuracy_diff", "accuracy"), ("p_right_diff", "p(right letter)"),
-                                                                 ("p_first_diff", "p(first-shown letter)")) if k in ev]
+        lines += [f"| {s.upper()} | {je[s]['accuracy']} {je[s]['accuracy_ci95']} | {je[s]['first_position_rate']} | "
+                  f"{je[s]['unparsed_rate']} | {je[s].get('p_right', '')} {je[s].get('p_right_ci95', '')} | "
+                  f"{je[s].get('p_first', '')} {je[s].get('p_first_ci95', '')} |" for s in ("a", "b") if s in je]
+        lines += [""] + [f"A - B {name}: {je[k]}" for k, name in (("accuracy_diff", "accuracy"), ("p_right_diff", "p(right letter)"),
+                                                                 ("p_first_diff", "p(first-shown letter)")) if k in je]
     ev = st.get("evaluate", {})
     if ev.get("metric") == "accuracy":
         lines += ["", "## Evaluation: final answers, this iteration's model (A) vs its starting model (B)", "",

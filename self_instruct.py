@@ -166,7 +166,7 @@ def main(argv=None):
                                     decode=tok.decode, seed=stable_seed(args.seed, f"call{c}")))
         outs = complete(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens)
         for c, comps in zip(calls, outs):  # in call order, so a resumed run decides exactly as this one
-            text = parse_request(tok.decode(comps[0].tokens) if comps[0].text is None else comps[0].text)
+            text = parse_request(comps[0].text)
             why = check(text, index, args.max_overlap)
             if why is None and len(accepted) < args.count:
                 rec = {"id": f"{args.id_prefix}-{args.seed}-{len(accepted):05d}", "prompt": text, "call": c}

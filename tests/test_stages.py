@@ -173,8 +173,8 @@ def test_self_instruct_generated_shots_and_gsm8k_pool(tmp_path, tiny_ckpt, monke
     def fake_complete(model, requests, **kw):  # every call writes a new, distinct request
         from sample import Completion
         shown.extend(tok.decode(r.prompt) for r in requests)
-        return [[Completion(tokens=tok.encode(f"Request: Written question number {next(made)} about pears?"),
-                            finish_reason="stop")] for _ in requests]
+        texts = [f"Request: Written question number {next(made)} about pears?" for _ in requests]
+        return [[Completion(tokens=tok.encode(text), finish_reason="stop", text=text)] for text in texts]
     from common import load_model
     _, tok, _ = load_model(tiny_ckpt, "cpu")
     monkeypatch.setattr(self_instruct, "complete", fake_complete)
