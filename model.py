@@ -7,6 +7,7 @@ from the outside) nor of the generation engine's cache layout (sample.py hands e
     python -c "from model import Transformer; m = Transformer.from_pretrained('DIR'); print(m.args)"
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -190,16 +191,31 @@ def attention(q, k, v, mask=None, backend="auto"):
     return y.transpose(1, 2)  # (B, T, H, D)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias (same parameter, same name) that can run on a copy of its weight prepacked for
+    oneDNN while `Transformer.packed_for_cpu` lasts, when no gradient is wanted."""
+
+    packed = None
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        if self.packed is not None and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer  # its index: which layer of a KV cache it reads and writes
         self.backend = "auto"  # "auto" | "flash" | "sdpa" (Transformer.attn_backend sets every layer's)
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x, cos, sin, cache=None):
         """x (B, T, dim). Without a cache, causal attention over these T tokens (training, full forwards);
@@ -220,9 +236,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w1 = Linear(args.dim, args.hidden_dim)  # gate
+        self.w3 = Linear(args.dim, args.hidden_dim)  # up
+        self.w2 = Linear(args.hidden_dim, args.dim)  # down
 
     def forward(self, x):
         # SwiGLU: a silu-gated linear unit, w2(silu(w1 x) * w3 x)
@@ -253,7 +269,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         if args.tie_embeddings:  # small models (SmolLM, Llama-3.2-1B) share the embedding with the head
             self.output.weight = self.tok_embeddings.weight
         # derived from the config, never stored in a checkpoint: not persistent, recomputed on every load
@@ -328,6 +344,30 @@ class Transformer(nn.Module):
                                self.activation_checkpointing)
         # scatter back: 0 where there was no target (its log-prob must not count, nor get a gradient)
         return torch.zeros(B * T, dtype=lp.dtype, device=h.device).index_copy(0, keep, lp).view(B, T)
+
+    @contextlib.contextmanager
+    def packed_for_cpu(self, enabled=True):
+        """While it lasts, forwards without gradient run every linear layer (the head too) on a copy of its
+        weight laid out for oneDNN's matrix multiply, on a CPU in fp32; elsewhere it changes nothing.
+
+        At decode batch sizes (a few to a few hundred rows) the default fp32 path (MKL) reaches half or less of the
+        machine's matmul throughput on some CPUs; the prepacked oneDNN kernels are 1.5-2.5x faster there
+        (bench/RESULTS.md). The price: a second copy of the weights for the duration, and 0.4 s per 135M
+        parameters to make it. The weights must not change meanwhile (generation only)."""
+        mods = [m for m in self.modules() if isinstance(m, Linear)]
+        w = self.output.weight
+        if not enabled or w.device.type != "cpu" or w.dtype != torch.float32 or type(w.data) is not torch.Tensor \
+                or not torch.backends.mkldnn.is_available() or any(m.packed is not None for m in mods):
+            yield self
+            return
+        try:
+            with torch.no_grad():
+                for m in mods:  # a tied head shares the embedding's weight: packed once more, as the head
+                    m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+            yield self
+        finally:
+            for m in mods:
+                m.packed = None
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

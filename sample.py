@@ -236,6 +236,10 @@ def sample_key(seed: int, sample: int) -> int:
     return int(t.item())
 
 
+# candidates of sampling's first round, by device: a GPU, where a host sync costs more than a wider topk, starts wide
+FIRST_CANDIDATES = {"cuda": 1024, "cpu": 128}
+
+
 def sample_next_token(logits, temperature, top_p, top_k, uniform, truncated=None, max_top_k=None):
     """logits (B, V) fp32; per-row temperature/top_p (B,), top_k (B,) long (0 = off), uniform (B,) -> tokens (B,).
 
@@ -256,21 +260,37 @@ def sample_next_token(logits, temperature, top_p, top_k, uniform, truncated=None
         cdf = probs.cumsum(-1)
         tokens = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
         return torch.where(temperature > 0, tokens, greedy)
-    # a full sort of the vocabulary costs more than a decode step on a CPU; the nucleus usually lies within
-    # the top few hundred tokens, so take those first and sort everything only when some row needs more
-    sorted_p, order = probs.topk(min(V, max(1024, int(top_k.max()) if max_top_k is None else max_top_k)), dim=-1)
-    whole = (top_p >= 1) & (top_k <= 0)
-    short = (top_k <= 0) & (sorted_p.sum(-1) < top_p)
-    if bool((whole | short).any()):  # (a host sync a step when rows truncate; a rare full sort follows)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+    # a full sort of the vocabulary costs more than a decode step on a CPU, and even topk(1024) is 5% of one; the
+    # nucleus usually lies within the top hundred tokens, so take those first, then the top 1024 for the rows
+    # whose nucleus did not fit, then a full sort for what is left (each further round is a host sync)
+    first = FIRST_CANDIDATES.get(probs.device.type, 128)
+    k = min(V, max(first, int(top_k.max()) if max_top_k is None else max_top_k))
+    tokens, rows = None, None  # rows: which rows of the batch this round serves (None: all)
+    while True:
+        sorted_p, order = probs.topk(k, dim=-1) if k < V else probs.sort(dim=-1, descending=True)
+        got = _pick_nucleus(sorted_p, order, top_p, top_k, uniform)
+        tokens = got if rows is None else tokens.index_copy_(0, rows, got)
+        if k >= V:
+            break
+        # rows without truncation need every token; top-p rows whose candidates hold less than top_p need more
+        more = ((top_p >= 1) & (top_k <= 0)) | ((top_k <= 0) & (sorted_p.sum(-1) < top_p))
+        sub = more.nonzero().squeeze(-1)  # (a host sync a round when rows truncate)
+        if not len(sub):
+            break
+        rows = sub if rows is None else rows[sub]
+        probs, top_p, top_k, uniform, k = probs[sub], top_p[sub], top_k[sub], uniform[sub], V if k >= 1024 else 8 * k
+    return torch.where(temperature > 0, tokens, greedy)
+
+
+def _pick_nucleus(sorted_p, order, top_p, top_k, uniform):
+    """Inverse-CDF pick within each row's nucleus, given its candidates in descending order of probability."""
     # top-p keeps the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
     keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]
-    rank = torch.arange(sorted_p.size(-1), device=logits.device)
+    rank = torch.arange(sorted_p.size(-1), device=sorted_p.device)
     keep &= (top_k[:, None] <= 0) | (rank[None] < top_k[:, None])
     cdf = (sorted_p * keep).cumsum(-1)
     pick = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=sorted_p.size(-1) - 1)
-    tokens = order.gather(-1, pick[:, None]).squeeze(-1)
-    return torch.where(temperature > 0, tokens, greedy)
+    return order.gather(-1, pick[:, None]).squeeze(-1)
 
 
 def decode_one_token(model, tokens, view):
@@ -417,21 +437,24 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
         for t in cache.k + cache.v:
             torch._dynamo.mark_static_address(t)
     eng = Engine(requests, B, M, G)
-    while eng.pending or eng.live():
-        yield from eng.admit(model, cache, prefill_tokens)
-        busy = eng.live()
-        if not busy:
-            continue
-        # decode the first W rows; empty rows among them write to the scratch slot and are ignored. Compiled,
-        # every shape is the largest one (all rows, slots and positions), so one graph serves every step.
-        W, n_slots, kv_len = (B, G, S) if compile else eng.bounds(busy)
-        feed, view, busy_t, ints = eng.step_inputs(cache, busy, W, n_slots, kv_len)
-        logits = step_fn(model, feed, view)[busy_t]
-        yield from eng.record(busy, *sample_rows(logits, [eng.rows[b] for b in busy], requests, ints), logits)
-        # compaction moves rows and slots, so it waits until nothing more can be admitted (the tail of the run,
-        # when rows finish one by one); compiled, shapes never shrink and there is nothing to gain
-        if not eng.pending and not compile:
-            eng.compact(cache)
+    # on a CPU, the matmuls run on weights prepacked for oneDNN for the whole run (see Transformer.packed_for_cpu);
+    # not under torch.compile, whose CPU lowering takes plain weights
+    with model.packed_for_cpu(enabled=not compile):
+        while eng.pending or eng.live():
+            yield from eng.admit(model, cache, prefill_tokens)
+            busy = eng.live()
+            if not busy:
+                continue
+            # decode the first W rows; empty rows among them write to the scratch slot and are ignored. Compiled,
+            # every shape is the largest one (all rows, slots and positions), so one graph serves every step.
+            W, n_slots, kv_len = (B, G, S) if compile else eng.bounds(busy)
+            feed, view, busy_t, ints = eng.step_inputs(cache, busy, W, n_slots, kv_len)
+            logits = step_fn(model, feed, view)[busy_t]
+            yield from eng.record(busy, *sample_rows(logits, [eng.rows[b] for b in busy], requests, ints), logits)
+            # compaction moves rows and slots, so it waits until nothing more can be admitted (the tail of the run,
+            # when rows finish one by one); compiled, shapes never shrink and there is nothing to gain
+            if not eng.pending and not compile:
+                eng.compact(cache)
 
 
 class Engine:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import shapes  # noqa: E402
-from common import parse_dtype  # noqa: E402
+from common import keep_freed_memory, parse_dtype  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import Request, complete  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -141,6 +141,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     harness.exit_cleanly_on_sigterm()
     torch.set_num_threads(args.threads)
+    if args.device == "cpu":  # the allocator setting sample.py's processes run with (common.init_distributed); both sides
+        keep_freed_memory()
     dtype = parse_dtype(args.dtype, args.device)
     if args.shape:
         ours = shapes.random_model(args.shape, args.device, dtype).eval()

@@ -6,7 +6,9 @@ every small host-to-device copy that waits for its stream, leaves the GPU idle w
 On the CPU nothing waits, so the script counts what would: values read by the host (item, bool, int: aten's
 _local_scalar_dense; tolist), ops whose output size depends on values (nonzero), and tensors made from Python
 data (torch.tensor(list, device=...); aten's lift_fresh), each a pageable copy that waits for its stream on a
-GPU. With --device cuda it also counts the syncs themselves (torch.cuda.set_sync_debug_mode).
+GPU. With --device cuda it also counts the syncs themselves (torch.cuda.set_sync_debug_mode). On the CPU,
+sampling runs as on a GPU (its first round of candidates as wide: sample.FIRST_CANDIDATES), so the count is the
+GPU's.
 
     python bench/host_syncs.py                       # tiny model, CPU: counts by line, per decode step
     python bench/host_syncs.py --device cuda --json out/host_syncs.json
@@ -80,6 +82,8 @@ def count(device, rows=8, new_tokens=12):
             rec.steps[-1].append(("CUDA sync", f"{os.path.relpath(filename, ROOT)}:{lineno}"))
 
     sample.decode_one_token, torch.Tensor.tolist = step, tolist
+    first = dict(sample.FIRST_CANDIDATES)
+    sample.FIRST_CANDIDATES[torch.device(device).type] = sample.FIRST_CANDIDATES["cuda"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -94,6 +98,7 @@ def count(device, rows=8, new_tokens=12):
                     torch.cuda.set_sync_debug_mode(0)
     finally:
         sample.decode_one_token, torch.Tensor.tolist = real_step, real_tolist
+        sample.FIRST_CANDIDATES.update(first)
     # the intervals between decode calls 2..n-1 are the steady state (the first follows the prefill, the last
     # ends the run)
     steady = rec.steps[2:-1]

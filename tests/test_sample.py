@@ -121,9 +121,13 @@ def test_truncated_candidates_equal_full_sort():
     """The top-k shortcut for top-p must pick exactly what a full sort would, also for flat distributions
     whose nucleus is larger than the shortcut's candidate set."""
     g = torch.Generator().manual_seed(0)
-    for scale in (5.0, 0.01):  # peaked, and nearly uniform over 5000 tokens (nucleus > 1024)
+    # nuclei of (median) 11 tokens, 257 (past the first round's 128 candidates), 1185 (past the second's 1024),
+    # 4492 of 5000 (nearly uniform), and all four kinds of rows in one batch (each row leaves at its own round)
+    mixed = torch.tensor([5.0, 3.0, 2.0, 0.01]).repeat(16)[:, None]
+    for scale in (5.0, 3.0, 2.0, 0.01, mixed):
         logits = torch.randn(64, 5000, generator=g) * scale
         u = uniform_from_keys(torch.arange(64), torch.zeros(64, dtype=torch.long))
+        u[:4] = 1.0  # a uniform rounded up to 1 in fp32 still picks within the nucleus (its last token)
         one, tp = torch.ones(64), torch.full((64,), 0.9)
         got = sample_next_token(logits, one, tp, torch.zeros(64, dtype=torch.long), u)
         # reference: full sort, written out plainly
@@ -134,7 +138,7 @@ def test_truncated_candidates_equal_full_sort():
             before = ps.cumsum(0) - ps
             kept = ps[before < 0.9]
             cdf = kept.cumsum(0) / kept.sum()
-            want.append(idx[int((cdf < u[r].double()).sum())].item())
+            want.append(idx[min(int((cdf < u[r].double()).sum()), len(kept) - 1)].item())
         assert got.tolist() == want
 
 
