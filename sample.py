@@ -153,7 +153,9 @@ class GroupedView:
         j = torch.arange(M, device=device).view(1, M, 1, 1)
         s = start.view(G, M, 1, 1) + torch.arange(T, device=device).view(1, 1, T, 1)  # (G, M, T, 1)
         vis = (rel < 0) | ((rel % M == j) & (rel.div(M, rounding_mode="floor") <= s))  # (G, M, T, S)
-        return vis[:, :, :, None].expand(G, M, T, qpk, self.kv_len).reshape(G, 1, M * T * qpk, self.kv_len)
+        vis = vis[:, :, :, None].expand(G, M, T, qpk, self.kv_len).reshape(G, 1, M * T * qpk, self.kv_len)
+        # additive, in the cache's dtype: SDPA would otherwise turn a boolean mask into this in each of the layers
+        return torch.zeros(vis.shape, dtype=self.cache.k[0].dtype, device=device).masked_fill_(~vis, float("-inf"))
 
     def attend(self, layer, q, k, v, backend):
         # keys first: a member's query at step s must see its own key of step s
