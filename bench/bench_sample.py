@@ -13,6 +13,11 @@ prompts and samples with 2 new tokens (ours with the cache planned for the full 
 its timed shapes), so allocation, kernel selection and compilation stay out of the timed run. The JSON is
 written after every side of every workload; a side that fails (out of memory) or runs out of --time-limit is
 recorded as such and the run goes on.
+
+The run also measures the machine's matrix-multiply peak (an n x n x n product, best kernel the engine may use)
+and times each of our decode steps: their matmul FLOPs (2 x rows x the model's matmul parameters; attention not
+counted) over their seconds give each step's share of that peak, reported overall and as median, least and most.
+On a CPU both sides run with the allocator setting sample.py's processes use (common.keep_freed_memory).
 """
 import argparse
 import os
@@ -27,6 +32,7 @@ import harness  # noqa: E402
 import shapes  # noqa: E402
 from common import keep_freed_memory, parse_dtype  # noqa: E402
 from model import Transformer  # noqa: E402
+import sample  # noqa: E402
 from sample import Request, complete  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -66,19 +72,66 @@ def ours_requests(prompts, n, new_tokens, share=True, room=0):
 
 
 def run_ours(model, prompts, n, new_tokens, compile=False, share=True):
+    """-> {"tok_s", "seconds", "steps": (rows, seconds) of each decode step of the timed run, eager only}."""
     # the cache is planned for prompt + max_new_tokens + probe_room: the warm-up's 2 tokens plus that room give
     # the timed run's cache and step shapes, at the cost of 2 tokens
     complete(model, ours_requests(prompts, n, WARM_TOKENS, share, new_tokens - WARM_TOKENS),
              max_rows=len(prompts) * n, compile=compile)
     reqs = ours_requests(prompts, n, new_tokens, share)
+    steps, real_step = [], sample.decode_one_token
+
+    def timed_step(model, tokens, view):  # each decode step's rows and seconds (a sync on a GPU: it is counted)
+        t = time.perf_counter()
+        out = real_step(model, tokens, view)
+        sync()
+        steps.append((tokens.size(0), time.perf_counter() - t))
+        return out
+
     sync()
-    t0 = time.perf_counter()
-    out = complete(model, reqs, max_rows=len(prompts) * n, compile=compile)
-    sync()
-    dt = time.perf_counter() - t0
+    if not compile:  # (compiled, the step is one graph: a wrapper would be compiled anew, inside the timed run)
+        sample.decode_one_token = timed_step
+    try:
+        t0 = time.perf_counter()
+        out = complete(model, reqs, max_rows=len(prompts) * n, compile=compile)
+        sync()
+        dt = time.perf_counter() - t0
+    finally:
+        sample.decode_one_token = real_step
     ntok = sum(len(c.tokens) for r in out for c in r)
     assert ntok == len(prompts) * n * new_tokens, ntok
-    return ntok / dt
+    return {"tok_s": ntok / dt, "seconds": dt, "steps": steps}
+
+
+def matmul_peak(device, dtype, n=2048, tries=3):
+    """The machine's matrix-multiply throughput, measured now: best GFLOP/s of an n x n x n product with the
+    kernels the engine may use (F.linear; on a CPU in fp32 also oneDNN on a prepacked weight, as generation runs)."""
+    x, w = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    kernels = {"F.linear": lambda: torch.nn.functional.linear(x, w)}
+    if x.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        kernels["oneDNN prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    best = {}
+    for name, fn in kernels.items():
+        fn()
+        for _ in range(tries):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            best[name] = max(best.get(name, 0), 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    top = max(best, key=best.get)
+    return {"gflop_s": round(best[top], 1), "kernel": top, "by_kernel": {k: round(v, 1) for k, v in best.items()}}
+
+
+def step_shares(steps, params, peak_gflop_s):
+    """Matmul FLOPs (2 x rows x matmul parameters; attention not counted) of each decode step over its seconds,
+    as a share of the measured peak: overall, and the median, least and most of the steps."""
+    shares = sorted(2 * rows * params / s / 1e9 / peak_gflop_s for rows, s in steps)
+    total = sum(2 * rows * params for rows, _ in steps) / sum(s for _, s in steps) / 1e9
+    return {"decode_steps": len(steps), "mean_step_ms": round(1e3 * sum(s for _, s in steps) / len(steps), 1),
+            "decode_seconds": round(sum(s for _, s in steps), 2), "gflop_s": round(total, 1),
+            "share": round(total / peak_gflop_s, 3), "share_median": round(shares[len(shares) // 2], 3),
+            "share_min": round(shares[0], 3), "share_max": round(shares[-1], 3)}
 
 
 def run_hf(hf, prompts, n, new_tokens, pad_id, warm=True):
@@ -101,7 +154,7 @@ def run_hf(hf, prompts, n, new_tokens, pad_id, warm=True):
     dt = time.perf_counter() - t0
     ntok = (out.shape[1] - T) * out.shape[0]
     assert ntok == len(prompts) * n * new_tokens, ntok
-    return ntok / dt
+    return {"tok_s": ntok / dt, "seconds": dt}
 
 
 def sync():
@@ -109,14 +162,19 @@ def sync():
         torch.cuda.synchronize()
 
 
-def measured(fn, repeats):
-    """Best tokens/s of `repeats` runs, the individual runs, and the device's peak memory over them."""
+def measured(fn, repeats, params=None, peak=None):
+    """Best tokens/s of `repeats` runs, the individual runs, the device's peak memory over them, and (given the
+    model's matmul parameters and the measured matmul peak) the best run's decode steps as shares of that peak."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     runs = [fn() for _ in range(repeats)]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    return {"tok_s": round(max(runs), 1), "runs": [round(r, 1) for r in runs],
-            "peak_gib": round(peak, 1) if peak is not None else None}
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    best = max(runs, key=lambda r: r["tok_s"])
+    out = {"tok_s": round(best["tok_s"], 1), "runs": [round(r["tok_s"], 1) for r in runs], "seconds": round(best["seconds"], 2),
+           "peak_gib": round(mem, 1) if mem is not None else None}
+    if best.get("steps") and params and peak:
+        out["decode"] = step_shares(best["steps"], params, peak)
+    return out
 
 
 def main(argv=None):
@@ -158,9 +216,13 @@ def main(argv=None):
                           model=args.model or f"random {args.shape}", params=ours.num_params(), device=args.device,
                           dtype=str(dtype), compile=args.compile, env=shapes.environment(args.device), workloads={})
     res.part(("attention",), lambda: shapes.attention_report(args.device, dtype))
+    peak = res.part(("matmul_peak",), lambda: matmul_peak(args.device, dtype))
+    params = shapes.matmul_params(ours)
     print(f"model {res.data['model']} | {ours.num_params() / 1e6:.0f}M params | {args.device} {dtype} | threads "
           f"{args.threads} | transformers {res.data['env']['transformers']} | torch {torch.__version__}", flush=True)
     print(f"attention kernels (picked; max difference from float64, None = refused): {res.data['attention']}", flush=True)
+    if peak:
+        print(f"matmul peak measured now: {peak['gflop_s']:.0f} GFLOP/s ({peak['kernel']}; {peak['by_kernel']})", flush=True)
     hf = None
     names = ["actor", "judge"] if args.workload == "both" else [args.workload]
     for name in names:
@@ -171,7 +233,8 @@ def main(argv=None):
                                       "new_tokens": new})
         for side in sides:
             if side == "ours":
-                fn = lambda: measured(lambda: run_ours(ours, prompts, n, new, args.compile), args.repeats)  # noqa: E731
+                fn = lambda: measured(lambda: run_ours(ours, prompts, n, new, args.compile), args.repeats, params,  # noqa: E731
+                                      peak and peak["gflop_s"])
             elif side == "transformers":
                 if hf is None:
                     hf = shapes.hf_model(ours)  # the same weight tensors: no second copy
@@ -182,6 +245,12 @@ def main(argv=None):
             harness.free_device_memory()  # one side's cache must not crowd the other's
             print(f"{name:5s} | {len(prompts)} prompts (mean {plen:.0f} tokens) x {n} samples x {new} new tokens | {side:12s} "
                   + (f"{r['tok_s']:8.1f} tok/s" if r else res.get(("workloads", name, side))["error"]), flush=True)
+            if r and "decode" in r:
+                d = r["decode"]
+                print(f"{name:5s} | {side}: {d['decode_steps']} decode steps, {d['decode_seconds']:.1f} s of {r['seconds']:.1f} s, "
+                      f"{d['mean_step_ms']:.0f} ms each; their matmuls at {d['gflop_s']:.0f} GFLOP/s = {100 * d['share']:.0f}% of the "
+                      f"peak (steps: median {100 * d['share_median']:.0f}%, {100 * d['share_min']:.0f}-{100 * d['share_max']:.0f}%)",
+                      flush=True)
         a, b = (res.get(("workloads", name, s)) or {} for s in ("ours", "transformers"))
         if "tok_s" in a and "tok_s" in b:
             res.set(("workloads", name, "ratio"), round(a["tok_s"] / b["tok_s"], 3))

@@ -285,3 +285,12 @@ def test_a_random_model_with_extra_end_tokens_ends_its_answers(tmp_path):
         ended[name] = sum(c.finish_reason == "stop" for r in complete(model, reqs, max_rows=16) for c in r)
     assert len(Tokenizer.from_pretrained(stops).stop_ids) > 1500
     assert ended["plain"] <= 1 and ended["stops"] >= 12, ended
+
+
+def test_decode_step_shares_of_the_matmul_peak():
+    # worked by hand: 2 x 4 rows x 1e9 params in 0.5 s = 16 GFLOP/s, 2 x 2 x 1e9 in 0.1 s = 40; both 12e9 in 0.6 s = 20
+    d = bench_sample.step_shares([(4, 0.5), (2, 0.1)], params=1e9, peak_gflop_s=100.0)
+    assert (d["share"], d["share_min"], d["share_max"], d["gflop_s"]) == (0.2, 0.16, 0.4, 20.0)
+    assert (d["decode_steps"], d["mean_step_ms"], d["decode_seconds"]) == (2, 300.0, 0.6)
+    peak = bench_sample.matmul_peak("cpu", torch.float32, n=256, tries=1)
+    assert peak["gflop_s"] == max(peak["by_kernel"].values()) > 0 and peak["kernel"] in peak["by_kernel"]

@@ -102,6 +102,37 @@ def test_logits_match_naive_float64(kw):
     assert (got.double() - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=True)], ids=["gqa", "tied"])
+def test_packed_cpu_weights_match_naive_float64(kw):
+    """Forwards on the oneDNN-prepacked weights (what generation uses on a CPU) are as close to float64 as the
+    plain ones, also for 1, 7 and 64 rows (the kernels differ by batch size); with a gradient wanted they use
+    the parameters themselves, and after the context nothing packed is left."""
+    torch.manual_seed(0)
+    model = tiny_model(**kw)
+    linears = [m for m in model.modules() if type(m).__name__ == "Linear"]
+    assert len(linears) == 7 * model.args.n_layers + 1
+    for rows in (1, 7, 64):
+        tokens = torch.randint(0, 97, (rows, 5))
+        want = naive_logits(model, tokens)
+        with model.packed_for_cpu(), torch.no_grad():
+            assert all(m.packed is not None for m in linears)
+            got = model(tokens)
+        assert (got.double() - want).abs().max().item() <= 1e-5
+    assert all(m.packed is None for m in linears)
+    with model.packed_for_cpu():
+        for m in linears:  # a planted wrong packed weight: a forward with grad must not read it
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(m.weight), None)
+        out = model(tokens)
+        out.sum().backward()
+    assert (out.detach().double() - want).abs().max().item() <= 1e-5
+    assert model.layers[0].attention.wq.weight.grad is not None
+    assert all(m.packed is None for m in linears)
+    bf16 = tiny_model(**kw).to(torch.bfloat16)
+    with bf16.packed_for_cpu(), model.packed_for_cpu(enabled=False):  # only fp32 on a CPU, and only when asked
+        assert all(m.packed is None for m in bf16.modules() if type(m).__name__ == "Linear")
+        assert all(m.packed is None for m in linears)
+
+
 def test_llama3_scaling_changes_frequencies():
     """The scaled inverse frequencies differ from the plain ones only at low frequencies, as the rule says."""
     from model import rope_inv_freq
