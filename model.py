@@ -191,9 +191,43 @@ def attention(q, k, v, mask=None, backend="auto"):
     return y.transpose(1, 2)  # (B, T, H, D)
 
 
+def onednn_cpu(x, w):
+    """Whether x @ w.T should run on oneDNN: a CPU, fp32 throughout, plain tensors, no autocast, not compiling.
+
+    PyTorch's fp32 matmuls on a CPU go to MKL, which on some CPUs (AMD's among them) reaches 50-70% of what
+    oneDNN's kernels do on the same machine (bench/RESULTS.md: 1.2-1.7x for training shapes, 1.5-2.5x for decode
+    batches); the results differ only in rounding order."""
+    return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and type(w.data) is torch.Tensor
+            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
+def onednn_linear(x, w):
+    """x (..., K) @ w.T, w (N, K) a plain or oneDNN-prepacked weight (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """x @ w.T on oneDNN with its backward: d x = g @ w on oneDNN too, d w = g.T @ x as a plain matmul (faster
+    there for the layers' shapes, measured)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return onednn_linear(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = onednn_linear(g, w.t()) if ctx.needs_input_grad[0] else None
+        gw = g.reshape(-1, g.size(-1)).t() @ x.reshape(-1, x.size(-1)) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
 class Linear(nn.Linear):
-    """nn.Linear without bias (same parameter, same name) that can run on a copy of its weight prepacked for
-    oneDNN while `Transformer.packed_for_cpu` lasts, when no gradient is wanted."""
+    """nn.Linear without bias (same parameter, same name) whose matmuls run on oneDNN on a CPU in fp32 (see
+    `onednn_cpu`), on a copy of its weight prepacked for oneDNN while `Transformer.packed_for_cpu` lasts and no
+    gradient is wanted."""
 
     packed = None
 
@@ -201,9 +235,11 @@ class Linear(nn.Linear):
         super().__init__(d_in, d_out, bias=False)
 
     def forward(self, x):
-        if self.packed is not None and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return F.linear(x, self.weight)
+        if not onednn_cpu(x, self.weight):
+            return F.linear(x, self.weight)
+        if not torch.is_grad_enabled():
+            return onednn_linear(x, self.packed if self.packed is not None else self.weight)
+        return OneDNNLinear.apply(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -522,7 +558,7 @@ class TargetLogps(torch.autograd.Function):
         # would be gigabytes for one batch
         out, lses, kept = [], [], []
         for i in range(0, h.size(0), chunk):
-            logits = F.linear(h[i:i + chunk], weight).float()  # fp32: a 16-bit log-softmax loses too much
+            logits = _head(h[i:i + chunk], weight).float()  # fp32: a 16-bit log-softmax loses too much
             lse = torch.logsumexp(logits, dim=-1)
             out.append(logits.gather(-1, targets[i:i + chunk, None]).squeeze(-1) - lse)
             lses.append(lse)
@@ -550,7 +586,7 @@ class TargetLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         for c, i in enumerate(range(0, h.size(0), ctx.chunk)):
             hc, tc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk]
-            logits = ctx.kept[c] if ctx.kept[c] is not None else F.linear(hc, weight).float()
+            logits = ctx.kept[c] if ctx.kept[c] is not None else _head(hc, weight).float()
             ctx.kept[c] = None  # freed as soon as its chunk is done
             # log p(target) = logit[target] - lse, so d/d logits = onehot(target) - softmax; the upstream
             # gradient scales each row, and the chain rule through h @ weight.T gives grad_h and grad_w
@@ -558,10 +594,15 @@ class TargetLogps(torch.autograd.Function):
             p.scatter_add_(-1, tc[:, None], -torch.ones_like(p[:, :1]))  # softmax - onehot
             p = p.mul_(-grad[i:i + ctx.chunk, None].float()).to(h.dtype)  # d loss / d logits
             if grad_h is not None:
-                grad_h[i:i + ctx.chunk] = p @ weight
+                grad_h[i:i + ctx.chunk] = _head(p, weight.t())  # p @ weight
             if grad_w is not None:
-                grad_w += (p.t() @ hc).float()
+                grad_w += _head(p.t(), hc.t()).float()  # p.T @ hc
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def _head(x, w):
+    """x @ w.T for the log-prob head and its backward (oneDNN where `onednn_cpu` says so)."""
+    return onednn_linear(x, w) if onednn_cpu(x, w) else F.linear(x, w)
 
 
 # Our parameter names -> HF Llama names. Layer index i is kept; only the leaf names change.
