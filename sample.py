@@ -242,16 +242,18 @@ def sample_key(seed: int, sample: int) -> int:
 FIRST_CANDIDATES = {"cuda": 1024, "cpu": 128}
 
 
-def sample_next_token(logits, temperature, top_p, top_k, uniform, truncated=None, max_top_k=None):
+def sample_next_token(logits, temperature, top_p, top_k, uniform, truncated=None, max_top_k=None, any_greedy=None):
     """logits (B, V) fp32; per-row temperature/top_p (B,), top_k (B,) long (0 = off), uniform (B,) -> tokens (B,).
 
     Inverse-CDF sampling over the sorted, truncated distribution; temperature 0 rows take the argmax.
-    `truncated` (does any row use top-p < 1 or top-k) and `max_top_k`, when the caller knows them on the host,
-    spare reading them from the device.
+    `truncated` (does any row use top-p < 1 or top-k), `max_top_k` and `any_greedy` (does any row have
+    temperature 0), when the caller knows them on the host, spare reading them from the device (and an argmax
+    over the vocabulary when no row is greedy).
     """
     # inverse CDF: the token whose cumulative probability first exceeds u; one uniform per row, so the draw is a
     # deterministic function of (logits, u) and the counter-based u makes the whole sample reproducible
-    greedy = logits.argmax(-1)
+    greedy = logits.argmax(-1) if any_greedy is None or any_greedy else None
+    with_greedy = (lambda tokens: torch.where(temperature > 0, tokens, greedy)) if greedy is not None else (lambda t: t)
     V = logits.size(-1)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
     # (bool() and int() of a device value are host syncs: the engine passes what it knows on the host instead)
@@ -260,8 +262,7 @@ def sample_next_token(logits, temperature, top_p, top_k, uniform, truncated=None
     if not truncated:
         # no truncation: inverse-CDF sampling works in any order, so skip sorting altogether
         cdf = probs.cumsum(-1)
-        tokens = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
-        return torch.where(temperature > 0, tokens, greedy)
+        return with_greedy((cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1))
     # a full sort of the vocabulary costs more than a decode step on a CPU, and even topk(1024) is 5% of one; the
     # nucleus usually lies within the top hundred tokens, so take those first, then the top 1024 for the rows
     # whose nucleus did not fit, then a full sort for what is left (each further round is a host sync)
@@ -281,7 +282,7 @@ def sample_next_token(logits, temperature, top_p, top_k, uniform, truncated=None
             break
         rows = sub if rows is None else rows[sub]
         probs, top_p, top_k, uniform, k = probs[sub], top_p[sub], top_k[sub], uniform[sub], V if k >= 1024 else 8 * k
-    return torch.where(temperature > 0, tokens, greedy)
+    return with_greedy(tokens)
 
 
 def _pick_nucleus(sorted_p, order, top_p, top_k, uniform):
@@ -403,7 +404,8 @@ def sample_rows(logits, rows, requests, ints=None):
     # the step counter of a row is its number of tokens so far: the first token (from the prefill) is step 0
     u = uniform_from_keys(ints[0], ints[1])
     nxt = sample_next_token(logits, floats[0], floats[1], ints[2], u,
-                            truncated=any(q.top_p < 1 or q.top_k > 0 for q in reqs), max_top_k=max(q.top_k for q in reqs))
+                            truncated=any(q.top_p < 1 or q.top_k > 0 for q in reqs), max_top_k=max(q.top_k for q in reqs),
+                            any_greedy=any(q.temperature <= 0 for q in reqs))
     lp = None
     if any(q.logprobs for q in reqs):
         lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1).tolist()

@@ -103,6 +103,9 @@ def test_sample_next_token_distribution_and_truncation():
     assert set(tok.tolist()) == {0, 1}  # mass before token 2 is 0.881 >= 0.85
     freq = torch.bincount(tok, minlength=4).float() / 20000
     assert abs(freq[0] - p[0] / (p[0] + p[1])) < 0.015
+    # a caller that knows no row is greedy spares the argmax: the same draws
+    assert torch.equal(sample_next_token(logits, one, torch.full((20000,), 0.85), torch.zeros(20000, dtype=torch.long), u,
+                                         any_greedy=False), tok)
     tok = sample_next_token(logits, one, one, torch.ones(20000, dtype=torch.long), u)
     assert set(tok.tolist()) == {0}
     greedy = sample_next_token(logits[:3], torch.zeros(3), torch.ones(3), torch.zeros(3, dtype=torch.long), u[:3])
