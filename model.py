@@ -191,6 +191,14 @@ def attention(q, k, v, mask=None, backend="auto"):
     return y.transpose(1, 2)  # (B, T, H, D)
 
 
+def free_memory():
+    """Bytes of physical memory free now (Linux and most Unixes; elsewhere unbounded)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
 def onednn_cpu(x, w):
     """Whether x @ w.T should run on oneDNN: a CPU, fp32 throughout, plain tensors, no autocast, not compiling.
 
@@ -389,11 +397,13 @@ class Transformer(nn.Module):
         At decode batch sizes (a few to a few hundred rows) the default fp32 path (MKL) reaches half or less of the
         machine's matmul throughput on some CPUs; the prepacked oneDNN kernels are 1.5-2.5x faster there
         (bench/RESULTS.md). The price: a second copy of the weights for the duration, and 0.4 s per 135M
-        parameters to make it. The weights must not change meanwhile (generation only)."""
+        parameters to make it. The weights must not change meanwhile (generation only). Where the copy would take
+        more than half of the memory the machine has free, nothing is packed (the plain weights still run on oneDNN)."""
         mods = [m for m in self.modules() if isinstance(m, Linear)]
         w = self.output.weight
         if not enabled or w.device.type != "cpu" or w.dtype != torch.float32 or type(w.data) is not torch.Tensor \
-                or not torch.backends.mkldnn.is_available() or any(m.packed is not None for m in mods):
+                or not torch.backends.mkldnn.is_available() or any(m.packed is not None for m in mods) \
+                or 2 * sum(m.weight.numel() * 4 for m in mods) > free_memory():
             yield self
             return
         try:

@@ -127,6 +127,15 @@ def test_packed_cpu_weights_match_naive_float64(kw):
     assert (out.detach().double() - want).abs().max().item() <= 1e-5
     assert model.layers[0].attention.wq.weight.grad is not None
     assert all(m.packed is None for m in linears)
+    import model as model_py
+    real = model_py.free_memory
+    model_py.free_memory = lambda: 1000  # a machine without room for a second copy of the weights: no copy
+    try:
+        with model.packed_for_cpu(), torch.no_grad():
+            assert all(m.packed is None for m in linears)
+            assert (model(tokens).double() - want).abs().max().item() <= 1e-5
+    finally:
+        model_py.free_memory = real
     bf16 = tiny_model(**kw).to(torch.bfloat16)
     with bf16.packed_for_cpu(), model.packed_for_cpu(enabled=False):  # only fp32 on a CPU, and only when asked
         assert all(m.packed is None for m in bf16.modules() if type(m).__name__ == "Linear")
