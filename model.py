@@ -203,7 +203,7 @@ def onednn_cpu(x, w):
     """Whether x @ w.T should run on oneDNN: a CPU, fp32 throughout, plain tensors, no autocast, not compiling.
 
     PyTorch's fp32 matmuls on a CPU go to MKL, which on some CPUs (AMD's among them) reaches 50-70% of what
-    oneDNN's kernels do on the same machine (bench/RESULTS.md: 1.2-1.7x for training shapes, 1.5-2.5x for decode
+    oneDNN's kernels do on the same machine (bench/RESULTS.md: 1.1-1.8x for training shapes, 1.5-2.5x for decode
     batches); the results differ only in rounding order."""
     return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and type(w.data) is torch.Tensor
             and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
