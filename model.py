@@ -401,9 +401,8 @@ class Transformer(nn.Module):
         more than half of the memory the machine has free, nothing is packed (the plain weights still run on oneDNN)."""
         mods = [m for m in self.modules() if isinstance(m, Linear)]
         w = self.output.weight
-        if not enabled or w.device.type != "cpu" or w.dtype != torch.float32 or type(w.data) is not torch.Tensor \
-                or not torch.backends.mkldnn.is_available() or any(m.packed is not None for m in mods) \
-                or 2 * sum(m.weight.numel() * 4 for m in mods) > free_memory():
+        if not enabled or not onednn_cpu(w, w) or any(m.packed is not None for m in mods) \
+                or 2 * sum(m.weight.numel() * m.weight.element_size() for m in mods) > free_memory():
             yield self
             return
         try:

@@ -252,37 +252,43 @@ def sample_next_token(logits, temperature, top_p, top_k, uniform, truncated=None
     """
     # inverse CDF: the token whose cumulative probability first exceeds u; one uniform per row, so the draw is a
     # deterministic function of (logits, u) and the counter-based u makes the whole sample reproducible
-    greedy = logits.argmax(-1) if any_greedy is None or any_greedy else None
-    with_greedy = (lambda tokens: torch.where(temperature > 0, tokens, greedy)) if greedy is not None else (lambda t: t)
     V = logits.size(-1)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
     # (bool() and int() of a device value are host syncs: the engine passes what it knows on the host instead)
     if truncated is None:
         truncated = not bool(((top_p >= 1) & (top_k <= 0)).all())
-    if not truncated:
+    if truncated:
+        tokens = _truncated_draw(probs, top_p, top_k, uniform, int(top_k.max()) if max_top_k is None else max_top_k)
+    else:
         # no truncation: inverse-CDF sampling works in any order, so skip sorting altogether
         cdf = probs.cumsum(-1)
-        return with_greedy((cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1))
+        tokens = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
+    if any_greedy is not None and not any_greedy:
+        return tokens
+    return torch.where(temperature > 0, tokens, logits.argmax(-1))
+
+
+def _truncated_draw(probs, top_p, top_k, uniform, max_top_k):
+    """The draw of each row within its top-p / top-k nucleus -> tokens (B,)."""
     # a full sort of the vocabulary costs more than a decode step on a CPU, and even topk(1024) is 5% of one; the
     # nucleus usually lies within the top hundred tokens, so take those first, then the top 1024 for the rows
     # whose nucleus did not fit, then a full sort for what is left (each further round is a host sync)
-    first = FIRST_CANDIDATES.get(probs.device.type, 128)
-    k = min(V, max(first, int(top_k.max()) if max_top_k is None else max_top_k))
+    V = probs.size(-1)
+    k = min(V, max(FIRST_CANDIDATES.get(probs.device.type, 128), max_top_k))
     tokens, rows = None, None  # rows: which rows of the batch this round serves (None: all)
     while True:
         sorted_p, order = probs.topk(k, dim=-1) if k < V else probs.sort(dim=-1, descending=True)
         got = _pick_nucleus(sorted_p, order, top_p, top_k, uniform)
         tokens = got if rows is None else tokens.index_copy_(0, rows, got)
         if k >= V:
-            break
+            return tokens
         # rows without truncation need every token; top-p rows whose candidates hold less than top_p need more
         more = ((top_p >= 1) & (top_k <= 0)) | ((top_k <= 0) & (sorted_p.sum(-1) < top_p))
         sub = more.nonzero().squeeze(-1)  # (a host sync a round when rows truncate)
         if not len(sub):
-            break
+            return tokens
         rows = sub if rows is None else rows[sub]
         probs, top_p, top_k, uniform, k = probs[sub], top_p[sub], top_k[sub], uniform[sub], V if k >= 1024 else 8 * k
-    return with_greedy(tokens)
 
 
 def _pick_nucleus(sorted_p, order, top_p, top_k, uniform):

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import shapes  # noqa: E402
 from common import keep_freed_memory, parse_dtype  # noqa: E402
-from model import Transformer  # noqa: E402
+from model import Transformer, onednn_linear  # noqa: E402
 import sample  # noqa: E402
 from sample import Request, complete  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -109,7 +109,7 @@ def matmul_peak(device, dtype, n=2048, tries=3):
     kernels = {"F.linear": lambda: torch.nn.functional.linear(x, w)}
     if x.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        kernels["oneDNN prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        kernels["oneDNN prepacked"] = lambda: onednn_linear(x, packed)
     best = {}
     for name, fn in kernels.items():
         fn()
