@@ -261,15 +261,24 @@ class Attention(nn.Module):
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
+    packed = None  # wq, wk and wv stacked and prepacked for oneDNN (Transformer.packed_for_cpu)
+
     def forward(self, x, cos, sin, cache=None):
         """x (B, T, dim). Without a cache, causal attention over these T tokens (training, full forwards);
         with one, the cache view stores this step's keys and values and attends as its layout says."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         # keys are rotated before they are cached: a cached key never needs its position again
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.packed is not None and not torch.is_grad_enabled():
+            # one product for q, k and v and one rotation for q and k: at decode batch sizes each op's fixed cost
+            # is a good part of its time
+            qkv = onednn_linear(x, self.packed).view(B, T, H + 2 * Hkv, D)
+            qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        else:
+            q = apply_rotary(self.wq(x).view(B, T, H, D), cos, sin)  # (B, T, H, D)
+            k = apply_rotary(self.wk(x).view(B, T, Hkv, D), cos, sin)  # (B, T, Hkv, D)
+            v = self.wv(x).view(B, T, Hkv, D)
         if cache is None:
             y = attention(q, k, v, backend=self.backend)
         else:
@@ -284,8 +293,13 @@ class FeedForward(nn.Module):
         self.w3 = Linear(args.dim, args.hidden_dim)  # up
         self.w2 = Linear(args.hidden_dim, args.dim)  # down
 
+    packed = None  # w1 and w3 stacked and prepacked for oneDNN (Transformer.packed_for_cpu)
+
     def forward(self, x):
         # SwiGLU: a silu-gated linear unit, w2(silu(w1 x) * w3 x)
+        if self.packed is not None and not torch.is_grad_enabled():
+            gate, up = onednn_linear(x, self.packed).chunk(2, dim=-1)  # one product for both
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -392,26 +406,36 @@ class Transformer(nn.Module):
     @contextlib.contextmanager
     def packed_for_cpu(self, enabled=True):
         """While it lasts, forwards without gradient run every linear layer (the head too) on a copy of its
-        weight laid out for oneDNN's matrix multiply, on a CPU in fp32; elsewhere it changes nothing.
+        weight laid out for oneDNN's matrix multiply, on a CPU in fp32, the q/k/v and the w1/w3 weights stacked into
+        one product each; elsewhere it changes nothing.
 
         At decode batch sizes (a few to a few hundred rows) the default fp32 path (MKL) reaches half or less of the
         machine's matmul throughput on some CPUs; the prepacked oneDNN kernels are 1.5-2.5x faster there
         (bench/RESULTS.md). The price: a second copy of the weights for the duration, and 0.4 s per 135M
         parameters to make it. The weights must not change meanwhile (generation only). Where the copy would take
         more than half of the memory the machine has free, nothing is packed (the plain weights still run on oneDNN)."""
-        mods = [m for m in self.modules() if isinstance(m, Linear)]
+        # what is packed: each attention's wq|wk|wv and each feed-forward's w1|w3 stacked into one weight (one
+        # product instead of three or two), every other linear layer on its own
+        packs = {self.output: [self.output]}
+        for m in self.modules():
+            if isinstance(m, Attention):
+                packs[m], packs[m.wo] = [m.wq, m.wk, m.wv], [m.wo]
+            elif isinstance(m, FeedForward):
+                packs[m], packs[m.w2] = [m.w1, m.w3], [m.w2]
         w = self.output.weight
-        if not enabled or not onednn_cpu(w, w) or any(m.packed is not None for m in mods) \
-                or 2 * sum(m.weight.numel() * m.weight.element_size() for m in mods) > free_memory():
+        if not enabled or not onednn_cpu(w, w) or any(m.packed is not None for m in packs) \
+                or 2 * sum(li.weight.numel() * li.weight.element_size() for ls in packs.values() for li in ls) \
+                > free_memory():
             yield self
             return
         try:
             with torch.no_grad():
-                for m in mods:  # a tied head shares the embedding's weight: packed once more, as the head
-                    m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+                for m, ls in packs.items():  # a tied head shares the embedding's weight: packed once more, as the head
+                    w = torch.cat([li.weight.detach() for li in ls]) if len(ls) > 1 else ls[0].weight.detach()
+                    m.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
             yield self
         finally:
-            for m in mods:
+            for m in packs:
                 m.packed = None
 
     def num_params(self):

@@ -77,8 +77,8 @@ class KVCache:
     def extend(self, slots, start, T, kv_len):
         return ExtendView(self, slots, start, T, kv_len)
 
-    def grouped(self, slots, members, plen, start, T, stride, n_slots, kv_len):
-        return GroupedView(self, slots, members, plen, start, T, stride, n_slots, kv_len)
+    def grouped(self, slots, members, plen, start, T, stride, n_slots, kv_len, in_order=False):
+        return GroupedView(self, slots, members, plen, start, T, stride, n_slots, kv_len, in_order)
 
 
 class FreshView:
@@ -127,14 +127,20 @@ class GroupedView:
     share a key/value head, are stacked into one query block, so each cached prompt key is read once per slot.
     Only slots [0, n_slots) are attended: a sequence whose slot lies beyond is idle (it writes into that
     scratch slot and its output is meaningless), which lets a compiled decode step keep static shapes.
+    in_order: the caller knows that sequence b is member b % stride of slot b // stride, for all n_slots * stride
+    places (a full batch, the usual case): the queries and outputs then need no gathering.
     """
 
-    def __init__(self, cache, slots, members, plen, start, T, stride, n_slots, kv_len):
+    def __init__(self, cache, slots, members, plen, start, T, stride, n_slots, kv_len, in_order=False):
         device = slots.device
         self.cache, self.stride, self.n_slots, self.kv_len, self.T = cache, stride, n_slots, kv_len, T
         steps = start[:, None] + torch.arange(T, device=device)  # (B, T): the step of each new token
         self.positions = plen[:, None] + steps  # rotary positions: the prompt, then the sample's own tokens
         self.slots, self.index = slots, plen[:, None] + steps * stride + members[:, None]
+        if in_order:
+            self.inv = self.flat = None
+            self.mask = self._mask(plen, start, cache.qpk)
+            return
         # the member grid: place slot * stride + member of each sequence; `inv` says which sequence fills
         # each place of the attended slots (empty places borrow sequence 0: their queries are discarded)
         self.flat = slots * stride + members  # (B,)
@@ -164,12 +170,12 @@ class GroupedView:
         G, M, Hkv = self.n_slots, self.stride, k.size(2)
         # (B, T, H, D) -> per place of the member grid -> (G, M, T, Hkv, qpk, D) -> (G, Hkv, M * T * qpk, D):
         # for each slot and key/value head, one block of every query that reads its keys
-        qg = q[self.inv].view(G, M, T, Hkv, H // Hkv, D).permute(0, 3, 1, 2, 4, 5).reshape(G, Hkv, -1, D)
+        qg = (q if self.inv is None else q[self.inv]).view(G, M, T, Hkv, H // Hkv, D).permute(0, 3, 1, 2, 4, 5).reshape(G, Hkv, -1, D)
         kc, vc = self.cache.k[layer][:G, :, :self.kv_len], self.cache.v[layer][:G, :, :self.kv_len]  # (G, Hkv, S, D)
         y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=self.mask)  # (G, Hkv, M * T * qpk, D)
         # and back: (G, Hkv, M, T, qpk, D) -> (G, M, T, Hkv, qpk, D) -> one row per place, then per sequence
         y = y.view(G, Hkv, M, T, H // Hkv, D).permute(0, 2, 3, 1, 4, 5).reshape(G * M, T, H, D)
-        return y[self.flat]
+        return y if self.flat is None else y[self.flat]
 
 
 # -----------------------------------------------------------------------------
@@ -458,7 +464,7 @@ def generate(model, requests, max_rows=64, max_cache_tokens=1 << 20, prefill_tok
             # decode the first W rows; empty rows among them write to the scratch slot and are ignored. Compiled,
             # every shape is the largest one (all rows, slots and positions), so one graph serves every step.
             W, n_slots, kv_len = (B, G, S) if compile else eng.bounds(busy)
-            feed, view, busy_t, ints = eng.step_inputs(cache, busy, W, n_slots, kv_len)
+            feed, view, busy_t, ints = eng.step_inputs(cache, busy, W, n_slots, kv_len, compile)
             logits = step_fn(model, feed, view)[busy_t]
             yield from eng.record(busy, *sample_rows(logits, [eng.rows[b] for b in busy], requests, ints), logits)
             # compaction moves rows and slots, so it waits until nothing more can be admitted (the tail of the run,
@@ -516,7 +522,7 @@ class Engine:
         rows = [self.rows[b] for b in busy]
         return busy[-1] + 1, max(r.slot for r in rows) + 1, max(r.plen + len(r.tokens) * self.M for r in rows)
 
-    def step_inputs(self, cache, busy, W, n_slots, kv_len):
+    def step_inputs(self, cache, busy, W, n_slots, kv_len, compile=False):
         """A decode step's inputs, made on the host and copied over in one go: the token each of the first W rows
         feeds now (its newest; 0 for an empty row), the cache view, the busy rows' indices, and their random keys,
         steps and top-k for sampling -> (feed (W,), view, busy (R,), ints (3, R))."""
@@ -529,7 +535,11 @@ class Engine:
                       + [len(r.tokens) for r in live] + [self.requests[r.request].top_k for r in live],
                       torch.long, cache.device)
         feed, slots, members, plen, steps = t[:5 * W].view(5, W)
-        view = cache.grouped(slots, members, plen, steps, 1, self.M, n_slots, kv_len)
+        # a full batch with every row at its own place (row b: member b % M of slot b // M) skips two gathers a
+        # layer; a compiled step always gathers (one graph for every step)
+        in_order = not compile and W == n_slots * self.M and all(
+            r is not None and r.slot * self.M + r.member == b for b, r in enumerate(rows))
+        view = cache.grouped(slots, members, plen, steps, 1, self.M, n_slots, kv_len, in_order)
         return feed, view, t[5 * W:5 * W + R], t[5 * W + R:].view(3, R)
 
     def record(self, rows, tokens, logps, logits):

@@ -104,42 +104,51 @@ def test_logits_match_naive_float64(kw):
 
 @pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=True)], ids=["gqa", "tied"])
 def test_packed_cpu_weights_match_naive_float64(kw):
-    """Forwards on the oneDNN-prepacked weights (what generation uses on a CPU) are as close to float64 as the
-    plain ones, also for 1, 7 and 64 rows (the kernels differ by batch size); with a gradient wanted they use
-    the parameters themselves, and after the context nothing packed is left."""
+    """Forwards on the oneDNN-prepacked weights (what generation uses on a CPU: q/k/v and w1/w3 stacked into one
+    weight each) are as close to float64 as the plain ones, also for 1, 7 and 64 rows (the kernels differ by
+    batch size); with a gradient wanted they use the parameters themselves, and after the context nothing
+    packed is left."""
     torch.manual_seed(0)
     model = tiny_model(**kw)
     linears = [m for m in model.modules() if type(m).__name__ == "Linear"]
     assert len(linears) == 7 * model.args.n_layers + 1
+    # what gets a packed weight: per layer the attention (q|k|v), wo, the feed-forward (w1|w3) and w2; the head
+    blocks = [m for b in model.layers for m in (b.attention, b.attention.wo, b.feed_forward, b.feed_forward.w2)]
+    packable = blocks + [model.output]
+    stacked = {b.attention: (b.attention.wq, b.attention.wk, b.attention.wv) for b in model.layers}
+    stacked.update({b.feed_forward: (b.feed_forward.w1, b.feed_forward.w3) for b in model.layers})
+    everything = linears + list(stacked)
     for rows in (1, 7, 64):
         tokens = torch.randint(0, 97, (rows, 5))
         want = naive_logits(model, tokens)
         with model.packed_for_cpu(), torch.no_grad():
-            assert all(m.packed is not None for m in linears)
+            assert all(m.packed is not None for m in packable)
+            assert all(m.packed is None for m in everything if m not in packable)  # no second copy of stacked ones
             got = model(tokens)
         assert (got.double() - want).abs().max().item() <= 1e-5
-    assert all(m.packed is None for m in linears)
+    assert all(m.packed is None for m in everything)
     with model.packed_for_cpu():
-        for m in linears:  # a planted wrong packed weight: a forward with grad must not read it
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(m.weight), None)
+        for m in packable:  # a planted wrong packed weight: a forward with grad must not read it
+            w = torch.cat([li.weight for li in stacked[m]]) if m in stacked else m.weight
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(w), None)
         out = model(tokens)
         out.sum().backward()
     assert (out.detach().double() - want).abs().max().item() <= 1e-5
     assert model.layers[0].attention.wq.weight.grad is not None
-    assert all(m.packed is None for m in linears)
+    assert all(m.packed is None for m in everything)
     import model as model_py
     real = model_py.free_memory
     model_py.free_memory = lambda: 1000  # a machine without room for a second copy of the weights: no copy
     try:
         with model.packed_for_cpu(), torch.no_grad():
-            assert all(m.packed is None for m in linears)
+            assert all(m.packed is None for m in everything)
             assert (model(tokens).double() - want).abs().max().item() <= 1e-5
     finally:
         model_py.free_memory = real
     bf16 = tiny_model(**kw).to(torch.bfloat16)
     with bf16.packed_for_cpu(), model.packed_for_cpu(enabled=False):  # only fp32 on a CPU, and only when asked
-        assert all(m.packed is None for m in bf16.modules() if type(m).__name__ == "Linear")
-        assert all(m.packed is None for m in linears)
+        assert all(getattr(m, "packed", None) is None for m in bf16.modules())
+        assert all(m.packed is None for m in everything)
 
 
 def test_llama3_scaling_changes_frequencies():

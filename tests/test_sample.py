@@ -253,6 +253,30 @@ def test_grouped_view_shares_one_prompt_copy():
             assert (torch.stack(got[b]) - full).abs().max().item() < 1e-5
 
 
+def test_grouped_view_in_order_needs_no_gather():
+    """A full batch whose row b is member b % stride of slot b // stride (what the engine decodes most steps)
+    takes the in-order path; every logit still equals a full forward of prompt + own tokens."""
+    torch.manual_seed(5)
+    model = tiny_model(n_heads=4, n_kv_heads=2)
+    prompts, stride, steps = [torch.randint(0, 97, (6,)), torch.randint(0, 97, (9,))], 2, 4
+    own = [torch.randint(0, 97, (steps,)) for _ in range(4)]
+    cache = KVCache.for_model(model, slots=3, max_len=9 + stride * steps)
+    slots, members = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    plen = torch.tensor([6, 6, 9, 9])
+    with torch.no_grad():
+        model(torch.stack([torch.cat([prompts[0], torch.zeros(3, dtype=torch.long)]), prompts[1]]),
+              cache=cache.fresh(torch.tensor([0, 1]), 9))
+        got = []
+        for s in range(steps):
+            view = cache.grouped(slots, members, plen, torch.full((4,), s), 1, stride, 2, 9 + stride * (s + 1),
+                                 in_order=True)
+            assert view.inv is None and view.flat is None
+            got.append(model(torch.stack([o[s] for o in own])[:, None], cache=view)[:, 0])
+        for b in range(4):
+            full = model(torch.cat([prompts[b // 2], own[b]])[None])[0, len(prompts[b // 2]):]
+            assert (torch.stack([g[b] for g in got]) - full).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("shapes,max_rows,budget,want", [
     # (prompt length, n, max new tokens) per request -> (rows B, samples per slot M, slots G, positions S)
     ([(10, 4, 5)] * 3, 64, 1 << 20, (12, 4, 3, 30)),  # everything fits: one slot per request
