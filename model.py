@@ -592,10 +592,16 @@ class TargetLogps(torch.autograd.Function):
         out, lses, kept = [], [], []
         for i in range(0, h.size(0), chunk):
             logits = _head(h[i:i + chunk], weight).float()  # fp32: a 16-bit log-softmax loses too much
-            lse = torch.logsumexp(logits, dim=-1)
-            out.append(logits.gather(-1, targets[i:i + chunk, None]).squeeze(-1) - lse)
+            picked = logits.gather(-1, targets[i:i + chunk, None]).squeeze(-1)
+            # the log-sum-exp with the exponentials formed in place (torch.logsumexp would make a second
+            # (chunk, V) tensor): kept for the backward, exp(logits - max) / their sum is the softmax it needs
+            top = logits.amax(-1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            total = e.sum(-1, keepdim=True)
+            lse = (total.log() + top).squeeze(-1)
+            out.append(picked - lse)
             lses.append(lse)
-            kept.append(None if recompute else logits)
+            kept.append(None if recompute else (e, total))
         ctx.save_for_backward(h, weight, targets, torch.cat(lses) if lses else h.new_zeros(0, dtype=torch.float32))
         ctx.chunk, ctx.kept = chunk, kept
         # autograd runs backward outside the forward's autocast: remember it, so that the backward's matmuls (and
@@ -619,17 +625,25 @@ class TargetLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         for c, i in enumerate(range(0, h.size(0), ctx.chunk)):
             hc, tc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk]
-            logits = ctx.kept[c] if ctx.kept[c] is not None else _head(hc, weight).float()
-            ctx.kept[c] = None  # freed as soon as its chunk is done
             # log p(target) = logit[target] - lse, so d/d logits = onehot(target) - softmax; the upstream
             # gradient scales each row, and the chain rule through h @ weight.T gives grad_h and grad_w
-            p = logits.sub_(lse[i:i + ctx.chunk, None]).exp_()  # softmax, in place
+            if ctx.kept[c] is not None:
+                e, total = ctx.kept[c]
+                p = e.div_(total)  # softmax, in place
+            else:
+                p = _head(hc, weight).float().sub_(lse[i:i + ctx.chunk, None]).exp_()
+            ctx.kept[c] = None  # freed as soon as its chunk is done
             p.scatter_add_(-1, tc[:, None], -torch.ones_like(p[:, :1]))  # softmax - onehot
             p = p.mul_(-grad[i:i + ctx.chunk, None].float()).to(h.dtype)  # d loss / d logits
             if grad_h is not None:
                 grad_h[i:i + ctx.chunk] = _head(p, weight.t())  # p @ weight
             if grad_w is not None:
-                grad_w += _head(p.t(), hc.t()).float()  # p.T @ hc
+                # += p.T @ hc as a plain matmul, which reads p transposed where it lies (oneDNN would first copy
+                # p.T into a new (V, chunk) tensor)
+                if grad_w.dtype == p.dtype:
+                    grad_w.addmm_(p.t(), hc)
+                else:
+                    grad_w += (p.t() @ hc).float()
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
