@@ -591,7 +591,7 @@ class TargetLogps(torch.autograd.Function):
         # would be gigabytes for one batch
         out, lses, kept = [], [], []
         for i in range(0, h.size(0), chunk):
-            logits = _head(h[i:i + chunk], weight).float()  # fp32: a 16-bit log-softmax loses too much
+            logits = _wide(_head(h[i:i + chunk], weight))  # fp32 at least: a 16-bit log-softmax loses too much
             picked = logits.gather(-1, targets[i:i + chunk, None]).squeeze(-1)
             # the log-sum-exp with the exponentials formed in place (torch.logsumexp would make a second
             # (chunk, V) tensor): kept for the backward, exp(logits - max) / their sum is the softmax it needs
@@ -622,7 +622,7 @@ class TargetLogps(torch.autograd.Function):
     def _backward(ctx, grad):
         h, weight, targets, lse = ctx.saved_tensors
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_w = _wide(torch.zeros_like(weight)) if ctx.needs_input_grad[1] else None
         for c, i in enumerate(range(0, h.size(0), ctx.chunk)):
             hc, tc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk]
             # log p(target) = logit[target] - lse, so d/d logits = onehot(target) - softmax; the upstream
@@ -631,10 +631,10 @@ class TargetLogps(torch.autograd.Function):
                 e, total = ctx.kept[c]
                 p = e.div_(total)  # softmax, in place
             else:
-                p = _head(hc, weight).float().sub_(lse[i:i + ctx.chunk, None]).exp_()
+                p = _wide(_head(hc, weight)).sub_(lse[i:i + ctx.chunk, None]).exp_()
             ctx.kept[c] = None  # freed as soon as its chunk is done
             p.scatter_add_(-1, tc[:, None], -torch.ones_like(p[:, :1]))  # softmax - onehot
-            p = p.mul_(-grad[i:i + ctx.chunk, None].float()).to(h.dtype)  # d loss / d logits
+            p = p.mul_(-_wide(grad[i:i + ctx.chunk, None])).to(h.dtype)  # d loss / d logits
             if grad_h is not None:
                 grad_h[i:i + ctx.chunk] = _head(p, weight.t())  # p @ weight
             if grad_w is not None:
@@ -643,8 +643,13 @@ class TargetLogps(torch.autograd.Function):
                 if grad_w.dtype == p.dtype:
                     grad_w.addmm_(p.t(), hc)
                 else:
-                    grad_w += (p.t() @ hc).float()
+                    grad_w += _wide(p.t() @ hc)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def _wide(x):
+    """x in fp32, or as it is if wider (a float64 model's log-probs stay float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _head(x, w):

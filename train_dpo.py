@@ -45,43 +45,70 @@ def sequence_logps(model, tokens, loss_mask):
 
 
 class SharedPromptView:
-    """Attention of packed pair rows (collate_pairs): prompt, chosen, the prompt's last token again, rejected.
-    A token sees the earlier tokens of the prompt and of its own branch (the chosen side, with the prompt's last
-    token; or the rejected side, with its copy), at the positions the rows give, so each response is computed
-    exactly as after its own copy of the prompt while the prompt is computed once. No cache is kept."""
+    """Attention of packed pair rows (collate_pairs): the prompt and the chosen response from the start of the
+    row, the prompt's last token again and the rejected response at its end, padding between. A token sees the
+    earlier tokens of the prompt and of its own branch (the chosen side, with the prompt's last token; or the
+    rejected side, with its copy), at the positions the rows give, so each response is computed exactly as
+    after its own copy of the prompt while the prompt is computed once. No cache is kept.
 
-    def __init__(self, positions, branch):
+    Two attention calls instead of one masked over the whole row: plain causal attention over the first
+    `chosen_end` positions (right for every prompt and chosen token: all they may see lies before them), and the
+    rejected ends, from `rejected_start` on, against the first `prompt_end` keys and their own under a mask.
+    The rows' other positions (padding) get zeros. Together they score about half the query-key pairs a full
+    masked square would."""
+
+    def __init__(self, positions, branch, chosen_end, rejected_start, prompt_end):
         self.positions = positions  # (B, T)
-        T = branch.size(1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=branch.device).tril()  # key index <= query index
-        keys, queries = branch[:, None, :], branch[:, :, None]
-        self.mask = (causal & ((keys == 0) | (keys == queries)))[:, None]  # (B, 1, T, T)
+        self.a, self.b, self.p = chosen_end, rejected_start, prompt_end
+        tail = branch[:, self.b:]  # (B, Tb): the rejected ends, as queries and as keys
+        Tb = tail.size(1)
+        self.rejected = (tail == 2)[:, :, None]  # (B, Tb, 1)
+        causal = torch.ones(Tb, Tb, dtype=torch.bool, device=branch.device).tril()
+        # a rejected token sees the prompt (without its last token: the copy of that is its own branch's first)
+        # and the earlier tokens of its own branch
+        vis = torch.cat([(branch[:, None, :self.p] == 0).expand(-1, Tb, -1), causal & self.rejected.mT], -1)
+        # any other query (padding, or the chosen tail of a longer row) sees the first key only: its output is
+        # thrown away, but a query with nothing to see would give NaN
+        first = torch.zeros_like(vis[:1, :1])
+        first[..., 0] = True
+        self.mask = torch.where(self.rejected, vis, first)[:, None]  # (B, 1, Tb, Tp + Tb)
 
     def attend(self, layer, q, k, v, backend):
-        return attention(q, k, v, mask=self.mask, backend="sdpa")
+        B, T = q.shape[:2]
+        ya = attention(q[:, :self.a], k[:, :self.a], v[:, :self.a], backend=backend)
+        y = torch.cat([ya, ya.new_zeros(B, T - self.a, *ya.shape[2:])], 1) if self.a < T else ya
+        if self.b >= T:
+            return y
+        kb, vb = (torch.cat([x[:, :self.p], x[:, self.b:]], 1) for x in (k, v))
+        yb = attention(q[:, self.b:], kb, vb, mask=self.mask, backend="sdpa")
+        return torch.cat([y[:, :self.b], torch.where(self.rejected[..., None], yb, y[:, self.b:])], 1)
 
 
 def collate_pairs(examples, idx, device):
-    """One row per pair (prompt once, then both responses; see SharedPromptView), right-padded -> the model's
-    inputs (B, T-1), targets (B, T-1) (-1 where nothing is predicted), the view, and masks (B, T-1) of the
-    targets that belong to the chosen and to the rejected response."""
+    """One row per pair (prompt and chosen response from the start, the prompt's last token again and the rejected
+    response at the end; see SharedPromptView), padded between -> the model's inputs (B, T-1), targets (B, T-1)
+    (-1 where nothing is predicted), the view, and masks (B, T-1) of the targets that belong to the chosen and to
+    the rejected response."""
     rows = []
     for i in idx:
         p, (c, r) = examples[i]["prompt"], examples[i]["responses"]
-        rows.append((p + c + p[-1:] + r,  # the last prompt token again: its logits predict the rejected side's start
-                     list(range(len(p) + len(c))) + list(range(len(p) - 1, len(p) + len(r))),
-                     [0] * (len(p) - 1) + [1] * (1 + len(c)) + [2] * (1 + len(r)),
-                     [0] * len(p) + [1] * len(c) + [0] + [2] * len(r)))  # the response each token is part of
-    T = max(len(t) for t, *_ in rows)
+        rows.append((len(p), p + c, p[-1:] + r,  # the last prompt token again: its logits predict the rejected side's start
+                     list(range(len(p) + len(c))), list(range(len(p) - 1, len(p) + len(r))),
+                     [0] * (len(p) - 1) + [1] * (1 + len(c)), [2] * (1 + len(r)),
+                     [0] * len(p) + [1] * len(c), [0] + [2] * len(r)))  # the response each token is part of
+    T = max(len(a) + len(b) for _, a, b, *_ in rows)
     tokens, positions, side = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
     branch = torch.full((len(rows), T), 3, dtype=torch.long)  # padding: a branch of its own, seen by no one else
-    for b, (t, pos, br, sd) in enumerate(rows):
-        n = len(t)
-        tokens[b, :n], positions[b, :n], branch[b, :n], side[b, :n] = (torch.tensor(x) for x in (t, pos, br, sd))
+    for n, (_, a, b, pos_a, pos_b, br_a, br_b, sd_a, sd_b) in enumerate(rows):
+        for x, ya, yb in ((tokens, a, b), (positions, pos_a, pos_b), (branch, br_a, br_b), (side, sd_a, sd_b)):
+            x[n, :len(a)], x[n, T - len(b):] = torch.tensor(ya), torch.tensor(yb)
     tokens, positions, branch, side = (x.to(device) for x in (tokens, positions, branch, side))
     target_side = side[:, 1:]  # input position i predicts token i + 1
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:].masked_fill(target_side == 0, -1),
-            "view": SharedPromptView(positions[:, :-1], branch[:, :-1]),
+    # (host-side bounds of the view's two attention calls: where the chosen sides end, where the rejected ones
+    # start, and the longest prompt without its last token)
+    view = SharedPromptView(positions[:, :-1], branch[:, :-1], max(len(a) for _, a, *_ in rows),
+                            T - max(len(b) for _, _, b, *_ in rows), max(n for n, *_ in rows) - 1)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:].masked_fill(target_side == 0, -1), "view": view,
             "chosen": (target_side == 1).float(), "rejected": (target_side == 2).float()}
 
 

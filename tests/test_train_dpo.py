@@ -90,8 +90,13 @@ def test_packed_pairs_equal_two_plain_forwards_in_float64():
     model = tiny_model(seed=22).double()
     g = torch.Generator().manual_seed(3)
     rand = lambda n: torch.randint(3, 97, (n,), generator=g).tolist()  # noqa: E731
-    examples = [{"prompt": rand(p), "responses": [rand(c), rand(r)]} for p, c, r in ((7, 5, 3), (1, 1, 1), (4, 9, 6))]
-    packed = collate_pairs(examples, [0, 1, 2], "cpu")
+    # the last two: a long chosen with a short rejected beside the reverse, so the chosen tail of one row lies in
+    # the span where the other row's rejected side is attended (and a long prompt reaches into it too)
+    shapes = ((7, 5, 3), (1, 1, 1), (4, 9, 6), (2, 12, 2), (12, 1, 1), (1, 1, 14))
+    examples = [{"prompt": rand(p), "responses": [rand(c), rand(r)]} for p, c, r in shapes]
+    packed = collate_pairs(examples, range(len(shapes)), "cpu")
+    view = packed["view"]
+    assert view.b < view.a and view.b < view.p  # the overlaps this test is for
     chosen, rejected, n_c, n_r = pair_logps(model, packed)
     (chosen.sum() + 2 * rejected.sum()).backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -106,7 +111,7 @@ def test_packed_pairs_equal_two_plain_forwards_in_float64():
             (total * (1 + k)).backward()
             want.append(total.item())
     assert torch.allclose(torch.stack([chosen, rejected], 1).flatten(), torch.tensor(want, dtype=chosen.dtype), atol=1e-6)
-    assert n_c.tolist() == [5, 1, 9] and n_r.tolist() == [3, 1, 6]
+    assert n_c.tolist() == [5, 1, 9, 12, 1, 1] and n_r.tolist() == [3, 1, 6, 2, 1, 14]
     for n, p in model.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-6), n
 
