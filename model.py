@@ -431,8 +431,8 @@ class Transformer(nn.Module):
         try:
             with torch.no_grad():
                 for m, ls in packs.items():  # a tied head shares the embedding's weight: packed once more, as the head
-                    w = torch.cat([li.weight.detach() for li in ls]) if len(ls) > 1 else ls[0].weight.detach()
-                    m.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+                    stacked = torch.cat([li.weight.detach() for li in ls]) if len(ls) > 1 else ls[0].weight.detach()
+                    m.packed = torch.ops.mkldnn._reorder_linear_weight(stacked, None)
             yield self
         finally:
             for m in packs:

@@ -137,19 +137,17 @@ class GroupedView:
         steps = start[:, None] + torch.arange(T, device=device)  # (B, T): the step of each new token
         self.positions = plen[:, None] + steps  # rotary positions: the prompt, then the sample's own tokens
         self.slots, self.index = slots, plen[:, None] + steps * stride + members[:, None]
-        if in_order:
-            self.inv = self.flat = None
-            self.mask = self._mask(plen, start, cache.qpk)
-            return
-        # the member grid: place slot * stride + member of each sequence; `inv` says which sequence fills
-        # each place of the attended slots (empty places borrow sequence 0: their queries are discarded)
-        self.flat = slots * stride + members  # (B,)
-        n_places = n_slots * stride
-        inv = torch.zeros(cache.slots * stride, dtype=torch.long, device=device)
-        inv[self.flat] = torch.arange(len(slots), device=device)
-        self.inv = inv[:n_places]
-        self.flat = self.flat.clamp(max=n_places - 1)  # idle sequences read some place; ignored
-        self.mask = self._mask(plen[self.inv], start[self.inv], cache.qpk)
+        self.inv = self.flat = None  # in order: sequence b fills place b, nothing to gather
+        if not in_order:
+            # the member grid: place slot * stride + member of each sequence; `inv` says which sequence fills
+            # each place of the attended slots (empty places borrow sequence 0: their queries are discarded)
+            place, n_places = slots * stride + members, n_slots * stride  # (B,)
+            inv = torch.zeros(cache.slots * stride, dtype=torch.long, device=device)
+            inv[place] = torch.arange(len(slots), device=device)
+            self.inv = inv[:n_places]
+            self.flat = place.clamp(max=n_places - 1)  # idle sequences read some place; ignored
+            plen, start = plen[self.inv], start[self.inv]
+        self.mask = self._mask(plen, start, cache.qpk)
 
     def _mask(self, plen, start, qpk):
         """(n_slots, 1, stride * T * qpk, kv_len) bool: the query of member j at step s sees its slot's prompt
@@ -170,7 +168,8 @@ class GroupedView:
         G, M, Hkv = self.n_slots, self.stride, k.size(2)
         # (B, T, H, D) -> per place of the member grid -> (G, M, T, Hkv, qpk, D) -> (G, Hkv, M * T * qpk, D):
         # for each slot and key/value head, one block of every query that reads its keys
-        qg = (q if self.inv is None else q[self.inv]).view(G, M, T, Hkv, H // Hkv, D).permute(0, 3, 1, 2, 4, 5).reshape(G, Hkv, -1, D)
+        qg = q if self.inv is None else q[self.inv]
+        qg = qg.view(G, M, T, Hkv, H // Hkv, D).permute(0, 3, 1, 2, 4, 5).reshape(G, Hkv, -1, D)
         kc, vc = self.cache.k[layer][:G, :, :self.kv_len], self.cache.v[layer][:G, :, :self.kv_len]  # (G, Hkv, S, D)
         y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=self.mask)  # (G, Hkv, M * T * qpk, D)
         # and back: (G, Hkv, M, T, qpk, D) -> (G, M, T, Hkv, qpk, D) -> one row per place, then per sequence

@@ -59,14 +59,14 @@ class SharedPromptView:
 
     def __init__(self, positions, branch, chosen_end, rejected_start, prompt_end):
         self.positions = positions  # (B, T)
-        self.a, self.b, self.p = chosen_end, rejected_start, prompt_end
-        tail = branch[:, self.b:]  # (B, Tb): the rejected ends, as queries and as keys
+        self.chosen_end, self.rejected_start, self.prompt_end = chosen_end, rejected_start, prompt_end
+        tail = branch[:, rejected_start:]  # (B, Tb): the rejected ends, as queries and as keys
         Tb = tail.size(1)
         self.rejected = (tail == 2)[:, :, None]  # (B, Tb, 1)
         causal = torch.ones(Tb, Tb, dtype=torch.bool, device=branch.device).tril()
         # a rejected token sees the prompt (without its last token: the copy of that is its own branch's first)
         # and the earlier tokens of its own branch
-        vis = torch.cat([(branch[:, None, :self.p] == 0).expand(-1, Tb, -1), causal & self.rejected.mT], -1)
+        vis = torch.cat([(branch[:, None, :prompt_end] == 0).expand(-1, Tb, -1), causal & self.rejected.mT], -1)
         # any other query (padding, or the chosen tail of a longer row) sees the first key only: its output is
         # thrown away, but a query with nothing to see would give NaN
         first = torch.zeros_like(vis[:1, :1])
@@ -75,13 +75,14 @@ class SharedPromptView:
 
     def attend(self, layer, q, k, v, backend):
         B, T = q.shape[:2]
-        ya = attention(q[:, :self.a], k[:, :self.a], v[:, :self.a], backend=backend)
-        y = torch.cat([ya, ya.new_zeros(B, T - self.a, *ya.shape[2:])], 1) if self.a < T else ya
-        if self.b >= T:
+        a, b, p = self.chosen_end, self.rejected_start, self.prompt_end
+        ya = attention(q[:, :a], k[:, :a], v[:, :a], backend=backend)
+        y = torch.cat([ya, ya.new_zeros(B, T - a, *ya.shape[2:])], 1) if a < T else ya
+        if b >= T:
             return y
-        kb, vb = (torch.cat([x[:, :self.p], x[:, self.b:]], 1) for x in (k, v))
-        yb = attention(q[:, self.b:], kb, vb, mask=self.mask, backend="sdpa")
-        return torch.cat([y[:, :self.b], torch.where(self.rejected[..., None], yb, y[:, self.b:])], 1)
+        kb, vb = (torch.cat([x[:, :p], x[:, b:]], 1) for x in (k, v))
+        yb = attention(q[:, b:], kb, vb, mask=self.mask, backend="sdpa")
+        return torch.cat([y[:, :b], torch.where(self.rejected[..., None], yb, y[:, b:])], 1)
 
 
 def collate_pairs(examples, idx, device):
@@ -89,25 +90,26 @@ def collate_pairs(examples, idx, device):
     response at the end; see SharedPromptView), padded between -> the model's inputs (B, T-1), targets (B, T-1)
     (-1 where nothing is predicted), the view, and masks (B, T-1) of the targets that belong to the chosen and to
     the rejected response."""
-    rows = []
+    # each row's start and end: (tokens, positions, branch, side) of prompt + chosen, and of the copy + rejected
+    heads, tails, prompt_lens = [], [], []
     for i in idx:
         p, (c, r) = examples[i]["prompt"], examples[i]["responses"]
-        rows.append((len(p), p + c, p[-1:] + r,  # the last prompt token again: its logits predict the rejected side's start
-                     list(range(len(p) + len(c))), list(range(len(p) - 1, len(p) + len(r))),
-                     [0] * (len(p) - 1) + [1] * (1 + len(c)), [2] * (1 + len(r)),
-                     [0] * len(p) + [1] * len(c), [0] + [2] * len(r)))  # the response each token is part of
-    T = max(len(a) + len(b) for _, a, b, *_ in rows)
-    tokens, positions, side = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
-    branch = torch.full((len(rows), T), 3, dtype=torch.long)  # padding: a branch of its own, seen by no one else
-    for n, (_, a, b, pos_a, pos_b, br_a, br_b, sd_a, sd_b) in enumerate(rows):
-        for x, ya, yb in ((tokens, a, b), (positions, pos_a, pos_b), (branch, br_a, br_b), (side, sd_a, sd_b)):
-            x[n, :len(a)], x[n, T - len(b):] = torch.tensor(ya), torch.tensor(yb)
+        P, C, R = len(p), len(c), len(r)
+        # side: the response each token is part of; the last prompt token again starts the rejected branch (its
+        # logits predict the rejected side's first token)
+        heads.append((p + c, list(range(P + C)), [0] * (P - 1) + [1] * (1 + C), [0] * P + [1] * C))
+        tails.append((p[-1:] + r, list(range(P - 1, P + R)), [2] * (1 + R), [0] + [2] * R))
+        prompt_lens.append(P)
+    T = max(len(h[0]) + len(t[0]) for h, t in zip(heads, tails))
+    tokens, positions, side = (torch.zeros(len(heads), T, dtype=torch.long) for _ in range(3))
+    branch = torch.full((len(heads), T), 3, dtype=torch.long)  # padding: a branch of its own, seen by no one else
+    for n, (head, tail) in enumerate(zip(heads, tails)):
+        for x, a, b in zip((tokens, positions, branch, side), head, tail):
+            x[n, :len(a)], x[n, T - len(b):] = torch.tensor(a), torch.tensor(b)
     tokens, positions, branch, side = (x.to(device) for x in (tokens, positions, branch, side))
     target_side = side[:, 1:]  # input position i predicts token i + 1
-    # (host-side bounds of the view's two attention calls: where the chosen sides end, where the rejected ones
-    # start, and the longest prompt without its last token)
-    view = SharedPromptView(positions[:, :-1], branch[:, :-1], max(len(a) for _, a, *_ in rows),
-                            T - max(len(b) for _, _, b, *_ in rows), max(n for n, *_ in rows) - 1)
+    view = SharedPromptView(positions[:, :-1], branch[:, :-1], chosen_end=max(len(h[0]) for h in heads),
+                            rejected_start=T - max(len(t[0]) for t in tails), prompt_end=max(prompt_lens) - 1)
     return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:].masked_fill(target_side == 0, -1), "view": view,
             "chosen": (target_side == 1).float(), "rejected": (target_side == 2).float()}
 

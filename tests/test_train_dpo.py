@@ -96,7 +96,7 @@ def test_packed_pairs_equal_two_plain_forwards_in_float64():
     examples = [{"prompt": rand(p), "responses": [rand(c), rand(r)]} for p, c, r in shapes]
     packed = collate_pairs(examples, range(len(shapes)), "cpu")
     view = packed["view"]
-    assert view.b < view.a and view.b < view.p  # the overlaps this test is for
+    assert view.rejected_start < view.chosen_end and view.rejected_start < view.prompt_end  # the overlaps tested
     chosen, rejected, n_c, n_r = pair_logps(model, packed)
     (chosen.sum() + 2 * rejected.sum()).backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
