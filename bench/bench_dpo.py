@@ -201,6 +201,10 @@ def main(argv=None):
             print(f"{side}: " + (f"{r['tokens_per_s']:.1f} tok/s, {r['pairs_per_s']:.2f} pairs/s, peak {r['peak_mib']:.0f} MiB"
                                  if r else res.get(("runs", side, str(rep)))["error"]), flush=True)
             summarise(res, args, sides)
+    for side in ("ours", "ours-compiled"):
+        r = res.get((f"{side}_vs_transformers",))
+        if r:
+            print(f"{side} vs transformers (best of each): speed {r['speed']:.2f}x, peak memory {r['memory']:.2f}x")
 
 
 def summarise(res, args, sides):
