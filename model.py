@@ -333,19 +333,6 @@ class Transformer(nn.Module):
         # derived from the config, never stored in a checkpoint: not persistent, recomputed on every load
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def init_weights(self, std=0.02, seed=None):
-        """Random initialisation for tests and benchmarks (real runs load a checkpoint)."""
-        # normal(0, std) weights and unit norms; a seeded CPU generator makes the same model on any device
-        g = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-        self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
-        return self
-
     def rope(self, positions, dtype):
         """cos/sin (B, T, 1, D) for integer positions (B, T)."""
         # in fp32 whatever the model's dtype, as HF does: a bf16 angle at position 3000 is off by whole radians
@@ -365,7 +352,7 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, cache=None, last=None):
         """tokens (B, T) -> logits (B, T, V); or, with `targets` (B, T), their log-probs (B, T).
 
-        cache: a view of a KV cache (see sample.KVCache) that gives the tokens' positions, stores their keys and
+        cache: a view of a KV cache (see kvcache.py) that gives the tokens' positions, stores their keys and
         values and says what each attends to; without one the T tokens attend causally among themselves.
         last (B,): one position per row whose logits alone are wanted -> (B, V) (a prefill needs only the last
         prompt token's, and the other T-1 rows of the head would be most of its cost).
@@ -414,8 +401,6 @@ class Transformer(nn.Module):
         (bench/RESULTS.md). The price: a second copy of the weights for the duration, and 0.4 s per 135M
         parameters to make it. The weights must not change meanwhile (generation only). Where the copy would take
         more than half of the memory the machine has free, nothing is packed (the plain weights still run on oneDNN)."""
-        # what is packed: each attention's wq|wk|wv and each feed-forward's w1|w3 stacked into one weight (one
-        # product instead of three or two), every other linear layer on its own
         packs = {self.output: [self.output]}
         for m in self.modules():
             if isinstance(m, Attention):

@@ -163,9 +163,9 @@ def attention_report(device, dtype, heads=32, kv_heads=8, head_dim=64, T=512):
     each one's largest difference from a float64 reference (None: the kernel refuses these inputs):
       causal_gqa     no mask, grouped heads by enable_gqa: training rows, fresh prefills (model.attention)
       masked_gqa     a boolean mask and enable_gqa: packed DPO pairs (train_dpo.SharedPromptView) and prefills
-                     after a shared prefix (sample.ExtendView)
+                     after a shared prefix (kvcache.ExtendView)
       grouped_decode a boolean mask, the query heads of a key/value head stacked as rows: the decode step
-                     (sample.GroupedView), 8 samples of one prompt, one new token each
+                     (kvcache.GroupedView), 8 samples of one prompt, one new token each
     The flash kernel takes no mask; where the efficient kernel refuses grouped heads, a masked GQA call falls
     to the math kernel, which forms the whole (T, T) score matrix per head."""
     import torch.nn.functional as F

@@ -22,9 +22,18 @@ def tiny_args(**kw) -> ModelArgs:
     return ModelArgs(**base)
 
 
+def init_weights(model, std=0.02, seed=None) -> Transformer:
+    """normal(0, std) weights and unit norms, the same on any device for a seed (a seeded CPU generator)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def tiny_model(seed=0, std=0.2, **kw) -> Transformer:
     # std 0.2 (not 0.02) so attention patterns are far from uniform and bugs in them show in the logits
-    return Transformer(tiny_args(**kw)).init_weights(std=std, seed=seed).eval()
+    return init_weights(Transformer(tiny_args(**kw)), std=std, seed=seed).eval()
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +72,7 @@ def make_tiny_checkpoint(folder, seed=0, stop_chars="", **kw):
     os.makedirs(folder, exist_ok=True)
     make_tokenizer_files(folder, stop_chars)
     args = tiny_args(**{"vocab_size": 259, "max_seq_len": 4096, **kw})
-    Transformer(args).init_weights(std=0.2, seed=seed).save_pretrained(folder, tokenizer_dir=folder)
+    init_weights(Transformer(args), std=0.2, seed=seed).save_pretrained(folder, tokenizer_dir=folder)
     return str(folder)
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import init_weights, tiny_args
 
 from model import Transformer
 from sample import Request, complete, plan_cache
@@ -67,7 +67,7 @@ def test_device_spec_table():
 def test_transformers_side_holds_the_same_tensors_and_computes_the_same_logits():
     pytest.importorskip("transformers")
     for tied in (True, False):
-        model = Transformer(tiny_args(tie_embeddings=tied, vocab_size=300)).init_weights(std=0.1, seed=1).eval()
+        model = init_weights(Transformer(tiny_args(tie_embeddings=tied, vocab_size=300)), std=0.1, seed=1).eval()
         hf = shapes.hf_model(model)
         assert hf.model.embed_tokens.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
         assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied  # one Parameter when tied: one gradient
@@ -159,7 +159,7 @@ def test_the_warm_up_plans_the_timed_cache():
 
 def test_nothing_compiles_inside_the_timed_generation(monkeypatch):
     from torch._dynamo.utils import counters
-    model = Transformer(tiny_args()).init_weights(seed=2).eval()
+    model = init_weights(Transformer(tiny_args()), seed=2).eval()
     graphs = []
     real = bench_sample.complete
 
