@@ -53,6 +53,15 @@ def write_report(d, t, manifest):
                   f"{m.get('first_position_win_rate')} (omega1 {m.get('omega1')}, omega2 {m.get('omega2')}); "
                   f"{m.get('judge_pairs')} judge pairs, skips {m.get('pair_skips')}"]
     lines += training_section(d, st.get("train", {}), "SFT" if t == 0 else "DPO")
+    lines += evaluation_section(st)
+    lines += across_iterations(d, t)
+    with open(os.path.join(d, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def evaluation_section(st):
+    """The evaluation's part of the report: whichever metric the iteration's evaluate stage ran."""
+    lines = []
     for je, what in ((st.get("evaluate", {}), ""), (st.get("evaluate_modified", {}), " (y- the answer to a modified request x')")):
         if je.get("metric") != "judge-accuracy":
             continue
@@ -103,9 +112,7 @@ def write_report(d, t, manifest):
                   f"wins {ev['wins']}, ties {ev['ties']}, losses {ev['losses']}; win rate {ev['win_rate']} "
                   f"(95% CI {ev['win_rate_ci95']}), length-controlled {ev['lc_win_rate']}; mean length A "
                   f"{ev['mean_chars_a']} vs B {ev['mean_chars_b']} chars; unparseable verdicts {ev['unparseable_verdicts']}"]
-    lines += across_iterations(d, t)
-    with open(os.path.join(d, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines
 
 
 def _results(path):
