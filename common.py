@@ -1,7 +1,7 @@
 """
 Plumbing shared by every script: JSON Lines reading with clear errors, resumable sharded stage outputs and
-their settings, a lock on a run folder, distributed start-up, model loading, prompt templates, flag checks and
-the engine flags. Nothing here knows an algorithm.
+their settings, a lock on a run folder, distributed start-up, resumable training state, model loading, prompt
+templates, flag checks and the engine flags. Nothing here knows an algorithm.
 """
 import datetime
 import hashlib
@@ -9,8 +9,10 @@ import json
 import math
 import os
 import re
+import shutil
 
 import torch
+from safetensors import SafetensorError
 
 from model import Transformer
 from tokenizer import CHAT_FORMATS, Tokenizer
@@ -355,6 +357,106 @@ def barrier(world):
 def print0(*a, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **kw, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Resumable training state
+
+
+def open_metrics(path, step):
+    """The metrics log holding exactly the steps up to `step`: a run killed after logging steps it had not
+    saved logs them again when resumed, and a fresh run starts an empty log."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    f = open(path, "w")
+    f.writelines(kept)
+    f.flush()
+    return f
+
+
+def _local(t):
+    """This rank's part of a tensor: the local shard of an FSDP2 (DTensor) tensor, else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def save_state(state_dir, model, opt, step, world, rank, key):
+    """Resumable state that holds no pickled object, so that reading it can run no code: each rank's shards of
+    the weights and of AdamW's moments in step<N>/rank<r>.safetensors, and the rest (step, run key, world size)
+    in trainer.json, written last; older steps are then deleted."""
+    from safetensors.torch import save_file
+
+    step_dir = os.path.join(state_dir, f"step{step}")
+    tensors = {"rng": torch.get_rng_state()}
+    for name, p in model.named_parameters():
+        tensors[f"model/{name}"] = _local(p)
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"optim/{name}/{k}"] = _local(v)
+    try:
+        os.makedirs(step_dir, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  os.path.join(step_dir, f"rank{rank}.safetensors"))
+        barrier(world)
+        if rank == 0:
+            write_json(os.path.join(state_dir, "trainer.json"), {"step": step, "run": key, "world": world})
+            prune_steps(state_dir, keep=f"step{step}")
+    except (OSError, SafetensorError) as e:
+        raise SystemExit(f"{state_dir}: cannot save the training state ({getattr(e, 'strerror', None) or e})") from None
+    barrier(world)
+
+
+def read_trainer_json(state_dir):
+    """trainer.json of a state folder, or None when there is none (or it was half written)."""
+    try:
+        with open(os.path.join(state_dir, "trainer.json")) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def load_state(state_dir, model, opt, key, world, rank):
+    """Restore the state written by `save_state` -> its step. Another run's state (other key) is refused; a
+    state that is incomplete (a kill while it was being written or deleted) cannot be resumed: 0, start over."""
+    from safetensors.torch import load_file
+
+    meta = read_trainer_json(state_dir)
+    if meta.get("run") != key:
+        raise SystemExit(f"{state_dir}: written by another run (other output folder, model, data or settings); "
+                         "--resume continues only the run that wrote it: start again without --resume")
+    if meta.get("world") != world:
+        raise SystemExit(f"{state_dir}: written by {meta.get('world')} rank(s), this run has {world}; resume with "
+                         f"the same number of processes, or start again without --resume")
+    f = os.path.join(state_dir, f"step{meta.get('step')}", f"rank{rank}.safetensors")
+    try:
+        saved = load_file(f)  # tensors only: safetensors runs no code
+        names = [n for n, _ in model.named_parameters()]
+        missing = [n for n in names if f"model/{n}" not in saved]
+        if missing:
+            raise ValueError(f"no weights for {missing[0]}")
+    except (OSError, SafetensorError, ValueError) as e:
+        print0(f"note: {state_dir} cannot be resumed ({e}); training starts again from step 0")
+        return 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            _local(p).copy_(saved[f"model/{name}"])
+            moments = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.startswith(f"optim/{name}/")}
+            for k, v in moments.items():
+                if v.ndim == 0:  # AdamW's step count: a plain scalar on the parameter's device
+                    opt.state[p][k] = v.to(p.device)
+                else:  # a moment shaped (and sharded) like its parameter
+                    opt.state[p][k] = torch.zeros_like(p)
+                    _local(opt.state[p][k]).copy_(v)
+    torch.set_rng_state(saved["rng"])
+    return meta["step"]
+
+
+def prune_steps(state_dir, keep=None):
+    """Delete the state's step<N> folders, all but `keep`."""
+    for name in os.listdir(state_dir):
+        if name.startswith("step") and name != keep:
+            shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ writes the next model as an HF folder.
 
 Reference log-probs are computed once before training (by the starting model unless --ref names another)
 and cached in `<out>.train/`, so training holds one model; --ref-mode online keeps a frozen reference.
-State for --resume (model, optimizer, step) is saved there with torch.distributed.checkpoint.
+State for --resume (model, optimizer, step) is saved there as tensors and JSON (common.save_state).
 """
 import argparse
 import hashlib
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 
 import torch
@@ -26,8 +25,9 @@ import torch.nn.functional as F
 from model import Transformer, attention, read_hf_config, read_hf_state, rope_inv_freq, save_hf
 from safetensors import SafetensorError
 
-from common import (barrier, check_flags, file_digest, finite, import_wandb, init_distributed, model_fingerprint, print0,
-                    read_jsonl, resolve_model, wandb_run, write_json)
+from common import (barrier, check_flags, file_digest, finite, import_wandb, init_distributed, load_state, model_fingerprint,
+                    open_metrics, print0, prune_steps, read_jsonl, read_trainer_json, resolve_model, save_state, wandb_run,
+                    write_json)
 from tokenizer import CHAT_FORMATS, Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -297,44 +297,30 @@ def build_model(path, device, world, mp_bf16, activation_checkpointing=False, co
     rank 0 reading the checkpoint and broadcasting it into the shards. `compile` compiles each block (the
     identical blocks share one compiled graph), before sharding."""
     try:
-        return _build_model(path, device, world, mp_bf16, activation_checkpointing, compile)
+        if world == 1:
+            model = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
+        else:
+            with torch.device("meta"):
+                model = Transformer(read_hf_config(path))
+        if compile:
+            for block in model.layers:
+                block.compile()
+        if world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp_bf16 else MixedPrecisionPolicy()
+            for block in model.layers:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+            model.to_empty(device=device)
+            full = read_hf_state(path, model, dtype=torch.float32) if int(os.environ.get("RANK", 0)) == 0 else {}
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            model.inv_freq = rope_inv_freq(model.args).to(device)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model: {e}") from None
-
-
-def _build_model(path, device, world, mp_bf16, activation_checkpointing, compile):
-    args = read_hf_config(path)
-    if world == 1:
-        model = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
-        if compile:
-            for block in model.layers:
-                block.compile()
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        with torch.device("meta"):
-            model = Transformer(args)
-        if compile:
-            for block in model.layers:
-                block.compile()
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp_bf16 else MixedPrecisionPolicy()
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        model.to_empty(device=device)
-        full = read_hf_state(path, model, dtype=torch.float32) if int(os.environ.get("RANK", 0)) == 0 else {}
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        model.inv_freq = rope_inv_freq(args).to(device)
     model.activation_checkpointing = activation_checkpointing
     return model
-
-
-def full_state(model, world):
-    if world == 1:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 @torch.no_grad()
@@ -373,10 +359,8 @@ def ref_cache_key(files, ref_path, examples, args):
 # Training
 
 
-def train(args):
-    rank, world, device = init_distributed()
-    torch.manual_seed(args.seed)
-    args.model = resolve_model(args.model)
+def load_data(args):
+    """--data tokenized -> (examples, counts); data that would train nothing is an error."""
     try:
         tok = Tokenizer.from_pretrained(args.model, args.chat_format)
     except (OSError, ValueError) as e:
@@ -386,6 +370,38 @@ def train(args):
         raise SystemExit(f"--data: no usable examples in {', '.join(args.data)} ({data_counts})")
     if not any(e["weight"] > 0 for e in examples):  # every gradient would be zero: "trained" would be a lie
         raise SystemExit(f"--data: every record of {', '.join(args.data)} has weight 0; there is nothing to learn")
+    return examples, data_counts
+
+
+def make_optimizer(model, args):
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms do not
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+
+def optimizer_step(model, opt, lr, step, grad_clip, forward_backward):
+    """One step at learning rate `lr`: `forward_backward()` fills the gradients and returns the metrics; the
+    gradient is clipped, and a non-finite loss or norm stops the run before it reaches the weights -> (metrics,
+    gradient norm)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    m = forward_backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    if not math.isfinite(m["loss"]) or not math.isfinite(grad_norm):
+        raise SystemExit(f"step {step}: non-finite loss {m['loss']} or gradient norm {grad_norm}; "
+                         "lower --lr or check the pairs")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return m, grad_norm
+
+
+def train(args):
+    rank, world, device = init_distributed()
+    torch.manual_seed(args.seed)
+    args.model = resolve_model(args.model)
+    examples, data_counts = load_data(args)
     work = args.out.rstrip("/") + ".train"
     os.makedirs(work, exist_ok=True)
     key, state_dir = run_key(args), os.path.join(work, "state")
@@ -400,10 +416,7 @@ def train(args):
         (lambda: torch.autocast("cpu", enabled=False))
     model = build_model(args.model, device, world, bf16, args.activation_checkpointing, args.compile)
     ref = reference(args, model, examples, work, world, rank, device, bf16, autocast) if args.objective == "dpo" else None
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms do not
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    opt = make_optimizer(model, args)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * total)
@@ -419,6 +432,7 @@ def train(args):
     wb = wandb_run(args.wandb, args.wandb_group, args.wandb_name, dict(vars(args), world=world, start_step=step)) \
         if args.wandb and rank == 0 else None  # a copy of metrics.jsonl: this invocation's steps only
     model.train()
+    step_fn = train_step if args.objective == "dpo" else sft_step
     t_last, tokens_seen = time.time(), 0
     batches = {}
     while step < stop:
@@ -427,17 +441,8 @@ def train(args):
             batches = {epoch: make_batches(len(examples), args.batch_size, args.seed, epoch)}
         idx = batches[epoch][step - epoch * steps_per_epoch]
         lr = lr_at(step, total, warmup, args.lr, args.schedule, args.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        step_fn = train_step if args.objective == "dpo" else sft_step
-        m = step_fn(model, ref, examples, idx, args, world, rank, device, autocast)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        if not math.isfinite(m["loss"]) or not math.isfinite(grad_norm):
-            raise SystemExit(f"step {step}: non-finite loss {m['loss']} or gradient norm {grad_norm}; "
-                             "lower --lr or check the pairs")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        m, grad_norm = optimizer_step(model, opt, lr, step, args.grad_clip,
+                                      lambda: step_fn(model, ref, examples, idx, args, world, rank, device, autocast))
         step += 1
         tokens_seen += m.pop("tokens")
         m = {"step": step, "epoch": epoch, **m, "grad_norm": grad_norm, "lr": lr}
@@ -459,23 +464,31 @@ def train(args):
     if step < total:
         print0(f"stopped after step {step}; state in {state_dir} (continue with --resume)")
         return {"steps": step, "stopped": True}
-    save_model(model, world, rank, args.out, args.model)
-    if rank == 0:  # the model folder is the result; the state was for resuming. What stays says it is done.
-        metrics_f.close()
-        os.makedirs(state_dir, exist_ok=True)
-        write_json(os.path.join(state_dir, "trainer.json"), {"finished": True, "step": step, "run": key,
-                                                             "model": model_fingerprint(args.out)})
-        for name in os.listdir(state_dir):
-            if name.startswith("step"):
-                shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
-    barrier(world)
+    finish_run(model, args, world, rank, step, key, state_dir, metrics_f)
     print0(f"train_dpo | {args.objective} | steps {step} | examples {len(examples)} | saved {args.out}")
     return {"steps": step, "examples": len(examples), **data_counts}
 
 
+def finish_run(model, args, world, rank, step, key, state_dir, metrics_f):
+    """Save the trained model. The model folder is the result; the state was for resuming. What stays of the
+    state says it is done, and which model it made."""
+    save_model(model, world, rank, args.out, args.model)
+    if rank == 0:
+        metrics_f.close()
+        os.makedirs(state_dir, exist_ok=True)
+        write_json(os.path.join(state_dir, "trainer.json"), {"finished": True, "step": step, "run": key,
+                                                             "model": model_fingerprint(args.out)})
+        prune_steps(state_dir)
+    barrier(world)
+
+
 def save_model(model, world, rank, out, tokenizer_dir):
     """The full weights as an HF folder (every rank takes part in gathering the shards; rank 0 writes)."""
-    state = full_state(model, world)
+    if world == 1:
+        state = model.state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         try:
             save_hf(state, model.args, out, tokenizer_dir=tokenizer_dir)
@@ -576,97 +589,6 @@ def run_key(args):
              "data": [file_digest(f) for f in args.data], **{k: getattr(args, k) for k in keep},
              **({"chat_format": args.chat_format} if args.chat_format else {})}  # absent: keys of older runs stand
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def open_metrics(path, step):
-    """The metrics log holding exactly the steps up to `step`: a run killed after logging steps it had not
-    saved logs them again when resumed, and a fresh run starts an empty log."""
-    kept = []
-    if step and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    f = open(path, "w")
-    f.writelines(kept)
-    f.flush()
-    return f
-
-
-def _local(t):
-    """This rank's part of a tensor: the local shard of an FSDP2 (DTensor) tensor, else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def save_state(state_dir, model, opt, step, world, rank, key):
-    """Resumable state that holds no pickled object, so that reading it can run no code: each rank's shards of
-    the weights and of AdamW's moments in step<N>/rank<r>.safetensors, and the rest (step, run key, world size)
-    in trainer.json, written last; older steps are then deleted."""
-    from safetensors.torch import save_file
-
-    step_dir = os.path.join(state_dir, f"step{step}")
-    tensors = {"rng": torch.get_rng_state()}
-    for name, p in model.named_parameters():
-        tensors[f"model/{name}"] = _local(p)
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"optim/{name}/{k}"] = _local(v)
-    try:
-        os.makedirs(step_dir, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                  os.path.join(step_dir, f"rank{rank}.safetensors"))
-        barrier(world)
-        if rank == 0:
-            write_json(os.path.join(state_dir, "trainer.json"), {"step": step, "run": key, "world": world})
-            for name in os.listdir(state_dir):
-                if name.startswith("step") and name != f"step{step}":
-                    shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
-    except (OSError, SafetensorError) as e:
-        raise SystemExit(f"{state_dir}: cannot save the training state ({getattr(e, 'strerror', None) or e})") from None
-    barrier(world)
-
-
-def read_trainer_json(state_dir):
-    """trainer.json of a state folder, or None when there is none (or it was half written)."""
-    try:
-        with open(os.path.join(state_dir, "trainer.json")) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def load_state(state_dir, model, opt, key, world, rank):
-    """Restore the state written by `save_state` -> its step. Another run's state (other key) is refused; a
-    state that is incomplete (a kill while it was being written or deleted) cannot be resumed: 0, start over."""
-    from safetensors.torch import load_file
-
-    meta = read_trainer_json(state_dir)
-    if meta.get("run") != key:
-        raise SystemExit(f"{state_dir}: written by another run (other output folder, model, data or settings); "
-                         "--resume continues only the run that wrote it: start again without --resume")
-    if meta.get("world") != world:
-        raise SystemExit(f"{state_dir}: written by {meta.get('world')} rank(s), this run has {world}; resume with "
-                         f"the same number of processes, or start again without --resume")
-    f = os.path.join(state_dir, f"step{meta.get('step')}", f"rank{rank}.safetensors")
-    try:
-        saved = load_file(f)  # tensors only: safetensors runs no code
-        names = [n for n, _ in model.named_parameters()]
-        missing = [n for n in names if f"model/{n}" not in saved]
-        if missing:
-            raise ValueError(f"no weights for {missing[0]}")
-    except (OSError, SafetensorError, ValueError) as e:
-        print0(f"note: {state_dir} cannot be resumed ({e}); training starts again from step 0")
-        return 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            _local(p).copy_(saved[f"model/{name}"])
-            moments = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.startswith(f"optim/{name}/")}
-            for k, v in moments.items():
-                if v.ndim == 0:  # AdamW's step count: a plain scalar on the parameter's device
-                    opt.state[p][k] = v.to(p.device)
-                else:  # a moment shaped (and sharded) like its parameter
-                    opt.state[p][k] = torch.zeros_like(p)
-                    _local(opt.state[p][k]).copy_(v)
-    torch.set_rng_state(saved["rng"])
-    return meta["step"]
 
 
 def build_parser():
