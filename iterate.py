@@ -14,7 +14,7 @@ manifest.json; re-running the same command continues where a killed run stopped 
 is done. Per-iteration schedules are comma lists, the last value repeating: --rho 0,0.32,0.32,0.4.
 Every stage is a script (sample.py, judge.py, meta_judge.py, train_dpo.py, evaluate.py, and the sibling methods'
 own) run in this process with the command line --dry-run prints; --sample-args, --judge-args, ... add any of
-that script's flags. The presets are in presets.py; a sibling method's stages (`loop_stages`) beside its rules.
+that script's flags. The presets are in presets.py; each method's stages (`loop_stages`) beside its rules.
 """
 import argparse
 import json
@@ -38,24 +38,23 @@ import train_dpo
 from common import (CHAT_FORMATS, barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed,
                     load_function, load_template, lock_folder, model_fingerprint, print0, read_jsonl, render,
                     resolve_model, strict_json, unescape, wandb_run, write_json, write_jsonl)
-from presets import (JUDGED, METHOD_FLAGS, METRIC_FLAGS, OPTIONAL, PRESETS, ROOT, SELECT_METRIC, VERIFIED, actor_argv, chat_flag,
-                     engine_flags, in_schedule, schedule)
+from presets import (JUDGED, PRESETS, ROOT, VERIFIED, actor_argv, apply_preset, chat_flag, engine_flags, flag, method_metric,
+                     preset_rules, schedule)
 
 # the scripts a stage can be, by the name the plan gives
 SCRIPTS = {m.__name__: m for m in (sample, judge, meta_judge, train_dpo, evaluate, lift, reasoning, tpo, evaluator, self_instruct)}
 
 
+def read_json(path, default=None):
+    """A JSON file of the run folder, or `default` while it is not written yet."""
+    if not os.path.exists(path):
+        return default
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def load_manifest(d):
-    f = os.path.join(d, "manifest.json")
-    if os.path.exists(f):
-        with open(f) as fh:
-            return json.load(fh)
-    return {"stages": {}}
-
-
-def save_manifest(d, manifest):
-    if int(os.environ.get("RANK", 0)) == 0:
-        write_json(os.path.join(d, "manifest.json"), manifest)
+    return read_json(os.path.join(d, "manifest.json"), {"stages": {}})
 
 
 # -----------------------------------------------------------------------------
@@ -78,12 +77,11 @@ def prompt_slices(args):
     held = args.val_prompts_n if args.select == "val" else 0
     slices, start = [], 0
     iters = 1 if args.method == "self-taught-evaluator" else args.iterations  # its later iterations judge iteration 1's pairs
-    need = sum(int(schedule(args.prompts_per_iter, t)) for t in range(1, iters + 1))
-    if need > len(pool):
+    sizes = [int(schedule(args.prompts_per_iter, t)) for t in range(1, iters + 1)]
+    if sum(sizes) > len(pool):
         raise SystemExit(f"--prompts {args.prompts}: {len(pool)} prompts, but {iters} iteration(s) of "
-                         f"--prompts-per-iter {args.prompts_per_iter} need {need} different ones; add prompts or lower it")
-    for t in range(1, iters + 1):
-        n = int(schedule(args.prompts_per_iter, t))
+                         f"--prompts-per-iter {args.prompts_per_iter} need {sum(sizes)} different ones; add prompts or lower it")
+    for t, n in enumerate(sizes, 1):
         picked = order if n == 0 else order[start:start + n]
         start += n
         if held >= len(picked):
@@ -112,92 +110,70 @@ def plan(args, t, model_in):
     if args.method == "self-taught-evaluator" and t > 1:  # the pairs are the first iteration's, judged again
         stages = []
     make = {"irpo": reasoning.loop_stages, "scpo": reasoning.loop_stages, "lift": lift.loop_stages, "tpo": tpo.loop_stages,
-            "self-taught-evaluator": evaluator.loop_stages}.get(args.method, judged_stages)
+            "self-taught-evaluator": evaluator.loop_stages}.get(args.method, meta_judge.loop_stages)
     more, data = make(args, t, f, seed, model_in)
-    dpo = lambda start, data, out: ["--model", start, "--data", *data, "--out", out, "--beta", str(args.beta),  # noqa: E731
-                                    "--lr", str(args.lr)] + train_flags(args)
     if args.method == "self-taught-evaluator":  # its judges restart from the seed; --ste-dpo: then DPO + NLL
         sft_out = f("sft_model") if args.ste_dpo else f("model")
-        train = [("train", "train_dpo", ["--model", args.model, "--objective", "sft", "--data", *data, "--out", sft_out,
-                                       "--lr", str(args.sft_lr)] + train_flags(args, sft=True))]
+        train = [("train", "train_dpo", train_argv(args, args.model, data, sft_out, sft=True))]
         if args.ste_dpo:
-            train.append(("train_dpo", "train_dpo", dpo(sft_out, [f("ste_sft.pairs.jsonl")], f("model"))
+            train.append(("train_dpo", "train_dpo", train_argv(args, sft_out, [f("ste_sft.pairs.jsonl")], f("model"))
                           + ([] if args.nll_coef else ["--nll-coef", "1.0"])))
     else:
-        train = [("train", "train_dpo", dpo(model_in, data, f("model")))]
+        train = [("train", "train_dpo", train_argv(args, model_in, data, f("model")))]
     return stages + more + train + eval_and_report(args, d, model_in, t)
 
 
-def judged_stages(args, t, f, seed, model_in):
-    """Meta-Rewarding and Self-Rewarding: the judge, the meta-judge where its pairs train, LIFT copies with --lift."""
-    stages = [("judgments", "judge", judge.loop_argv(args, t, f, seed, model_in, f("responses.jsonl")))]
-    data = [f("actor_pairs.jsonl")]
-    # the meta-judge runs only where its pairs are trained on: it is the costliest stage (N(N-1) battles)
-    if args.method == "meta-rewarding" and in_schedule(args.judge_pairs_iters, t):
-        cap = schedule(args.max_chosen_judgment_chars, t)
-        stages.append(("meta_judgments", "meta_judge", [
-            "--model", args.judge_model or model_in, "--judgments", f("judgments.jsonl"), "--out", f("meta_judgments.jsonl"),
-            "--pairs", f("judge_pairs.jsonl"), "--verdict-mode", args.verdict_mode,
-            "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
-            "--max-new-tokens", str(args.meta_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
-            + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + shlex.split(args.meta_judge_args or "")))
-        data.append(f("judge_pairs.jsonl"))
-    if args.lift:  # actor pairs 10+ words apart also with a loose limit (preference kept) and a binding one (shorter wins)
-        stages.append(lift.copy_stage(args, f, seed))
-        data.append(f("lift_pairs.jsonl"))
-    return stages, data
-
-
-def train_flags(args, sft=False):
+def train_argv(args, start, data, out, sft=False):
+    """train_dpo.py's command line: DPO (or SFT) of the model `start` on the data files, into `out`."""
     ratio = args.sft_min_lr_ratio if sft else args.min_lr_ratio
-    lr = ["--min-lr-ratio", str(ratio)] if ratio is not None else []
-    more = ["--nll-coef", str(args.nll_coef)] if args.nll_coef else []
-    more += ["--truncate", "skip"] if args.method == "irpo" else []  # IRPO drops a pair too long to train whole
-    return (["--epochs", str(args.sft_epochs if sft else args.epochs), "--batch-size",
-             str(args.sft_batch_size if sft else args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
+    lr = ["--lr", str(args.sft_lr if sft else args.lr)] + (["--min-lr-ratio", str(ratio)] if ratio is not None else [])
+    more = ["--objective", "sft"] if sft else ["--beta", str(args.beta)] + (["--nll-coef", str(args.nll_coef)] if args.nll_coef else [])
+    more += ["--truncate", "skip"] if args.method == "irpo" and not sft else []  # IRPO drops a pair too long to train whole
+    return (["--model", start, "--data", *data, "--out", out, "--epochs", str(args.sft_epochs if sft else args.epochs),
+             "--batch-size", str(args.sft_batch_size if sft else args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
              "--max-len", str(args.max_len), "--seed", str(args.seed), "--save-every", "50", "--resume",
-             "--log-every", "1", "--dtype", args.dtype] + lr + ([] if sft else more) +
-            chat_flag(args) + shlex.split(args.train_args or ""))
+             "--log-every", "1", "--dtype", args.dtype] + lr + more + chat_flag(args) + shlex.split(args.train_args or ""))
 
 
 def plan_sft(args):
     """Iteration 0: SFT of the seed model on --sft-data (EFT judgments and IFT replies), into iter0/model."""
     d = os.path.join(args.run, "iter0")
-    stages = [("train", "train_dpo", ["--model", args.model, "--objective", "sft", "--data", *args.sft_data, "--out",
-                                    os.path.join(d, "model"), "--lr", str(args.sft_lr)] + train_flags(args, sft=True)
+    stages = [("train", "train_dpo", train_argv(args, args.model, args.sft_data, os.path.join(d, "model"), sft=True)
                + shlex.split(args.sft_args or ""))]
     return stages + evaluator.eval_pair_stages(args, d) + eval_and_report(args, d, args.model)
 
 
+def eval_argv(args, a, metric, prompts, out_dir, b=None, judge=None, samples=None):
+    """evaluate.py's command line: model A (against B) by `metric` on `prompts`, with that metric's own flags only
+    (evaluate.py refuses another metric's); a caller adds its generation flags."""
+    verdict = ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)]
+    own = {"winrate": ["--judge", judge] + verdict + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
+           + (["--system-prompt", args.system_prompt] if args.system_prompt else []),
+           "judge-accuracy": verdict, "accuracy": ["--samples", str(samples), "--reasoning-template", args.reasoning_template],
+           "length": ["--limits", args.eval_limits]}[metric]
+    return ["--a", a] + (["--b", b] if b else []) + ["--metric", metric, "--prompts", prompts, "--out-dir", out_dir,
+                                                     "--seed", str(args.seed)] + engine_flags(args) + own
+
+
 def eval_and_report(args, d, model_in, t=0):
-    """The iteration's model (A) against its starting model (B) on held-out data, by the evaluation metric (each
-    metric gets only its own flags), then the report."""
-    if args.eval_prompts_n < 0:
-        return judge_eval_stage(args, d, model_in) + [("report", None, [])]
+    """The iteration's model (A) against its starting model (B) on held-out data, by the evaluation metric (-1
+    prompts: none), then the report."""
     m, prompts, limit = args.eval_metric, args.eval_prompts, str(args.eval_prompts_n)
-    if m == "judge-accuracy" and args.method == "self-taught-evaluator":  # made in the run's first iteration
+    ste = m == "judge-accuracy" and args.method == "self-taught-evaluator"
+    if ste:  # made in the run's first iteration
         prompts, limit = os.path.join(args.run, "iter0" if args.sft_data else "iter1", "eval_pairs.jsonl"), "0"
-    argv = ["--a", os.path.join(d, "model"), "--b", model_in, "--prompts", prompts, "--metric", m, "--limit", limit,
-            "--out-dir", os.path.join(d, "eval"), "--max-new-tokens", str(args.eval_max_new_tokens),
-            "--temperature", str(args.eval_temperature), "--max-rows",
-            str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)] + \
-        chat_flag(args)
-    name = f"{os.path.basename(os.path.abspath(args.run))}-iter{t}"  # A's answers for the official benchmark judges
-    argv += {"winrate": ["--judge", args.eval_judge, "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens",
-                         str(args.meta_max_new_tokens), "--generator-name", name, "--export-alpaca-eval",
-                         os.path.join(d, "eval", "alpaca_eval_outputs.json"), "--export-arena-hard",
-                         os.path.join(d, "eval", "arena_hard_answers.jsonl")] + (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else [])
-             + (["--system-prompt", args.system_prompt] if args.system_prompt else []),
-             "judge-accuracy": ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)],
-             "accuracy": ["--samples", str(args.eval_samples), "--reasoning-template", args.reasoning_template],
-             "length": ["--limits", args.eval_limits]}[m]
-    stages = [("evaluate", "evaluate", argv + shlex.split(args.eval_args or ""))]
-    if m == "judge-accuracy" and args.method == "self-taught-evaluator" and not args.other_prompt:  # and on x' pairs
-        more = list(argv)
-        more[more.index("--prompts") + 1] = os.path.join(os.path.dirname(prompts), "eval_modified_pairs.jsonl")
-        more[more.index("--out-dir") + 1] = os.path.join(d, "eval_modified")
-        stages.append(("evaluate_modified", "evaluate", more + shlex.split(args.eval_args or "")))
-    return stages + judge_eval_stage(args, d, model_in) + [("report", None, [])]
+    # winrate: A's answers also exported for the official benchmark judges
+    more = (["--generator-name", f"{run_name(args)}-iter{t}", "--export-alpaca-eval", os.path.join(d, "eval", "alpaca_eval_outputs.json"),
+             "--export-arena-hard", os.path.join(d, "eval", "arena_hard_answers.jsonl")] if m == "winrate" else []) + \
+        ["--limit", limit, "--max-new-tokens", str(args.eval_max_new_tokens), "--temperature", str(args.eval_temperature)] + \
+        shlex.split(args.eval_args or "")
+    ev = lambda src, out: eval_argv(args, os.path.join(d, "model"), m, src, os.path.join(d, out), model_in,  # noqa: E731
+                                    args.eval_judge, args.eval_samples) + more
+    stages = [("evaluate", "evaluate", ev(prompts, "eval"))]
+    if ste and not args.other_prompt:  # and on x' pairs
+        stages.append(("evaluate_modified", "evaluate", ev(os.path.join(os.path.dirname(prompts), "eval_modified_pairs.jsonl"),
+                                                           "eval_modified")))
+    return (stages if args.eval_prompts_n >= 0 else []) + judge_eval_stage(args, d, model_in) + [("report", None, [])]
 
 
 def judge_eval_stage(args, d, model_in):
@@ -207,21 +183,17 @@ def judge_eval_stage(args, d, model_in):
     if not args.judge_eval or args.method not in JUDGED + ("tpo",):
         return []
     first = os.path.join(args.run, "iter0" if args.sft_data else "iter1")
-    return [("judge_eval", "evaluate", ["--a", os.path.join(d, "model")] + (["--b", model_in] if d == first else []) + [
-        "--metric", "judge-accuracy", "--prompts", args.judge_eval, "--out-dir", os.path.join(d, "judge_eval"),
-        "--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens), "--max-rows",
-        str(args.max_rows), "--dtype", args.dtype, "--seed", str(args.seed)] + chat_flag(args))]
+    return [("judge_eval", "evaluate", eval_argv(args, os.path.join(d, "model"), "judge-accuracy", args.judge_eval,
+                                                 os.path.join(d, "judge_eval"), model_in if d == first else None))]
 
 
 def iterations(args):
     """[(t, its folder, model in, its stages)] for the whole run: iteration 0 when there is SFT data."""
     out, model_in = [], args.model
-    if args.sft_data:
-        out.append((0, os.path.join(args.run, "iter0"), model_in, plan_sft(args)))
-        model_in = os.path.join(args.run, "iter0", "model")
-    for t in range(1, args.iterations + 1):
-        out.append((t, os.path.join(args.run, f"iter{t}"), model_in, plan(args, t, model_in)))
-        model_in = os.path.join(args.run, f"iter{t}", "model")
+    for t in range(0 if args.sft_data else 1, args.iterations + 1):
+        d = os.path.join(args.run, f"iter{t}")
+        out.append((t, d, model_in, plan(args, t, model_in) if t else plan_sft(args)))
+        model_in = os.path.join(d, "model")
     return [(t, d, m, [(name, script, argv + wandb_flags(args, t, name) if script == "train_dpo" else argv)
                        for name, script, argv in stages]) for t, d, m, stages in out]
 
@@ -258,14 +230,19 @@ def reuse_answers(args, prev, folder):
     """The win rate's B is the previous iteration's model, whose answers to the same prompts with the same
     settings that iteration's evaluation already made as its A: they are copied rather than generated again
     (sample.py checks the copied settings as for any resume, so answers made otherwise are never taken)."""
-    made = os.path.join(prev, "answers_a.settings.json")
-    if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(os.path.join(prev, "answers_a.jsonl")) \
-            and not os.path.exists(os.path.join(folder, "answers_b.jsonl")) and os.path.exists(made) \
-            and json.load(open(made)).get("model") == model_fingerprint(os.path.join(os.path.dirname(prev), "model")):
+    made = read_json(os.path.join(prev, "answers_a.settings.json"))
+    if int(os.environ.get("RANK", 0)) == 0 and made \
+            and made.get("model") == model_fingerprint(os.path.join(os.path.dirname(prev), "model")):
+        copy_answers(prev, "answers_a", folder)
+    barrier(args.world)
+
+
+def copy_answers(src, name, folder):
+    """<src>/<name>.jsonl and its settings as B's answers of evaluate.py's folder, unless it has its own already."""
+    if os.path.exists(os.path.join(src, name + ".jsonl")) and not os.path.exists(os.path.join(folder, "answers_b.jsonl")):
         os.makedirs(folder, exist_ok=True)
         for ext in (".jsonl", ".settings.json"):
-            shutil.copy2(os.path.join(prev, "answers_a" + ext), os.path.join(folder, "answers_b" + ext))
-    barrier(args.world)
+            shutil.copy2(os.path.join(src, name + ext), os.path.join(folder, "answers_b" + ext))
 
 
 def stage_prompts(args, t, d):
@@ -326,23 +303,13 @@ def train_epochs(args):
 
 
 def select_argv(args, model, model_in, d, folder):
-    """evaluate.py's command line that scores one epoch's model on the iteration's held-out prompts."""
-    metric = SELECT_METRIC.get(args.method, "winrate")
-    argv = ["--a", model, "--metric", metric, "--prompts", os.path.join(d, "val_prompts.jsonl"), "--out-dir", folder,
-            "--max-new-tokens", str(args.eval_max_new_tokens), "--max-rows", str(args.max_rows), "--dtype", args.dtype,
-            "--seed", str(args.seed)] + chat_flag(args)
-    if metric == "accuracy":
-        return argv + ["--reasoning-template", args.reasoning_template, "--samples", "1"]
-    if metric == "length":
-        return argv + ["--limits", args.eval_limits]
-    if metric == "judge-accuracy":  # the Self-Taught Evaluator's pairs from held-out prompts, made in iteration 1
-        argv[argv.index("--prompts") + 1] = os.path.join(args.run, "iter1", "val_pairs.jsonl")
-        return argv + ["--verdict-mode", args.verdict_mode, "--judge-max-new-tokens", str(args.meta_max_new_tokens)]
-    # judged by the fixed judge when there is one, else by M_t itself, in both orders
-    return argv + ["--b", model_in, "--judge", args.judge_model or model_in, "--verdict-mode", args.verdict_mode,
-                   "--judge-max-new-tokens", str(args.meta_max_new_tokens)] + \
-        (["--strip-thoughts"] if args.method == "tpo" and args.thoughts else []) + \
-        (["--system-prompt", args.system_prompt] if args.system_prompt else [])
+    """evaluate.py's command line that scores one epoch's model on the iteration's held-out prompts: the win rate
+    against M_t judged by the fixed judge when there is one, else by M_t itself, in both orders; the Self-Taught
+    Evaluator's judge accuracy on pairs from held-out prompts, made in iteration 1."""
+    metric = method_metric(args.method)
+    prompts = os.path.join(args.run, "iter1", "val_pairs.jsonl") if metric == "judge-accuracy" else os.path.join(d, "val_prompts.jsonl")
+    return eval_argv(args, model, metric, prompts, folder, model_in if metric == "winrate" else None,
+                     args.judge_model or model_in, samples=1) + ["--max-new-tokens", str(args.eval_max_new_tokens)]
 
 
 def selection_score(res):
@@ -374,7 +341,7 @@ def select_epoch(args, d, argv, out, model_in):
     becomes the iteration's model, or with --val-retrain the number of epochs to train again for, the held-out
     prompts' pairs included (IRPO's way). Resumable: select.json records each epoch's training and score."""
     record_f, rank0 = os.path.join(d, "select.json"), int(os.environ.get("RANK", 0)) == 0
-    load = lambda: json.load(open(record_f)) if os.path.exists(record_f) else {"trained": 0, "score": {}, "best": None}  # noqa: E731
+    load = lambda: read_json(record_f, {"trained": 0, "score": {}, "best": None})  # noqa: E731
     rec, counts, full = load(), {}, argv
     if args.val_retrain:
         argv = without_val(args, d, argv)
@@ -388,12 +355,8 @@ def select_epoch(args, d, argv, out, model_in):
                 rec["trained"] = e
                 write_json(record_f, rec)
         folder = os.path.join(d, "select", f"epoch{e}")
-        first = os.path.join(d, "select", "epoch1")
-        if rank0 and e > 1 and os.path.exists(os.path.join(first, "answers_b.jsonl")) \
-                and not os.path.exists(os.path.join(folder, "answers_b.jsonl")):
-            os.makedirs(folder, exist_ok=True)  # M_t's answers are the same for every epoch: reuse them
-            for name in ("answers_b.jsonl", "answers_b.settings.json"):
-                shutil.copy2(os.path.join(first, name), os.path.join(folder, name))
+        if rank0 and e > 1:  # M_t's answers are the same for every epoch: reuse them
+            copy_answers(os.path.join(d, "select", "epoch1"), "answers_b", folder)
         barrier(args.world)
         score = selection_score(evaluate.main(select_argv(args, f"{out}.epoch{e}", model_in, d, folder)))
         if rank0:
@@ -421,7 +384,7 @@ def select_epoch(args, d, argv, out, model_in):
             if name.startswith(base + ".epoch") or (args.val_retrain and name == base):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     barrier(args.world)
-    return dict(counts, select="val", select_metric=SELECT_METRIC.get(args.method, "winrate"),
+    return dict(counts, select="val", select_metric=method_metric(args.method),
                 val_score_by_epoch=rec["score"], best_epoch=rec["best"])
 
 
@@ -486,6 +449,26 @@ def build_parser():
     j.add_argument("--judge-pairs-iters", default=None, help="iterations whose DPO data include judge pairs (and so run the meta-judge)")
     j.add_argument("--max-chosen-judgment-chars", default=None, help="schedule: longest chosen judgment in characters (0 = no cap)")
     j.add_argument("--judge-fn", default=None, metavar="MODULE:FUNC", help="replace the LLM judge by a Python scoring function (ablations)")
+    add_train_eval_flags(p)
+    g = p.add_argument_group("engine and pass-through")
+    g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--chat-format", default=None, choices=CHAT_FORMATS,
+                   help="override the detected chat format in every stage (plain: the prompt text alone, for base models)")
+    g.add_argument("--stop", action="append", default=None, type=unescape,
+                   help="text that ends an actor's answer (repeat for several; escapes such as \\n decoded)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="log to Weights & Biases (pip install wandb): each training stage's steps (run iter<t>-<stage>) and "
+                        "each iteration's stage counts and seconds (run iter<t>), grouped by the run folder's name; "
+                        "a re-run logs only the stages it runs, to new W&B runs")
+    for stage in ("sample", "judge", "meta-judge", "train", "eval", "lift"):
+        g.add_argument(f"--{stage}-args", default=None, help=f"more flags for every {stage} stage, as one string")
+    add_method_flags(p)
+    return p
+
+
+def add_train_eval_flags(p):
+    """The flags of each iteration's DPO (and checkpoint selection) and of its evaluation."""
     t = p.add_argument_group("DPO")
     t.add_argument("--beta", type=float, default=None, help="DPO beta")
     t.add_argument("--nll-coef", type=float, default=None, help="weight of the NLL of the chosen response (DPO+NLL)")
@@ -516,21 +499,6 @@ def build_parser():
     e.add_argument("--judge-eval", default=None, metavar="FILE",
                    help="labelled pairs (prompt, chosen, rejected): score each iteration's model as a judge on them, "
                         "to follow the judge across iterations in the report")
-    g = p.add_argument_group("engine and pass-through")
-    g.add_argument("--max-rows", type=int, default=None, help="sequences decoded together")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    g.add_argument("--chat-format", default=None, choices=CHAT_FORMATS,
-                   help="override the detected chat format in every stage (plain: the prompt text alone, for base models)")
-    g.add_argument("--stop", action="append", default=None, type=unescape,
-                   help="text that ends an actor's answer (repeat for several; escapes such as \\n decoded)")
-    g.add_argument("--wandb", default=None, metavar="PROJECT",
-                   help="log to Weights & Biases (pip install wandb): each training stage's steps (run iter<t>-<stage>) and "
-                        "each iteration's stage counts and seconds (run iter<t>), grouped by the run folder's name; "
-                        "a re-run logs only the stages it runs, to new W&B runs")
-    for stage in ("sample", "judge", "meta-judge", "train", "eval", "lift"):
-        g.add_argument(f"--{stage}-args", default=None, help=f"more flags for every {stage} stage, as one string")
-    add_method_flags(p)
-    return p
 
 
 def add_method_flags(p):
@@ -557,17 +525,7 @@ def add_method_flags(p):
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
-    args.given = sorted(k for k, v in vars(args).items() if v is not None)  # set by the user, not by a preset
-    preset = dict({k: v.get(args.preset, v.get(None)) for k, v in OPTIONAL.items()}, **PRESETS[args.preset])
-    for k, v in preset.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    args.eval_metric = args.eval_metric or {"lift": "length", "irpo": "accuracy", "scpo": "accuracy",
-                                            "self-taught-evaluator": "judge-accuracy"}.get(args.method, "winrate")
-    args.judge_temperature = args.temperature if args.judge_temperature is None else args.judge_temperature
-    args.judge_top_p = args.top_p if args.judge_top_p is None else args.judge_top_p
-    return args
+    return apply_preset(build_parser().parse_args(argv))
 
 
 def check_run(args):
@@ -581,27 +539,7 @@ def check_run(args):
                 ("--select", args.select, args.select != "val" or train_epochs(args) > 1,
                  "last with one epoch (there is only one to choose: the held-out prompts would go unused)"),
                 ("--val-retrain", args.val_retrain, not args.val_retrain or args.select == "val", "given with --select val only"),
-                ("--sft-data", args.sft_data, args.sft_data or args.no_sft or args.preset not in ("paper", "self-rewarding-paper"),
-                 f"given: --preset {args.preset} starts with iteration 0, SFT on EFT and IFT data (make it with `python "
-                 "eft.py --oasst TREES.jsonl --model DIR --out runs/eft`, then --sft-data runs/eft/eft.jsonl runs/eft/ift.jsonl), "
-                 "or say --no-sft to skip it on purpose"),
-                ("--judge-model", args.judge_model, args.judge_model or args.preset != "tpo-paper",
-                 "given: the TPO paper judged with a separate, fixed judge model (give the policy's own folder to judge "
-                 "with the policy itself)"))
-    for key, methods in METHOD_FLAGS.items():
-        check_flags((flag(key), getattr(args, key), key not in args.given or args.method in methods,
-                     f"left out: only --method {' / '.join(methods)} uses it, and this run is --method {args.method}"))
-    for key, metric in METRIC_FLAGS.items():
-        check_flags((flag(key), getattr(args, key), key not in args.given or args.eval_metric == metric,
-                     f"left out: only --eval-metric {metric} uses it, and this run's is {args.eval_metric}"))
-    for key, kind in (("prompts_per_iter", int), ("rho", float), ("temperature", float), ("judge_temperature", float),
-                      ("tau", float), ("judge_pairs_iters", int), ("max_chosen_chars", int), ("max_chosen_judgment_chars", int)):
-        items = [x.strip() for x in str(getattr(args, key)).split(",")]
-        try:  # one value, or one per iteration; only --judge-pairs-iters may name no iteration at all
-            ok = all(kind(x) >= 0 for x in items) or (key == "judge_pairs_iters" and items == [""])
-        except ValueError:
-            ok = key == "judge_pairs_iters" and items == [""]
-        check_flags((flag(key), getattr(args, key), ok, f"a comma list of non-negative {kind.__name__}s"))
+                *preset_rules(args))
     for _, _, _, stages in iterations(args):
         for name, script, argv in stages:
             if script is not None:
@@ -613,10 +551,6 @@ def check_run(args):
     args.slices = prompt_slices(args)
     check_eval_data(args)
     check_run_settings(args)
-
-
-def flag(key):
-    return "--" + {"run": "run-dir", "thoughts": "no-thoughts"}.get(key, key.replace("_", "-"))
 
 
 def check_models(args):
@@ -673,11 +607,9 @@ def run_settings(args):
 
 def check_run_settings(args):
     """A run folder made with other settings (another model, SFT data added, other values) is refused."""
-    f = os.path.join(args.run, "run.json")
-    if not os.path.exists(f):
+    old = read_json(os.path.join(args.run, "run.json"))
+    if old is None:
         return
-    with open(f) as fh:
-        old = json.load(fh)
     now = run_settings(args)
     diffs = [f"{flag(k)}: {old.get(k)} -> {now.get(k)}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
     if diffs:
@@ -725,7 +657,7 @@ def main(argv=None):
     settings = run_settings(args)
     if rank == 0 and not os.path.exists(os.path.join(args.run, "run.json")):
         write_json(os.path.join(args.run, "run.json"), settings)
-    timings, model_out = [], args.model
+    timings = []
     for t, d, model_in, stages in plan_:
         os.makedirs(d, exist_ok=True)
         manifest = load_manifest(d)
@@ -741,7 +673,8 @@ def main(argv=None):
             counts = run_stage(args, t, d, name, script, stage_argv, model_in)
             sec = round(time.time() - t0, 1)
             manifest["stages"][name] = {"done": True, "seconds": sec, "counts": counts or {}}
-            save_manifest(d, manifest)
+            if rank == 0:
+                write_json(os.path.join(d, "manifest.json"), manifest)
             if args.wandb and rank == 0:
                 wb = wb or wandb_run(args.wandb, run_name(args), f"iter{t}", dict(settings, iteration=t))
                 wb.log({f"{name}/{k}": v for k, v in dict(counts or {}, seconds=sec).items()
@@ -750,12 +683,11 @@ def main(argv=None):
             timings.append((t, name, sec, "ran"))
         if wb:
             wb.finish()
-        model_out = os.path.join(d, "model")
     print0("\nwhere the time went (seconds):")
     for t, name, sec, how in timings:
         print0(f"  iter{t} {name:15s} {sec:8.1f}  {how}")
-    print0(f"  total {sum(x[2] for x in timings if x[3] == 'ran'):.1f}s this run | final model {model_out} | "
-           f"reports {os.path.join(args.run, 'iter*', 'report.md')}")
+    print0(f"  total {sum(x[2] for x in timings if x[3] == 'ran'):.1f}s this run | final model "
+           f"{os.path.join(plan_[-1][1], 'model')} | reports {os.path.join(args.run, 'iter*', 'report.md')}")
     if lock is not None:
         lock.close()
     return timings

@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 import time
 
 import numpy as np
@@ -23,7 +24,10 @@ import numpy as np
 from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, engine_rules, file_digest,
                     finish_stage, init_distributed, load_model, load_template, model_fingerprint, print0, read_jsonl,
                     render, sampling_rules, stable_seed, start_stage, write_jsonl)
+import judge
+import lift
 from judge import add_judge_args, check_responses_record, judge_prompt, make_probe, probe_candidates
+from presets import engine_flags, in_schedule, schedule
 from sample import Request, common_prefix, generate
 
 # -----------------------------------------------------------------------------
@@ -370,6 +374,30 @@ def main(argv=None):
     rank, world, device = init_distributed()
     model, tok, args.model_path = load_model(args.model, device, args.dtype, args.chat_format)
     return run_meta_judge(args, model, tok, rank, world)
+
+
+# -----------------------------------------------------------------------------
+# The stages in iterate.py's plan
+
+
+def loop_stages(args, t, f, seed, model_in):
+    """Meta-Rewarding and Self-Rewarding: the judge, the meta-judge where its pairs train, LIFT copies with --lift."""
+    stages = [("judgments", "judge", judge.loop_argv(args, t, f, seed, model_in, f("responses.jsonl")))]
+    data = [f("actor_pairs.jsonl")]
+    # the meta-judge runs only where its pairs are trained on: it is the costliest stage (N(N-1) battles)
+    if args.method == "meta-rewarding" and in_schedule(args.judge_pairs_iters, t):
+        cap = schedule(args.max_chosen_judgment_chars, t)
+        stages.append(("meta_judgments", "meta_judge", [
+            "--model", args.judge_model or model_in, "--judgments", f("judgments.jsonl"), "--out", f("meta_judgments.jsonl"),
+            "--pairs", f("judge_pairs.jsonl"), "--verdict-mode", args.verdict_mode,
+            "--temperature", schedule(args.judge_temperature, t), "--top-p", str(args.judge_top_p),
+            "--max-new-tokens", str(args.meta_max_new_tokens), "--truncated", args.truncated, "--seed", seed]
+            + (["--max-chosen-chars", cap] if cap != "0" else []) + engine_flags(args) + shlex.split(args.meta_judge_args or "")))
+        data.append(f("judge_pairs.jsonl"))
+    if args.lift:  # actor pairs 10+ words apart also with a loose limit (preference kept) and a binding one (shorter wins)
+        stages.append(lift.copy_stage(args, f, seed))
+        data.append(f("lift_pairs.jsonl"))
+    return stages, data
 
 
 if __name__ == "__main__":

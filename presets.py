@@ -2,7 +2,8 @@
 The presets of iterate.py: every flag a run leaves unset takes its preset's value, and every value is a flag.
 A trailing "?" in a comment marks a value that no primary source confirms (a secondary source, a guess where the
 paper is silent, or ours). Also the per-iteration schedules (comma lists, the last value repeating) and which
-flags belong to which method, so that a flag another method would ignore is refused.
+flags belong to which method, so that a flag another method would ignore is refused (apply_preset fills a run's
+unset flags, preset_rules checks them).
 
     python iterate.py --preset paper --model DIR --prompts pool.jsonl --dry-run     # a preset's whole plan
 """
@@ -133,11 +134,64 @@ METHOD_FLAGS = {"lift": JUDGED, "lift_per_prompt": ("lift",), "pairs_per_questio
                 "meta_judge_args": ("meta-rewarding",), "lift_args": JUDGED, "judge_eval": JUDGED + ("tpo",), "val_retrain": JUDGED + ("lift", "tpo") + VERIFIED}
 # flags only one evaluation metric reads
 METRIC_FLAGS = {"eval_limits": "length", "eval_samples": "accuracy"}
+# the flags that are schedules, and their values' type
+SCHEDULES = (("prompts_per_iter", int), ("rho", float), ("temperature", float), ("judge_temperature", float), ("tau", float),
+             ("judge_pairs_iters", int), ("max_chosen_chars", int), ("max_chosen_judgment_chars", int))
 
 
-# --select val scores each epoch with the method's own measure (higher is better): the win rate against M_t,
-# greedy accuracy on held-out questions, or the share of word limits kept
-SELECT_METRIC = {"irpo": "accuracy", "scpo": "accuracy", "lift": "length", "self-taught-evaluator": "judge-accuracy"}
+# each method's own measure (higher is better), its default --eval-metric and how --select val scores an epoch: the
+# win rate against M_t, greedy accuracy on held-out questions, the share of word limits kept, or judge accuracy
+METHOD_METRIC = {"irpo": "accuracy", "scpo": "accuracy", "lift": "length", "self-taught-evaluator": "judge-accuracy"}
+
+
+def method_metric(method):
+    return METHOD_METRIC.get(method, "winrate")
+
+
+def apply_preset(args):
+    """Every flag left unset (None) takes its preset's value (or OPTIONAL's default); the evaluation metric is the
+    method's own and the judge samples as the actor unless told otherwise."""
+    args.given = sorted(k for k, v in vars(args).items() if v is not None)  # set by the user, not by a preset
+    preset = dict({k: v.get(args.preset, v.get(None)) for k, v in OPTIONAL.items()}, **PRESETS[args.preset])
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.eval_metric = args.eval_metric or method_metric(args.method)
+    args.judge_temperature = args.temperature if args.judge_temperature is None else args.judge_temperature
+    args.judge_top_p = args.top_p if args.judge_top_p is None else args.judge_top_p
+    return args
+
+
+def preset_rules(args):
+    """check_flags rules: what a preset's recipe cannot do without is given, a flag given to a method or metric
+    that would ignore it is refused, and a schedule is one value or one per iteration (only --judge-pairs-iters
+    may name no iteration at all)."""
+    needed = [("--sft-data", args.sft_data, args.sft_data or args.no_sft or args.preset not in ("paper", "self-rewarding-paper"),
+               f"given: --preset {args.preset} starts with iteration 0, SFT on EFT and IFT data (make it with `python "
+               "eft.py --oasst TREES.jsonl --model DIR --out runs/eft`, then --sft-data runs/eft/eft.jsonl runs/eft/ift.jsonl), "
+               "or say --no-sft to skip it on purpose"),
+              ("--judge-model", args.judge_model, args.judge_model or args.preset != "tpo-paper",
+               "given: the TPO paper judged with a separate, fixed judge model (give the policy's own folder to judge "
+               "with the policy itself)")]
+    unused = [(flag(k), getattr(args, k), k not in args.given or args.method in ms,
+               f"left out: only --method {' / '.join(ms)} uses it, and this run is --method {args.method}") for k, ms in METHOD_FLAGS.items()]
+    unused += [(flag(k), getattr(args, k), k not in args.given or args.eval_metric == m,
+                f"left out: only --eval-metric {m} uses it, and this run's is {args.eval_metric}") for k, m in METRIC_FLAGS.items()]
+    return needed + unused + [(flag(k), getattr(args, k), is_schedule(getattr(args, k), kind, empty=k == "judge_pairs_iters"),
+                               f"a comma list of non-negative {kind.__name__}s") for k, kind in SCHEDULES]
+
+
+def flag(key):
+    return "--" + {"run": "run-dir", "thoughts": "no-thoughts"}.get(key, key.replace("_", "-"))
+
+
+def is_schedule(value, kind, empty=False):
+    """A comma list of non-negative values of `kind` (empty: or nothing at all)."""
+    items = [x.strip() for x in str(value).split(",")]
+    try:
+        return all(kind(x) >= 0 for x in items) or (empty and items == [""])
+    except ValueError:
+        return empty and items == [""]
 
 
 def schedule(value, t):
