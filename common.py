@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from model import Transformer
-from tokenizer import CHAT_FORMATS, Tokenizer
+from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = os.path.join(ROOT, "data", "templates")
@@ -241,6 +241,14 @@ def write_jsonl(path, records):
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def write0(path, recs):
+    """Rank 0 writes a derived file in strict JSON (no NaN); every rank waits for it (the next step reads it on
+    all of them)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_jsonl(path, strict_json(recs))
+    barrier(int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def strict_json(obj):
@@ -577,33 +585,6 @@ def check_flags(*rules):
 
 def finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def sampling_rules(args, prefix=""):
-    """The checks of a sampling flag set: temperature, top-p and the length limit."""
-    return [(f"--{prefix}temperature", args.temperature, finite(args.temperature) and args.temperature >= 0, ">= 0"),
-            (f"--{prefix}top-p", args.top_p, finite(args.top_p) and 0 < args.top_p <= 1, "in (0, 1]"),
-            (f"--{prefix}max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1")]
-
-
-def add_engine_args(parser):
-    g = parser.add_argument_group("engine")
-    g.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
-    g.add_argument("--max-cache-tokens", type=int, default=1 << 20, help="bound on the KV cache in tokens: slots x (longest prompt + samples per slot x new tokens)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; static shapes)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    g.add_argument("--chat-format", default=None, choices=CHAT_FORMATS, help="override the detected chat format "
-                   "(plain: no chat markers, for base models prompted as completions)")
-    g.add_argument("--stop", action="append", default=[], type=unescape, help="text that ends a generation, cut from "
-                   "it (repeat for several; escapes such as \\n are decoded)")
-    g.add_argument("--redo", action="store_true", help="discard this stage's earlier output instead of resuming it")
-
-
-def engine_rules(args):
-    return [("--max-rows", args.max_rows, args.max_rows >= 1, "at least 1"),
-            ("--max-cache-tokens", args.max_cache_tokens, args.max_cache_tokens >= 1, "at least 1"),
-            ("--dtype", args.dtype, args.dtype == "auto" or args.dtype in DTYPES, f"auto or one of {', '.join(DTYPES)}"),
-            ("--stop", args.stop, all(args.stop), "non-empty text")]
 
 
 def unescape(text):

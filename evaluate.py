@@ -26,12 +26,13 @@ import lift
 import reasoning
 import sample
 import tpo
-from common import (CHAT_FORMATS, TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model,
-                    load_template, merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model,
-                    sampling_rules, stable_seed, start_stage, stop_argv, strict_json, write_json, write_jsonl)
+from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, file_digest, load_model, load_template,
+                    merge_shards, model_fingerprint, print0, read_jsonl, render, resolve_model, stable_seed, start_stage,
+                    strict_json, write0, write_json, write_jsonl)
 from judge import make_probe, probe_candidates
 from meta_judge import WINNER_MARK, parse_winner
-from sample import Request, common_prefix, generate
+from presets import engine_flags
+from sample import Request, add_engine_args, add_sampling_args, common_prefix, engine_rules, generate, sampling_rules
 
 DEFAULT_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_prompts.jsonl")
 
@@ -243,21 +244,17 @@ def evaluate_winrate(args, rank, world):
     prompts = prompts[:args.limit or None]
     if args.system_prompt:  # asked the way the loop asks its actor: its system prompt where a record has none
         pfile = os.path.join(args.out_dir, "asked_prompts.jsonl")
-        if rank == 0:
-            write_jsonl(pfile, [dict(p, system=p.get("system") or args.system_prompt) for p in prompts])
-        barrier(world)
+        write0(pfile, [dict(p, system=p.get("system") or args.system_prompt) for p in prompts])
         prompts = read_jsonl(pfile)
         args = argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0})
     ask = {"a": args, "b": args}
     think = {side: args.strip_thoughts in ("both", side) for side in "ab"}
     if args.strip_thoughts:  # the thinking side(s) get the TPO prompt; the judge sees only what follows the thoughts
         template, pfile = load_template(args.thought_template, ("prompt",)), os.path.join(args.out_dir, "thought_prompts.jsonl")
-        if rank == 0:
-            write_jsonl(pfile, [dict(p, prompt=render(template, prompt=p["prompt"])) for p in prompts])
-        barrier(world)
+        write0(pfile, [dict(p, prompt=render(template, prompt=p["prompt"])) for p in prompts])
         ask = {side: argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0}) if think[side] else args for side in "ab"}
     got = {side: answers(getattr(args, side), os.path.join(args.out_dir, f"answers_{side}.jsonl"), ask[side]) for side in "ab"}
-    again = {side: resample(side, got[side], ask[side], rank, world) for side in "ab" if think[side]}
+    again = {side: resample(side, got[side], ask[side]) for side in "ab" if think[side]}
     strip = lambda t: (tpo.split_thought(t) or ("", ""))[1]  # noqa: E731  (no response part after every try answers nothing)
     ans_a, ans_b = ({k: strip(t) if think[side] else t for k, t in got[side].items()} for side in "ab")
     cfile = os.path.join(args.out_dir, "comparisons.jsonl")
@@ -295,7 +292,7 @@ def evaluate_winrate(args, rank, world):
                 "unmarked_answers": {s: n for s, (_, n) in again.items()}} if again else {})}
 
 
-def resample(side, got, args, rank, world):
+def resample(side, got, args):
     """Answers in `got` (id -> text, updated in place) with no response marker, asked again with seed --seed + r
     on try r, up to --resample-tries times; try r has its own files, made from those before it, so a killed
     evaluation resumes it. Greedy answers are not asked again: every seed gives the same. -> (answers asked again,
@@ -306,9 +303,7 @@ def resample(side, got, args, rank, world):
         if not missing:
             break
         pfile, out = (os.path.join(args.out_dir, f"resample{r}_{x}_{side}.jsonl") for x in ("prompts", "answers"))
-        if rank == 0:
-            write_jsonl(pfile, [prompts[k] for k in missing])
-        barrier(world)
+        write0(pfile, [prompts[k] for k in missing])
         new = answers_of(getattr(args, side), out, pfile, argparse.Namespace(**{**vars(args), "seed": args.seed + r}), 1,
                          args.temperature, dedup=True)
         got.update({k: v[0] for k, v in new.items() if v})
@@ -361,9 +356,7 @@ def evaluate_length(args, rank, world):
     rows = length_variants(prompts, limits, load_template(args.lift_template, ("max_words", "prompt")),
                            load_template(args.paraphrase_template, ("max_words", "prompt")))
     pfile = os.path.join(args.out_dir, "length_prompts.jsonl")
-    if rank == 0:
-        write_jsonl(pfile, rows)
-    barrier(world)
+    write0(pfile, rows)
     sub = argparse.Namespace(**{**vars(args), "prompts": pfile, "limit": 0})
     res = {"metric": "length", "limits": limits, "prompts": len(prompts)}
     for side, model in (("a", args.a), ("b", args.b)):
@@ -388,9 +381,7 @@ def evaluate_accuracy(args, rank, world):
     template = load_template(args.reasoning_template, ("prompt",))
     args.stops = template.stops  # a completion-style template (plain chat format) ends where its `#stop:` lines say
     pfile = os.path.join(args.out_dir, "reasoning_prompts.jsonl")
-    if rank == 0:
-        write_jsonl(pfile, [dict(q, prompt=render(template, prompt=q["prompt"])) for q in qs])
-    barrier(world)
+    write0(pfile, [dict(q, prompt=render(template, prompt=q["prompt"])) for q in qs])
     res, per = {"metric": "accuracy", "questions": len(qs), "samples": args.samples}, {}
     for side, model in (("a", args.a), ("b", args.b)):
         if not model:
@@ -439,19 +430,16 @@ def evaluate_judge_accuracy(args, rank, world):
     ids = [str(r["id"]) if "id" in r else f"pair{recs.lines[i]}" for i, r in enumerate(recs)][:args.limit or None]
     recs = recs[:len(ids)]
     pfile = os.path.join(args.out_dir, "labelled_pairs.jsonl")
-    if rank == 0:
-        write_jsonl(pfile, [{"id": i, "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                            for i, r in zip(ids, recs)])
-    barrier(world)
+    write0(pfile, [{"id": i, "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for i, r in zip(ids, recs)])
     res, per = {"metric": "judge-accuracy", "pairs": len(recs)}, {}
     for side, model in (("a", args.a), ("b", args.b)):
         if not model:
             continue
         out = os.path.join(args.out_dir, f"verdicts_{side}.jsonl")
         evaluator.main(["--step", "judge", "--model", model, "--contrast", pfile, "--out", out, "--n-judgments", "1",
-                        "--temperature", "0", "--max-new-tokens", str(args.judge_max_new_tokens),
-                        "--verdict-mode", args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed),
-                        "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else []) + chat_flags(args))
+                        "--temperature", "0", "--max-new-tokens", str(args.judge_max_new_tokens), "--verdict-mode",
+                        args.verdict_mode, "--template", args.pairwise_template, "--seed", str(args.seed)]
+                       + engine_flags(args) + (["--redo"] if args.redo else []))
         judged = {r["id"]: r for r in read_jsonl(out)}
         got = {k: r["verdicts"][0] for k, r in judged.items()}
         per[side] = [evaluator.consistent_accuracy(got[f"{i}/ab"], got[f"{i}/ba"]) for i in ids]
@@ -474,17 +462,8 @@ def evaluate_judge_accuracy(args, rank, world):
 
 def answers_of(model, out, pfile, args, n, temperature, limit=None, dedup=False):
     """Every prompt's n answers from sample.py (duplicates kept unless `dedup`: votes need them)."""
-    sample.main(["--model", model, "--prompts", pfile] + (["--limit", str(limit)] if limit is not None else []) +
-                ["--out", out, "--n-responses", str(n)] + ([] if dedup else ["--no-dedup"]) +
-                ["--temperature", str(temperature), "--top-p", str(args.top_p), "--max-new-tokens", str(args.max_new_tokens),
-                 "--seed", str(args.seed), "--max-rows", str(args.max_rows), "--dtype", args.dtype] + (["--redo"] if args.redo else [])
-                + chat_flags(args))
+    sample.main(sample.argv_for(args, model, pfile, out, n, temperature, dedup, limit))
     return {str(r["id"]): r["responses"] for r in read_jsonl(out)}
-
-
-def chat_flags(args):
-    """--chat-format, and the stop strings of a template's own `#stop:` lines (args.stops), for sample.py."""
-    return (["--chat-format", args.chat_format] if args.chat_format else []) + stop_argv(getattr(args, "stops", ()))
 
 
 def default_out_dir(args):
@@ -512,16 +491,9 @@ def build_parser():
     parser.add_argument("--prompts", default=DEFAULT_EVAL, help="held-out prompts (JSONL with id, prompt, optional system)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
     parser.add_argument("--out-dir", default=None, help="where answers, comparisons and results.json go (default: runs/eval/<a>_vs_<b>-<key of models and settings>)")
-    parser.add_argument("--redo", action="store_true", help="discard earlier answers and comparisons in --out-dir instead of resuming them")
     g = parser.add_argument_group("generation")
-    g.add_argument("--temperature", type=float, default=0.7, help="answer sampling temperature")
-    g.add_argument("--top-p", type=float, default=0.9, help="answer nucleus mass")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
-    g.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    g.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    g.add_argument("--chat-format", default=None, choices=CHAT_FORMATS, help="override the detected chat format of every "
-                   "model (plain: no chat markers, for base models)")
+    add_sampling_args(g, "answer", 0.7, 0.9, 512, seed="sampling and bootstrap seed")
+    add_engine_args(parser, passed_on=True)
     j = parser.add_argument_group("judging")
     j.add_argument("--template", default=os.path.join(TEMPLATES, "compare.txt"), help="comparison template ({prompt}, {response_a}, {response_b})")
     j.add_argument("--verdict-mode", default="parse", choices=("parse", "expected"), help="parse `Winner: Response X`, or compare p(A), p(B)")
@@ -570,9 +542,9 @@ def parse_args(argv=None):
                   for key, ms in METRIC_FLAGS.items()])
     check_flags(("--limit", a.limit, a.limit >= 0, ">= 0 (0 = all)"), ("--bootstrap", a.bootstrap, a.bootstrap >= 1, "at least 1"),
                 ("--judge-max-new-tokens", a.judge_max_new_tokens, a.judge_max_new_tokens >= 1, "at least 1"),
-                ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"), ("--samples", a.samples, a.samples >= 1, "at least 1"),
-                ("--resample-tries", a.resample_tries, a.resample_tries >= 0, ">= 0"),
-                ("--b", a.b, a.b is not None or a.metric != "winrate", "given: the win rate compares A with B"), *sampling_rules(a))
+                ("--samples", a.samples, a.samples >= 1, "at least 1"), ("--resample-tries", a.resample_tries, a.resample_tries >= 0, ">= 0"),
+                ("--b", a.b, a.b is not None or a.metric != "winrate", "given: the win rate compares A with B"),
+                *sampling_rules(a), *engine_rules(a))
     try:
         limits = [int(x) for x in a.limits.split(",")]
         ok = min(limits) >= 1 and len(set(limits)) == len(limits)  # each limit once: it names its prompts

@@ -23,8 +23,8 @@ import re
 
 import judge
 import sample
-from common import (CHAT_FORMATS, DTYPES, TEMPLATES, barrier, check_flags, check_prompt_fields, finite, init_distributed, load_template,
-                    print0, read_jsonl, render, stable_seed, strict_json, write_jsonl)
+from common import (TEMPLATES, check_flags, check_prompt_fields, init_distributed, load_template, print0, read_jsonl, render,
+                    stable_seed, write0)
 from presets import engine_flags, schedule
 
 VERDICT = re.compile(r"\[\[\s*([AB])\s*\]\]")
@@ -95,14 +95,6 @@ def letter(logp_a, logp_b, temperature, seed):
     return "B" if random.Random(seed).random() < p_b else "A"
 
 
-def write0(path, recs):
-    """Rank 0 writes a derived file in strict JSON (no NaN); every rank waits for it (the next step reads it on
-    all of them)."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        write_jsonl(path, strict_json(recs))
-    barrier(int(os.environ.get("WORLD_SIZE", 1)))
-
-
 def check_pair(rec):
     """A labelled pair: a non-empty prompt and two different answers (the same text twice has no better side)."""
     problem = check_prompt_fields(rec)
@@ -129,16 +121,6 @@ def orders(pair):
 # The steps
 
 
-def generate(args, prompts, out, n=1, dedup=True, probe=None):
-    """One resumable generation stage through sample.py at this step's sampling settings."""
-    sample.main(["--prompts", prompts, "--out", out, "--n-responses", str(n), "--temperature", str(args.temperature),
-                 "--top-p", str(args.top_p),
-                 "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows", str(args.max_rows),
-                 "--dtype", args.dtype] + ([] if dedup else ["--no-dedup"]) +
-                (["--model", args.model] if args.model else []) + (["--redo"] if args.redo else []) +
-                (["--chat-format", args.chat_format] if args.chat_format else []), probe=probe)
-
-
 def step_contrast(args):
     """The labelled pairs (x, y+, y-) -> (pairs, records without a pair by reason: no_request, the model wrote no
     usable x'; no_answer, its answer to x' is empty; same_text, y- would be y+ itself, and nothing in it is worse;
@@ -156,14 +138,14 @@ def step_contrast(args):
     work = os.path.splitext(args.out)[0]
     t = load_template(args.contrast_template, ("prompt",))
     write0(f"{work}.requests.jsonl", [{"id": str(r["id"]), "prompt": render(t, prompt=r["prompt"])} for r in recs])
-    generate(args, f"{work}.requests.jsonl", f"{work}.new_requests.jsonl")
+    sample.main(sample.argv_for(args, args.model, f"{work}.requests.jsonl", f"{work}.new_requests.jsonl"))
     new = {str(r["id"]): self_instruct.parse_request(r["responses"][0]) for r in read_jsonl(f"{work}.new_requests.jsonl")}
     # an x' that only repeats x would make y- an answer to the same request
     asked = [r for r in recs if new.get(str(r["id"])) and new[str(r["id"])] != r["prompt"].strip()]
     other = {}
     if asked:  # (sample.py refuses an empty prompt file)
         write0(f"{work}.other.jsonl", [{"id": str(r["id"]), "prompt": new[str(r["id"])]} for r in asked])
-        generate(args, f"{work}.other.jsonl", f"{work}.other_answers.jsonl")
+        sample.main(sample.argv_for(args, args.model, f"{work}.other.jsonl", f"{work}.other_answers.jsonl"))
         other = {str(r["id"]): r["responses"][0] for r in read_jsonl(f"{work}.other_answers.jsonl")}
     answered = [r for r in asked if other.get(str(r["id"]))]
     pairs = [{"id": str(r["id"]), "prompt": r["prompt"], "chosen": r["responses"][0], "rejected": other[str(r["id"])],
@@ -187,7 +169,8 @@ def step_judge(args):
     # expected mode: the letters' log-probs after `Verdict: [[`, read where each judgment ends
     probe = (lambda tok: judge.make_probe(tok, VERDICT_MARK, judge.probe_candidates(tok, "Verdict: [[", ["A", "B"]))) \
         if args.verdict_mode == "expected" else None
-    generate(args, f"{work}.prompts.jsonl", f"{work}.texts.jsonl", n=args.n_judgments, dedup=False, probe=probe)
+    sample.main(sample.argv_for(args, args.model, f"{work}.prompts.jsonl", f"{work}.texts.jsonl", args.n_judgments, dedup=False),
+                probe=probe)
     judged = read_jsonl(f"{work}.texts.jsonl")
     out = []
     for rec in judged:
@@ -239,14 +222,9 @@ def build_parser():
     p.add_argument("--verdict-mode", default="parse", choices=("parse", "expected"),
                    help="judge: parse [[A]]/[[B]], or read the letter after `Verdict: [[` from its probabilities (small models)")
     p.add_argument("--judged", help="select: the judge step's output")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (judgments, x', y-)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (judgments, x', y-)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of what is generated (give y- the limit y+ had)")
-    p.add_argument("--seed", type=int, default=0, help="seed (pairing, sampling, balancing)")
-    p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--chat-format", default=None, choices=CHAT_FORMATS, help="override the detected chat format")
-    p.add_argument("--redo", action="store_true", help="discard the step's earlier generations instead of resuming them")
+    sample.add_sampling_args(p, "judgment, x' and y-", 0.8, 1.0, 256, seed="seed (pairing, sampling, balancing)",
+                             limit="length limit of what is generated (give y- the limit y+ had)")
+    sample.add_engine_args(p, passed_on=True)
     return p
 
 
@@ -254,12 +232,8 @@ def parse_args(argv=None):
     a = build_parser().parse_args(argv)
     need = {"contrast": a.responses, "judge": a.contrast, "select": a.judged}[a.step]
     check_flags((f"--step {a.step}", a.step, need is not None, "given its input (--responses, --contrast or --judged)"),
-                ("--n-judgments", a.n_judgments, a.n_judgments >= 1, "at least 1"),
-                ("--temperature", a.temperature, finite(a.temperature) and a.temperature >= 0, ">= 0"),
-                ("--top-p", a.top_p, finite(a.top_p) and 0 < a.top_p <= 1, "in (0, 1]"),
-                ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "at least 1"),
-                ("--max-rows", a.max_rows, a.max_rows >= 1, "at least 1"),
-                ("--dtype", a.dtype, a.dtype == "auto" or a.dtype in DTYPES, f"auto or one of {', '.join(DTYPES)}"))
+                ("--n-judgments", a.n_judgments, a.n_judgments >= 1, "at least 1"), *sample.sampling_rules(a),
+                *sample.engine_rules(a))
     return a
 
 

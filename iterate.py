@@ -35,11 +35,12 @@ import sample
 import self_instruct
 import tpo
 import train_dpo
-from common import (CHAT_FORMATS, barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed,
-                    load_function, load_template, lock_folder, model_fingerprint, print0, read_jsonl, render,
-                    resolve_model, strict_json, unescape, wandb_run, write_json, write_jsonl)
+from common import (barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed, load_function,
+                    load_template, lock_folder, model_fingerprint, print0, read_jsonl, render, resolve_model, strict_json,
+                    unescape, wandb_run, write0, write_json, write_jsonl)
 from presets import (JUDGED, PRESETS, ROOT, VERIFIED, actor_argv, apply_preset, chat_flag, engine_flags, flag, method_metric,
                      preset_rules, schedule)
+from tokenizer import CHAT_FORMATS
 
 # the scripts a stage can be, by the name the plan gives
 SCRIPTS = {m.__name__: m for m in (sample, judge, meta_judge, train_dpo, evaluate, lift, reasoning, tpo, evaluator, self_instruct)}
@@ -326,9 +327,7 @@ def without_val(args, d, argv):
     kept = []
     for path in argv[i:j]:
         sel = os.path.splitext(path)[0] + ".selection.jsonl"
-        if int(os.environ.get("RANK", 0)) == 0:
-            write_jsonl(sel, [r for r in read_jsonl(path, required=()) if str(r.get("id", "")).split("/")[0] not in val])
-        barrier(args.world)
+        write0(sel, [r for r in read_jsonl(path, required=()) if str(r.get("id", "")).split("/")[0] not in val])
         kept += [sel] if os.path.getsize(sel) > 0 else []
     if not kept:
         raise SystemExit(f"iteration folder {d}: every pair is from a held-out prompt; raise --prompts-per-iter")

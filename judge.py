@@ -15,12 +15,11 @@ import argparse
 import math
 import os
 import re
-import time
 
-from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, check_prompt_fields, engine_rules,
-                    file_digest, finish_stage, finite, init_distributed, load_function, load_model, load_template,
-                    model_fingerprint, print0, read_jsonl, render, sampling_rules, stable_seed, start_stage, write_jsonl)
-from sample import Request, common_prefix, generate
+from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, finish_stage, finite, init_distributed,
+                    load_function, load_model, load_template, print0, read_jsonl, render, stable_seed, start_stage, write_jsonl)
+from sample import (Request, add_engine_args, add_sampling_args, common_prefix, engine_rules, sampling_rules, stage_generate,
+                    stage_settings)
 import shlex
 
 from presets import engine_flags, schedule
@@ -185,14 +184,6 @@ def check_responses_record(rec):
     return None
 
 
-def stage_settings(args):
-    """What decides the judgments; a resumed run must have the same (see common.start_stage)."""
-    keep = ("n", "score_mode", "temperature", "top_p", "max_new_tokens", "seed", "dtype", "chat_format")
-    who = {"judge_fn": args.judge_fn} if args.judge_fn else {"model": model_fingerprint(args.model_path)}
-    return {**who, "responses": file_digest(args.responses), "template": file_digest(args.template),
-            "rubric": file_digest(args.rubric), **{k: getattr(args, k) for k in keep}, **({"stop": args.stop} if args.stop else {})}
-
-
 def run_judge(args, model, tok, rank, world):
     """Judge every response of every record; returns the stage counts."""
     records = read_jsonl(args.responses, required=("id", "prompt", "responses"), what="responses record",
@@ -200,7 +191,9 @@ def run_judge(args, model, tok, rank, world):
     order = [str(r["id"]) for r in records]
     template = load_template(args.template, ("rubric", "prompt", "response"))
     rubric = load_template(args.rubric, ())
-    done = start_stage(args.out, stage_settings(args), args.redo, rank, world)
+    keep = ("n", "score_mode", "temperature", "top_p", "max_new_tokens", "seed", "dtype", "chat_format")
+    done = start_stage(args.out, stage_settings(args, args.model_path, ("responses", "template", "rubric"), keep,
+                                                **({"judge_fn": args.judge_fn} if args.judge_fn else {})), args.redo, rank, world)
     todo = [r for k, r in enumerate(records) if str(r["id"]) not in done and k % world == rank]
     if args.judge_fn:
         return run_programmatic_judge(args, records, todo, order, rank, world)
@@ -222,26 +215,19 @@ def run_judge(args, model, tok, rank, world):
     print0(f"{len(records)} records, {len(done)} already judged, {len(todo)} on rank {rank}, "
            f"{len(requests) * args.n} judgments to write")
 
-    from tqdm import tqdm
-    writer, tokens, t0 = ShardWriter(args.out, rank), 0, time.time()
-    bar = tqdm(total=len(requests) * args.n, desc=f"judge[{rank}]", unit="judgment", disable=rank != 0 or not requests)
+    writer, stats = ShardWriter(args.out, rank), {}
     got = {}  # record index -> {response index: its judgments}, until every response of the record is judged
-    for q, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
-                             compile=args.compile):
+    for q, comps in stage_generate(model, requests, args, rank, "judge", "judgment", stats):
         ri, k = owner[q]
         got.setdefault(ri, {})[k] = comps
-        tokens += sum(len(c.tokens) for c in comps)
-        bar.update(len(comps))
         if len(got[ri]) == len(todo[ri]["responses"]):
             by_k = [got[ri][k] for k in range(len(todo[ri]["responses"]))]
             del got[ri]
             out = judged_record(todo[ri], [[c.text for c in cs] for cs in by_k], args,
                                 [[c.probe for c in cs] for cs in by_k] if expect else None)
             writer.write(dict(out, judgment_finish=[[c.finish_reason for c in cs] for cs in by_k]))
-    bar.close()
     writer.close()
-    dt = time.time() - t0
-    return finish_judge_stage(args, order, rank, world, seconds=round(dt, 2), tokens_per_s=round(tokens / max(dt, 1e-9), 1))
+    return finish_judge_stage(args, order, rank, world, seconds=stats["seconds"], tokens_per_s=stats["tokens_per_s"])
 
 
 def judged_record(rec, judgments, args, probes=None):
@@ -330,10 +316,7 @@ def build_parser():
     g.add_argument("--n-judgments", dest="n", type=int, default=3, help="judgments per response (N; paper 11 for Meta-Rewarding)")
     g.add_argument("--score-mode", default="parse", choices=("parse", "expected"), help="how a judgment becomes a score")
     g.add_argument("--judge-fn", default=None, metavar="MODULE:FUNC", help="score with a Python function f(prompt, response) instead of the model (ablations)")
-    g.add_argument("--temperature", type=float, default=0.8, help="judge sampling temperature")
-    g.add_argument("--top-p", type=float, default=0.95, help="judge nucleus mass")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="judgment length limit")
-    g.add_argument("--seed", type=int, default=0, help="run seed")
+    add_sampling_args(g, "judgment", 0.8, 0.95, 256)
     p = parser.add_argument_group("actor pairs")
     p.add_argument("--rho", type=float, default=0.0, help="length control in [0, 1] (0 = best vs worst)")
     p.add_argument("--max-chosen-chars", type=int, default=None, help="drop pairs whose chosen response is longer")

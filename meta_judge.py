@@ -17,18 +17,17 @@ import math
 import os
 import re
 import shlex
-import time
 
 import numpy as np
 
-from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, engine_rules, file_digest,
-                    finish_stage, init_distributed, load_model, load_template, model_fingerprint, print0, read_jsonl,
-                    render, sampling_rules, stable_seed, start_stage, write_jsonl)
+from common import (TEMPLATES, ShardWriter, barrier, check_flags, finish_stage, init_distributed, load_model, load_template,
+                    print0, read_jsonl, render, stable_seed, start_stage, write_jsonl)
 import judge
 import lift
 from judge import add_judge_args, check_responses_record, judge_prompt, make_probe, probe_candidates
 from presets import engine_flags, in_schedule, schedule
-from sample import Request, common_prefix, generate
+from sample import (Request, add_engine_args, add_sampling_args, common_prefix, engine_rules, sampling_rules, stage_generate,
+                    stage_settings)
 
 # -----------------------------------------------------------------------------
 # Verdicts, position bias, Bradley-Terry
@@ -195,13 +194,6 @@ def check_judgments_record(rec):
     return None
 
 
-def stage_settings(args):
-    keep = ("verdict_mode", "temperature", "top_p", "max_new_tokens", "seed", "dtype", "chat_format")
-    return {"model": model_fingerprint(args.model_path), "judgments": file_digest(args.judgments),
-            "meta_template": file_digest(args.meta_template), "rubric": file_digest(args.rubric),
-            **{k: getattr(args, k) for k in keep}, **({"stop": args.stop} if args.stop else {})}
-
-
 def run_meta_judge(args, model, tok, rank, world):
     records = read_jsonl(args.judgments, required=("id", "prompt", "responses", "judgments", "scores"),
                          what="judgments record", check=check_judgments_record)
@@ -209,7 +201,9 @@ def run_meta_judge(args, model, tok, rank, world):
     template = load_template(args.meta_template, ("rubric", "prompt", "response", "judgment_a", "judgment_b"))
     judge_template = load_template(args.template, ("rubric", "prompt", "response"))  # fail now, not after the battles
     rubric = load_template(args.rubric, ()).strip()
-    done = start_stage(args.out, stage_settings(args), args.redo, rank, world)
+    keep = ("verdict_mode", "temperature", "top_p", "max_new_tokens", "seed", "dtype", "chat_format")
+    done = start_stage(args.out, stage_settings(args, args.model_path, ("judgments", "meta_template", "rubric"), keep),
+                       args.redo, rank, world)
     expect = probe_candidates(tok, "Winner: Judgement", ["A", "B"]) if args.verdict_mode == "expected" else None
     mine = [k for k, rec in enumerate(records) if str(rec["id"]) not in done and k % world == rank]
     requests, owner, plans, skipped = plan_battles(args, [(k, records[k]) for k in mine], tok, template, rubric,
@@ -220,15 +214,10 @@ def run_meta_judge(args, model, tok, rank, world):
         if not plan["orders"]:
             writer.write(meta_record(records[k], plan, []))
 
-    from tqdm import tqdm
-    tokens, t0 = 0, time.time()
-    bar = tqdm(total=len(requests), desc=f"meta-judge[{rank}]", unit="battle", disable=rank != 0 or not requests)
-    for q, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
-                             compile=args.compile):
+    stats = {}
+    for q, comps in stage_generate(model, requests, args, rank, "meta-judge", "battle", stats):
         k, m, n = owner[q]
         text = comps[0].text
-        tokens += len(comps[0].tokens)
-        bar.update(1)
         plan = plans[k]
         plan["verdicts"][(m, n)] = {"first": m, "second": n, "verdict": text, "parsed": parse_winner(text)}
         if expect:
@@ -237,15 +226,13 @@ def run_meta_judge(args, model, tok, rank, world):
             battles = [plan["verdicts"][o] for o in plan["orders"]]
             decide(battles)
             writer.write(meta_record(records[k], plans.pop(k), battles))
-    bar.close()
     writer.close()
-    dt = time.time() - t0
     merged = finish_stage(args.out, order, rank, world)
     if rank != 0:
         barrier(world)
         return {}
     summary = rate_and_pair(args, merged, records, judge_template, rubric)
-    summary.update(skips=skipped, seconds=round(dt, 2), tokens_per_s=round(tokens / max(dt, 1e-9), 1))
+    summary.update(skips=skipped, seconds=stats["seconds"], tokens_per_s=stats["tokens_per_s"])
     print0("meta-judge | " + " | ".join(f"{k} {v}" for k, v in summary.items()))
     barrier(world)  # the Elo ratings and pairs are on disk before any rank moves on
     return summary
@@ -351,10 +338,7 @@ def build_parser():
                    help="meta-judge template ({rubric}, {prompt}, {response}, {judgment_a}, {judgment_b})")
     g.add_argument("--verdict-mode", default="parse", choices=("parse", "expected"),
                    help="parse `Winner: Judgement X`, or compare p(A) and p(B) after `Winner: Judgement`")
-    g.add_argument("--temperature", type=float, default=0.8, help="meta-judge sampling temperature")
-    g.add_argument("--top-p", type=float, default=0.95, help="meta-judge nucleus mass")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="verdict length limit")
-    g.add_argument("--seed", type=int, default=0, help="run seed")
+    add_sampling_args(g, "verdict", 0.8, 0.95, 256)
     g.add_argument("--max-chosen-chars", type=int, default=None, help="skip judge pairs whose chosen judgment is longer (paper: about 1000)")
     g.add_argument("--truncated", default="drop", choices=("drop", "keep"),
                    help="judgments cut at their token limit: in no battle (drop), or never the chosen one (keep)")

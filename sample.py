@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import (ShardWriter, add_engine_args, check_flags, check_prompt_fields, engine_rules, file_digest,
-                    finish_stage, init_distributed, load_model, model_fingerprint, print0, read_jsonl, sampling_rules,
-                    stable_seed, start_stage)
+from common import (DTYPES, ShardWriter, check_flags, check_prompt_fields, file_digest, finish_stage, finite, init_distributed,
+                    load_model, model_fingerprint, print0, read_jsonl, stable_seed, start_stage, stop_argv, unescape)
 from kvcache import KVCache
+from tokenizer import CHAT_FORMATS
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -465,6 +465,23 @@ def complete(model, requests, **kw):
     return [done[i] for i in range(len(requests))]
 
 
+def stage_generate(model, requests, args, rank, desc, unit, stats):
+    """generate() as a stage runs it: this rank's requests, the engine flags in `args`, a progress bar on rank 0.
+    `stats` counts the `tokens` generated, and gets `seconds` and `tokens_per_s` once the last request is done."""
+    from tqdm import tqdm
+    bar = tqdm(total=sum(r.n for r in requests), desc=f"{desc}[{rank}]", unit=unit, disable=rank != 0 or not requests)
+    t0, stats["tokens"] = time.time(), 0
+    for i, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
+                             compile=args.compile):
+        stats["tokens"] += sum(len(c.tokens) for c in comps)
+        bar.update(len(comps))
+        bar.set_postfix(tok_s=f"{stats['tokens'] / max(time.time() - t0, 1e-9):.0f}")
+        yield i, comps
+    bar.close()
+    dt = time.time() - t0
+    stats.update(seconds=round(dt, 2), tokens_per_s=round(stats["tokens"] / max(dt, 1e-9), 1))
+
+
 def common_prefix(seqs):
     """The length of the longest prefix that all token lists share."""
     n = min(len(s) for s in seqs)
@@ -478,11 +495,13 @@ def common_prefix(seqs):
 # The prompts -> responses stage
 
 
-def stage_settings(args, model_path):
-    """What decides this stage's output; a resumed run must have the same (see common.start_stage)."""
-    keep = ("limit", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "dedup", "dtype", "chat_format")
-    return {"model": model_fingerprint(model_path), "prompts": file_digest(args.prompts),
-            **{k: getattr(args, k) for k in keep}, **({"stop": args.stop} if args.stop else {})}
+def stage_settings(args, model_path, files, keep, **more):
+    """What decides a generation stage's output; a resumed run must have the same (see common.start_stage): the
+    model's fingerprint (none without a model), the digests of the files the flags `files` name, the flags `keep`,
+    any --stop, and `more`."""
+    return {**({"model": model_fingerprint(model_path)} if model_path else {}),
+            **{f: file_digest(getattr(args, f)) for f in files}, **{k: getattr(args, k) for k in keep},
+            **({"stop": args.stop} if args.stop else {}), **more}
 
 
 def run_stage(args, model, tok, model_path, rank, world, probe=None):
@@ -494,7 +513,8 @@ def run_stage(args, model, tok, model_path, rank, world, probe=None):
     if args.limit > len(prompts):
         print0(f"note: --limit {args.limit}, but {args.prompts} holds {len(prompts)} prompts; using all of them")
     order = [str(p["id"]) for p in prompts[:n_use]]
-    settings = dict(stage_settings(args, model_path), **({"probe_ids": probe["probe_ids"]} if probe else {}))
+    keep = ("limit", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "dedup", "dtype", "chat_format")
+    settings = stage_settings(args, model_path, ("prompts",), keep, **({"probe_ids": probe["probe_ids"]} if probe else {}))
     done = start_stage(args.out, settings, args.redo, rank, world)
     todo = [k for k in range(n_use) if order[k] not in done and k % world == rank]
     limit = model.args.max_seq_len - args.max_new_tokens - probe.get("probe_room", 0)
@@ -512,18 +532,13 @@ def run_stage(args, model, tok, model_path, rank, world, probe=None):
                                 stop_strings=tuple(args.stop), decode=tok.decode, seed=stable_seed(args.seed, prompts[k]["id"]),
                                 shared_prefix=shared if shared >= 16 else 0, **probe))
     print0(f"{n_use} prompts, {len(done)} already done, {len(todo)} on rank {rank}")
-    from tqdm import tqdm
     writer = ShardWriter(args.out, rank)
     counts = {"samples": 0, "tokens": 0, "duplicates": 0, "length_stops": 0}
-    bar = tqdm(total=len(requests) * args.n, desc=f"sample[{rank}]", unit="sample", disable=rank != 0 or not requests)
-    t0 = time.time()
-    for i, comps in generate(model, requests, max_rows=args.max_rows, max_cache_tokens=args.max_cache_tokens,
-                             compile=args.compile):
+    for i, comps in stage_generate(model, requests, args, rank, "sample", "sample", counts):
         p = prompts[todo[i]]
         texts, reasons, ntoks, probes = [], [], [], []
         for c in comps:
             text = c.text
-            counts["tokens"] += len(c.tokens)
             counts["length_stops"] += c.finish_reason == "length"
             if args.dedup and text in texts:
                 counts["duplicates"] += 1
@@ -538,18 +553,55 @@ def run_stage(args, model, tok, model_path, rank, world, probe=None):
                       "responses": texts, "finish_reasons": reasons, "num_tokens": ntoks, "model": model_path,
                       "seed": args.seed, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
                       "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, **({"probes": probes} if probe else {})})
-        bar.update(len(comps))
-        bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.time() - t0, 1e-9):.0f}")
-    bar.close()
     writer.close()
-    dt = time.time() - t0
     finish_stage(args.out, order, rank, world)
-    counts["seconds"] = round(dt, 2)
-    counts["tokens_per_s"] = round(counts["tokens"] / max(dt, 1e-9), 1)
     print0(f"sample | prompts {len(requests)} (rank 0) | samples {counts['samples']} | tokens {counts['tokens']} | "
            f"duplicates dropped {counts['duplicates']} | stopped by length {counts['length_stops']} | "
-           f"{counts['tokens_per_s']:.1f} tok/s | {dt:.1f}s")
+           f"{counts['tokens_per_s']:.1f} tok/s | {counts['seconds']:.1f}s")
     return counts
+
+
+def add_sampling_args(g, what, temperature, top_p, max_new_tokens, seed="run seed", limit=None):
+    """--temperature, --top-p, --max-new-tokens and --seed at a script's own defaults (`what`: what it generates)."""
+    g.add_argument("--temperature", type=float, default=temperature, help=f"{what} sampling temperature (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=top_p, help=f"{what} nucleus mass")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=limit or f"{what} length limit")
+    g.add_argument("--seed", type=int, default=0, help=seed)
+
+
+def sampling_rules(args):
+    """The checks of the sampling flags (add_sampling_args): temperature, top-p and the length limit."""
+    return [("--temperature", args.temperature, finite(args.temperature) and args.temperature >= 0, ">= 0"),
+            ("--top-p", args.top_p, finite(args.top_p) and 0 < args.top_p <= 1, "in (0, 1]"),
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1")]
+
+
+def add_engine_args(parser, passed_on=False):
+    """The engine flags; `passed_on`: only those a script passes on to the sample.py runs it makes (--max-rows,
+    --dtype, --chat-format, --redo)."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--max-rows", type=int, default=64, help="sequences decoded together")
+    if not passed_on:
+        g.add_argument("--max-cache-tokens", type=int, default=1 << 20, help="bound on the KV cache in tokens: slots x "
+                       "(longest prompt + samples per slot x new tokens)")
+        g.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; static shapes)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--chat-format", default=None, choices=CHAT_FORMATS, help="override the detected chat format "
+                   "(plain: no chat markers, for base models prompted as completions)")
+    if not passed_on:
+        g.add_argument("--stop", action="append", default=[], type=unescape, help="text that ends a generation, cut "
+                       "from it (repeat for several; escapes such as \\n are decoded)")
+    g.add_argument("--redo", action="store_true", help="discard this stage's earlier output instead of resuming it")
+
+
+def engine_rules(args):
+    """The checks of the engine flags that `args` has (all of add_engine_args', or those passed on)."""
+    have = vars(args)
+    return [(flag, have[key], ok(have[key]), need) for flag, key, ok, need in (
+        ("--max-rows", "max_rows", lambda v: v >= 1, "at least 1"),
+        ("--max-cache-tokens", "max_cache_tokens", lambda v: v >= 1, "at least 1"),
+        ("--dtype", "dtype", lambda v: v == "auto" or v in DTYPES, f"auto or one of {', '.join(DTYPES)}"),
+        ("--stop", "stop", all, "non-empty text")) if key in have]
 
 
 def build_parser():
@@ -561,11 +613,8 @@ def build_parser():
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts of the file (0 = all)")
     # sampling
     parser.add_argument("--n-responses", dest="n", type=int, default=4, help="responses per prompt (K)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    add_sampling_args(parser, "response", 0.8, 0.95, 512, seed="run seed; each prompt's stream derives from it and its id")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="generation length limit")
-    parser.add_argument("--seed", type=int, default=0, help="run seed; each prompt's stream derives from it and its id")
     parser.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate responses")
     add_engine_args(parser)
     return parser
@@ -576,6 +625,17 @@ def parse_args(argv=None):
     check_flags(("--n-responses", args.n, args.n >= 1, "at least 1"), ("--limit", args.limit, args.limit >= 0, ">= 0"),
                 ("--top-k", args.top_k, args.top_k >= 0, ">= 0"), *sampling_rules(args), *engine_rules(args))
     return args
+
+
+def argv_for(args, model, prompts, out, n=1, temperature=None, dedup=True, limit=None):
+    """This stage's command line as another script runs it (evaluate.py, evaluator.py), at that script's sampling
+    and engine flags `args` (its `stops`, a template's stop strings, too); --model only when one is given."""
+    return (["--prompts", prompts, "--out", out, "--n-responses", str(n), "--temperature",
+             str(args.temperature if temperature is None else temperature), "--top-p", str(args.top_p),
+             "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows", str(args.max_rows),
+             "--dtype", args.dtype] + (["--model", model] if model else []) + (["--limit", str(limit)] if limit is not None else [])
+            + ([] if dedup else ["--no-dedup"]) + (["--redo"] if args.redo else [])
+            + (["--chat-format", args.chat_format] if args.chat_format else []) + stop_argv(getattr(args, "stops", ())))
 
 
 def main(argv=None, probe=None):

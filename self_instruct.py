@@ -21,9 +21,9 @@ import random
 import re
 import time
 
-from common import (TEMPLATES, ShardWriter, add_engine_args, barrier, check_flags, done_records, file_digest, init_distributed,
-                    load_model, load_template, merge_shards, model_fingerprint, read_jsonl, render, stable_seed, start_stage)
-from sample import Request, complete
+from common import (TEMPLATES, ShardWriter, barrier, check_flags, done_records, init_distributed, load_model,
+                    load_template, merge_shards, read_jsonl, render, stable_seed, start_stage)
+from sample import Request, add_engine_args, add_sampling_args, complete, stage_settings
 
 LABEL = re.compile(r"^\s*(?:\*\*)?\s*(?:new\s+)?(?:request|task|instruction|prompt)\s*\d*\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*", re.I)
 BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
@@ -101,10 +101,7 @@ def build_parser():
     parser.add_argument("--max-calls", type=int, default=0, help="give up after this many calls (default 10 x --count)")
     parser.add_argument("--batch", type=int, default=32, help="calls generated together")
     parser.add_argument("--template", default=os.path.join(TEMPLATES, "self_instruct.txt"), help="template with {examples}")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus mass")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="reply length limit")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example draws and sampling")
+    add_sampling_args(parser, "reply", 1.0, 0.95, 96, seed="seed of the example draws and sampling")
     parser.add_argument("--id-prefix", default="si", help="ids are <prefix>-<seed>-<number>")
     add_engine_args(parser)
     return parser
@@ -131,9 +128,7 @@ def main(argv=None):
     model, tok, path = load_model(args.model, device, args.dtype, args.chat_format)
     # what decides each call (not --count or --max-calls: asking for more continues a run); --redo starts over
     keep = ("shots", "generated_shots", "max_overlap", "batch", "temperature", "top_p", "max_new_tokens", "seed", "id_prefix", "dtype", "chat_format")
-    settings = {"model": model_fingerprint(path), "pool": file_digest(args.pool), "template": file_digest(args.template)}
-    settings.update({"stop": args.stop} if args.stop else {})
-    start_stage(args.out, dict(settings, **{k: getattr(args, k) for k in keep}), args.redo, 0, 1)
+    start_stage(args.out, stage_settings(args, path, ("pool", "template"), keep), args.redo, 0, 1)
     done = sorted(done_records(args.out), key=lambda r: r["call"])
     accepted = [(r["prompt"], r["call"]) for r in done]
     index = OverlapIndex()
