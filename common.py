@@ -1,7 +1,7 @@
 """
 Plumbing shared by every script: JSON Lines reading with clear errors, resumable sharded stage outputs and
 their settings, a lock on a run folder, distributed start-up, resumable training state, model loading, prompt
-templates, flag checks and the engine flags. Nothing here knows an algorithm.
+templates and flag checks. Nothing here knows an algorithm.
 """
 import datetime
 import hashlib

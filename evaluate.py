@@ -31,8 +31,8 @@ from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_f
                     strict_json, write0, write_json, write_jsonl)
 from judge import make_probe, probe_candidates
 from meta_judge import WINNER_MARK, parse_winner
-from presets import engine_flags
-from sample import Request, add_engine_args, add_sampling_args, common_prefix, engine_rules, generate, sampling_rules
+from sample import (Request, add_engine_args, add_sampling_args, common_prefix, engine_flags, engine_rules, generate,
+                    sampling_rules)
 
 DEFAULT_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_prompts.jsonl")
 

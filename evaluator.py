@@ -25,7 +25,8 @@ import judge
 import sample
 from common import (TEMPLATES, check_flags, check_prompt_fields, init_distributed, load_template, print0, read_jsonl, render,
                     stable_seed, write0)
-from presets import engine_flags, schedule
+from presets import schedule
+from sample import engine_flags
 
 VERDICT = re.compile(r"\[\[\s*([AB])\s*\]\]")
 VERDICT_MARK = re.compile(r"(?:verdict\s*[:：]\s*)?\[\[", re.IGNORECASE)

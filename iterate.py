@@ -38,8 +38,8 @@ import train_dpo
 from common import (barrier, check_flags, check_model_dir, check_prompt_fields, file_digest, init_distributed, load_function,
                     load_template, lock_folder, model_fingerprint, print0, read_jsonl, render, resolve_model, strict_json,
                     unescape, wandb_run, write0, write_json, write_jsonl)
-from presets import (JUDGED, PRESETS, ROOT, VERIFIED, actor_argv, apply_preset, chat_flag, engine_flags, flag, method_metric,
-                     preset_rules, schedule)
+from presets import JUDGED, PRESETS, ROOT, VERIFIED, actor_argv, apply_preset, flag, method_metric, preset_rules, schedule
+from sample import chat_flag, engine_flags
 from tokenizer import CHAT_FORMATS
 
 # the scripts a stage can be, by the name the plan gives

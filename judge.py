@@ -18,11 +18,11 @@ import re
 
 from common import (TEMPLATES, ShardWriter, barrier, check_flags, check_prompt_fields, finish_stage, finite, init_distributed,
                     load_function, load_model, load_template, print0, read_jsonl, render, stable_seed, start_stage, write_jsonl)
-from sample import (Request, add_engine_args, add_sampling_args, common_prefix, engine_rules, sampling_rules, stage_generate,
-                    stage_settings)
+from sample import (Request, add_engine_args, add_sampling_args, common_prefix, engine_flags, engine_rules, sampling_rules,
+                    stage_generate, stage_settings)
 import shlex
 
-from presets import engine_flags, schedule
+from presets import schedule
 
 def judge_prompt(template, rubric, prompt, response):
     return render(template, rubric=rubric.strip(), prompt=prompt.strip(), response=response.strip())

@@ -25,9 +25,9 @@ from common import (TEMPLATES, ShardWriter, barrier, check_flags, finish_stage, 
 import judge
 import lift
 from judge import add_judge_args, check_responses_record, judge_prompt, make_probe, probe_candidates
-from presets import engine_flags, in_schedule, schedule
-from sample import (Request, add_engine_args, add_sampling_args, common_prefix, engine_rules, sampling_rules, stage_generate,
-                    stage_settings)
+from presets import in_schedule, schedule
+from sample import (Request, add_engine_args, add_sampling_args, common_prefix, engine_flags, engine_rules, sampling_rules,
+                    stage_generate, stage_settings)
 
 # -----------------------------------------------------------------------------
 # Verdicts, position bias, Bradley-Terry

@@ -10,6 +10,8 @@ unset flags, preset_rules checks them).
 import os
 import shlex
 
+from sample import engine_flags
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 PRESETS = {
@@ -211,14 +213,6 @@ def actor_argv(args, t, f, seed, model_in, out="responses.jsonl", n=None, temper
             "--temperature", str(schedule(args.temperature, t) if temperature is None else temperature), "--top-p", str(args.top_p),
             "--max-new-tokens", str(args.max_new_tokens), "--seed", seed] + \
         (["--no-dedup"] if args.method in VERIFIED else []) + engine_flags(args) + stop_flags(args) + shlex.split(args.sample_args or "")
-
-
-def chat_flag(args):
-    return ["--chat-format", args.chat_format] if args.chat_format else []
-
-
-def engine_flags(args):
-    return ["--max-rows", str(args.max_rows), "--dtype", args.dtype] + chat_flag(args)
 
 
 def stop_flags(args):

@@ -594,6 +594,15 @@ def add_engine_args(parser, passed_on=False):
     g.add_argument("--redo", action="store_true", help="discard this stage's earlier output instead of resuming it")
 
 
+def chat_flag(args):
+    return ["--chat-format", args.chat_format] if args.chat_format else []
+
+
+def engine_flags(args):
+    """The engine flags a script passes on to the sample.py runs it makes (add_engine_args(passed_on=True))."""
+    return ["--max-rows", str(args.max_rows), "--dtype", args.dtype] + chat_flag(args)
+
+
 def engine_rules(args):
     """The checks of the engine flags that `args` has (all of add_engine_args', or those passed on)."""
     have = vars(args)
@@ -632,10 +641,9 @@ def argv_for(args, model, prompts, out, n=1, temperature=None, dedup=True, limit
     and engine flags `args` (its `stops`, a template's stop strings, too); --model only when one is given."""
     return (["--prompts", prompts, "--out", out, "--n-responses", str(n), "--temperature",
              str(args.temperature if temperature is None else temperature), "--top-p", str(args.top_p),
-             "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--max-rows", str(args.max_rows),
-             "--dtype", args.dtype] + (["--model", model] if model else []) + (["--limit", str(limit)] if limit is not None else [])
-            + ([] if dedup else ["--no-dedup"]) + (["--redo"] if args.redo else [])
-            + (["--chat-format", args.chat_format] if args.chat_format else []) + stop_argv(getattr(args, "stops", ())))
+             "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)] + engine_flags(args)
+            + (["--model", model] if model else []) + (["--limit", str(limit)] if limit is not None else [])
+            + ([] if dedup else ["--no-dedup"]) + (["--redo"] if args.redo else []) + stop_argv(getattr(args, "stops", ())))
 
 
 def main(argv=None, probe=None):
